@@ -1,0 +1,146 @@
+//! `lens`: the Backward Lens for one prompt and target.
+
+use super::{open, print_json};
+use anyhow::{Context, Result};
+use backlens::lens::{self, LensOptions, LensReport};
+use backlens::model::Transformer;
+use candle_core::DType;
+use std::path::PathBuf;
+
+/// Which prompt positions to report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Positions {
+    /// Only the last prompt token.
+    Last,
+    /// Every prompt token.
+    All,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// GGUF file or HF checkpoint folder.
+    model: PathBuf,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// The target continuation (a leading space is added unless present).
+    #[arg(long)]
+    target: String,
+    /// Subject inside the prompt; its last token is marked in every view.
+    #[arg(long)]
+    subject: Option<String>,
+    /// Layers to report, as A..B (end exclusive); default all.
+    #[arg(long)]
+    layers: Option<String>,
+    /// Tokens per top/bottom list.
+    #[arg(short, default_value_t = 10)]
+    k: usize,
+    /// Positions to report.
+    #[arg(long, value_enum, default_value_t = Positions::All)]
+    positions: Positions,
+    /// Project without the final norm.
+    #[arg(long)]
+    no_norm: bool,
+    /// Loss over every target token (teacher-forced) instead of the first.
+    #[arg(long)]
+    full_target: bool,
+    /// Print the full JSON report.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses "A..B" (end exclusive) or a single layer "A".
+pub fn parse_layers(spec: &str, n_layer: usize) -> Result<std::ops::Range<usize>> {
+    let range = match spec.split_once("..") {
+        Some((a, b)) => {
+            let a: usize = a.trim().parse().context("layer range start")?;
+            let b: usize = if b.trim().is_empty() { n_layer } else { b.trim().parse().context("layer range end")? };
+            a..b
+        }
+        None => {
+            let a: usize = spec.trim().parse().context("layer")?;
+            a..a + 1
+        }
+    };
+    if range.is_empty() || range.end > n_layer {
+        anyhow::bail!(
+            "layers {spec} out of range: the model has layers 0..{n_layer} (end exclusive)"
+        );
+    }
+    Ok(range)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let m = open(&args.model)?;
+    let model = Transformer::load(&m.source, DType::F32)?;
+    let layers = match &args.layers {
+        Some(spec) => parse_layers(spec, model.hp.n_layer)?,
+        None => 0..model.hp.n_layer,
+    };
+    let opts = LensOptions {
+        layers,
+        k: args.k.max(1),
+        all_positions: args.positions == Positions::All,
+        use_norm: !args.no_norm,
+        full_target: args.full_target,
+    };
+    let report = lens::run(&model, &m.tok, &args.prompt, &args.target, args.subject.as_deref(), &opts)?;
+    if args.json {
+        return print_json(&report);
+    }
+    print_table(&report);
+    Ok(())
+}
+
+fn print_table(r: &LensReport) {
+    println!(
+        "{:?} -> {:?} (id {}), p = {:.4}, L = {:.4}{}",
+        r.prompt,
+        r.target,
+        r.target_id,
+        r.target_prob,
+        r.loss,
+        if r.normed { "" } else { ", no final norm" }
+    );
+    let marked: Vec<String> = r
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match r.claims.last_subject_pos == Some(i) {
+            true => format!("[{t}]*"),
+            false => format!("[{t}]"),
+        })
+        .collect();
+    println!("tokens: {}  (* = last subject token)\n", marked.join(""));
+    let max_norm = r
+        .layers
+        .iter()
+        .filter_map(|l| l.cells.last())
+        .map(|c| c.norm_d2)
+        .fold(0f32, f32::max)
+        .max(f32::MIN_POSITIVE);
+    println!(
+        "{:>5}  {:<36} {:<36} {:>7}  ‖δ‖ at the last token",
+        "layer", "FF1 input x1: top-3", "FF2 −δ: top-3", "rank"
+    );
+    for l in &r.layers {
+        let Some(c) = l.cells.last() else { continue };
+        let top3 = |p: &lens::Projection| {
+            p.top.iter().take(3).map(|t| format!("{:?}", t.token)).collect::<Vec<_>>().join(" ")
+        };
+        let bar = "█".repeat(((c.norm_d2 / max_norm) * 20.0).round() as usize);
+        println!(
+            "{:>5}  {:<36} {:<36} {:>7}  {:<20} {:.3e}",
+            l.layer,
+            top3(&c.x1),
+            top3(&c.neg_d2),
+            c.neg_d2.target_rank,
+            bar,
+            c.norm_d2
+        );
+    }
+    println!();
+    for note in &r.claims.notes {
+        println!("- {note}");
+    }
+}

@@ -1,0 +1,75 @@
+//! Command-line parsing and dispatch; each subcommand lives in its own file.
+
+mod edit;
+mod inspect;
+mod lens;
+mod predict;
+
+use anyhow::Result;
+use backlens::tokenizer::Tokenizer;
+use backlens::weights::ModelSource;
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+/// Backward Lens for llama.cpp models: inspect, lens, edit, audit and evaluate GGUF/safetensors models.
+#[derive(Debug, Parser)]
+#[command(name = "backlens-patch", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Architecture, hyperparameters, tensor table and tokenizer of a model.
+    Inspect(inspect::Args),
+    /// Top-k next tokens for a prompt, in candle or llama.cpp.
+    Predict(predict::Args),
+    /// Project FF1 inputs and FF2 gradients of one backward pass into the vocabulary.
+    Lens(lens::Args),
+    /// Edit FF2 (forward-pass shift or gradient step) and write a patched model or adapter.
+    Edit(edit::Args),
+    /// Greedy generation through llama.cpp, optionally with a LoRA adapter.
+    Generate(edit::GenerateArgs),
+}
+
+/// Parses the command line and runs the chosen subcommand.
+pub fn run() -> Result<()> {
+    match Cli::parse().command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::Lens(a) => lens::run(a),
+        Command::Edit(a) => edit::run(a),
+        Command::Generate(a) => edit::generate(a),
+    }
+}
+
+/// A model opened with its tokenizer.
+struct Opened {
+    source: ModelSource,
+    tok: Tokenizer,
+}
+
+fn open(path: &Path) -> Result<Opened> {
+    let source = ModelSource::open(path)?;
+    source.hparams()?;
+    let tok = Tokenizer::from_source(&source)?;
+    Ok(Opened { source, tok })
+}
+
+/// Prints `value` as pretty JSON.
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Requires a GGUF path for llama.cpp.
+fn require_gguf(source: &ModelSource) -> Result<PathBuf> {
+    match source {
+        ModelSource::Gguf(g) => Ok(g.path().to_path_buf()),
+        ModelSource::Hf(h) => anyhow::bail!(
+            "{}: llama.cpp needs a GGUF file (this is an HF safetensors checkpoint)",
+            h.dir.display()
+        ),
+    }
+}

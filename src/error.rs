@@ -1,0 +1,75 @@
+//! One error type for the library; every variant names the file, key or tensor at fault.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors raised by backlens. The binary prints `error: {self}` on one line and exits with code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The operating system refused a read or write.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A GGUF file is malformed or unsupported.
+    #[error("{path}: {problem}")]
+    Gguf { path: PathBuf, problem: String },
+    /// A safetensors file or HF checkpoint folder is malformed or unsupported.
+    #[error("{path}: {problem}")]
+    Safetensors { path: PathBuf, problem: String },
+    /// The file is a model, but of an architecture backlens does not know.
+    #[error("unknown architecture '{0}' (supported: gpt2, llama)")]
+    UnknownArch(String),
+    /// A tensor the architecture needs is absent.
+    #[error("missing required tensor '{0}'")]
+    MissingTensor(String),
+    /// A metadata key the architecture needs is absent or has the wrong type.
+    #[error("missing or invalid metadata key '{0}'")]
+    MissingKey(String),
+    /// A tensor has another shape than the hyperparameters imply.
+    #[error("tensor '{name}' has shape {got:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    /// A tensor type that cannot be converted to f32 here.
+    #[error("tensor '{name}' has type {type_name}, which backlens cannot dequantize")]
+    UnsupportedType { name: String, type_name: String },
+    /// The user asked for something that cannot be done (bad layer, empty target, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The tokenizer could not be built or failed on the input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// llama.cpp refused to load or run something.
+    #[error("llama.cpp: {0}")]
+    Runtime(String),
+    /// A tensor computation failed.
+    #[error("tensor computation: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A JSON file could not be parsed.
+    #[error("{path}: {problem}")]
+    Json { path: PathBuf, problem: String },
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Shorthand for `Err(Error::Invalid(format!(...)))`.
+#[macro_export]
+macro_rules! invalid {
+    ($($arg:tt)*) => {
+        Err($crate::Error::Invalid(format!($($arg)*)))
+    };
+}

@@ -1,0 +1,18 @@
+//! backlens: the Backward Lens (Katz et al., EMNLP 2024) for llama.cpp models.
+//!
+//! Read GGUF and HF safetensors models ([`weights`], [`arch`]), run them in candle with capture
+//! points and a backward pass ([`model`], [`lens`]), edit FF2 with forward-pass shifting or a
+//! gradient step ([`edit`]), write patched GGUF, LoRA adapters and safetensors ([`write`]),
+//! explain a patch ([`audit`]), and check everything through llama.cpp itself ([`runtime`]).
+
+pub mod arch;
+pub mod edit;
+pub mod lens;
+mod error;
+pub mod model;
+pub mod runtime;
+pub mod tokenizer;
+pub mod weights;
+pub mod write;
+
+pub use error::{Error, Result};

@@ -1,0 +1,429 @@
+//! The transformer forward pass in candle, built only from primitive differentiable ops so that a
+//! backward pass works through every step. Each layer records its capture points in a [`Trace`],
+//! and optional zero-valued [`Probes`] at the FF1/FF2 outputs expose ∂L/∂(output) after backward.
+
+use crate::arch::{block_tensor, Arch, HParams};
+use crate::weights::ModelSource;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+
+/// A dense layer `y = x Wᵀ + b` with W stored [out, in].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Weight, shape (out, in).
+    pub w: Tensor,
+    /// Optional bias, shape (out).
+    pub b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// LayerNorm (GPT-2) or RMSNorm (Llama) over the last dimension.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    /// Scale.
+    pub w: Tensor,
+    /// Shift (LayerNorm only).
+    pub b: Option<Tensor>,
+    /// Added to the variance.
+    pub eps: f64,
+    /// RMSNorm when true (no mean subtraction, no shift).
+    pub rms: bool,
+}
+
+impl Norm {
+    /// Normalizes each row of `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let centered = if self.rms {
+            x.clone()
+        } else {
+            x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?
+        };
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let scaled = normed.broadcast_mul(&self.w)?;
+        Ok(match &self.b {
+            Some(b) => scaled.broadcast_add(b)?,
+            None => scaled,
+        })
+    }
+}
+
+/// Attention weights of one block.
+#[derive(Debug, Clone)]
+pub enum Attention {
+    /// GPT-2: fused q|k|v projection.
+    Fused { qkv: Linear },
+    /// Llama: separate projections, q/k rows in GGUF's interleaved RoPE order.
+    Split { q: Linear, k: Linear, v: Linear },
+}
+
+/// The feed-forward block: FF1 (up, and gate for Llama) and FF2 (down).
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    /// FF1 up projection (GPT-2's only FF1 matrix).
+    pub up: Linear,
+    /// Llama's gate projection; its SiLU multiplies the up projection.
+    pub gate: Option<Linear>,
+    /// FF2, the down projection backlens edits: (n_embd, n_ff).
+    pub down: Linear,
+}
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// Norm before attention.
+    pub attn_norm: Norm,
+    /// Attention projections.
+    pub attn: Attention,
+    /// Attention output projection.
+    pub attn_out: Linear,
+    /// Norm before the feed-forward block (its output is FF1's input).
+    pub ffn_norm: Norm,
+    /// Feed-forward weights.
+    pub ffn: FeedForward,
+}
+
+/// Activations recorded per layer during a forward pass, each of shape (tokens, width).
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// Residual stream entering the block.
+    pub resid_in: Vec<Tensor>,
+    /// FF1 input: the normed residual (model dim).
+    pub ff1_in: Vec<Tensor>,
+    /// FF2 input: the activation after the nonlinearity (ff dim).
+    pub ff2_in: Vec<Tensor>,
+    /// FF2 output (model dim, bias included for GPT-2).
+    pub ff2_out: Vec<Tensor>,
+}
+
+/// Zero-valued variables added to layer outputs. After `loss.backward()`, the gradient of each
+/// probe equals the gradient with respect to the output it is added to.
+#[derive(Debug)]
+pub struct Probes {
+    /// Added to FF2's output: gradient = ∂L/∂(FF2 output), shape (tokens, n_embd).
+    pub ff2_out: Vec<Var>,
+    /// Added to FF1's up projection: gradient = ∂L/∂(up output), shape (tokens, n_ff).
+    pub ff1_up: Vec<Var>,
+    /// Added to Llama's gate projection (None for GPT-2).
+    pub ff1_gate: Vec<Option<Var>>,
+}
+
+impl Probes {
+    /// Fresh zero probes for a sequence of `tokens` positions.
+    pub fn new(hp: &HParams, tokens: usize, dtype: DType) -> Result<Probes> {
+        let zeros = |w: usize| Var::zeros((tokens, w), dtype, &Device::Cpu);
+        let mut probes = Probes {
+            ff2_out: Vec::new(),
+            ff1_up: Vec::new(),
+            ff1_gate: Vec::new(),
+        };
+        for _ in 0..hp.n_layer {
+            probes.ff2_out.push(zeros(hp.n_embd)?);
+            probes.ff1_up.push(zeros(hp.n_ff)?);
+            probes.ff1_gate.push(match hp.arch {
+                Arch::Llama => Some(zeros(hp.n_ff)?),
+                Arch::Gpt2 => None,
+            });
+        }
+        Ok(probes)
+    }
+}
+
+/// A transformer with f32 (or f64) weights held as candle tensors.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    /// Hyperparameters.
+    pub hp: HParams,
+    /// Token embedding (n_vocab, n_embd); also the unembedding when tied.
+    pub tok_embd: Tensor,
+    /// Learned positions (GPT-2 only).
+    pub pos_embd: Option<Tensor>,
+    /// Blocks.
+    pub blocks: Vec<Block>,
+    /// Final norm.
+    pub out_norm: Norm,
+    /// Unembedding (n_vocab, n_embd).
+    pub output: Tensor,
+}
+
+struct Loader<'a> {
+    src: &'a ModelSource,
+    dtype: DType,
+}
+
+impl Loader<'_> {
+    fn opt(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some((values, shape)) = self.src.tensor_f32(name)? else {
+            return Ok(None);
+        };
+        let t = Tensor::from_vec(values, shape, &Device::Cpu)?;
+        Ok(Some(if self.dtype == DType::F32 {
+            t
+        } else {
+            t.to_dtype(self.dtype)?
+        }))
+    }
+
+    fn req(&self, name: &str) -> Result<Tensor> {
+        self.opt(name)?
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))
+    }
+
+    fn linear(&self, layer: usize, role: &str, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            w: self.req(&block_tensor(layer, &format!("{role}.weight")))?,
+            b: match bias {
+                true => Some(self.req(&block_tensor(layer, &format!("{role}.bias")))?),
+                false => None,
+            },
+        })
+    }
+
+    fn norm(&self, prefix: &str, hp: &HParams) -> Result<Norm> {
+        let rms = hp.arch == Arch::Llama;
+        Ok(Norm {
+            w: self.req(&format!("{prefix}.weight"))?,
+            b: match rms {
+                true => None,
+                false => Some(self.req(&format!("{prefix}.bias"))?),
+            },
+            eps: hp.norm_eps,
+            rms,
+        })
+    }
+}
+
+impl Transformer {
+    /// Loads and dequantizes every weight of `src` into `dtype` (F32 or F64).
+    pub fn load(src: &ModelSource, dtype: DType) -> Result<Transformer> {
+        let hp = src.hparams()?;
+        let ld = Loader { src, dtype };
+        let gpt2 = hp.arch == Arch::Gpt2;
+        let mut blocks = Vec::with_capacity(hp.n_layer);
+        for l in 0..hp.n_layer {
+            let attn = match hp.arch {
+                Arch::Gpt2 => Attention::Fused {
+                    qkv: ld.linear(l, "attn_qkv", true)?,
+                },
+                Arch::Llama => Attention::Split {
+                    q: ld.linear(l, "attn_q", false)?,
+                    k: ld.linear(l, "attn_k", false)?,
+                    v: ld.linear(l, "attn_v", false)?,
+                },
+            };
+            blocks.push(Block {
+                attn_norm: ld.norm(&block_tensor(l, "attn_norm"), &hp)?,
+                attn,
+                attn_out: ld.linear(l, "attn_output", gpt2)?,
+                ffn_norm: ld.norm(&block_tensor(l, "ffn_norm"), &hp)?,
+                ffn: FeedForward {
+                    up: ld.linear(l, "ffn_up", gpt2)?,
+                    gate: match gpt2 {
+                        true => None,
+                        false => Some(ld.linear(l, "ffn_gate", false)?),
+                    },
+                    down: ld.linear(l, "ffn_down", gpt2)?,
+                },
+            });
+        }
+        let tok_embd = ld.req("token_embd.weight")?;
+        let output = match ld.opt("output.weight")? {
+            Some(o) => o,
+            None => tok_embd.clone(),
+        };
+        Ok(Transformer {
+            pos_embd: match gpt2 {
+                true => Some(ld.req("position_embd.weight")?),
+                false => None,
+            },
+            out_norm: ld.norm("output_norm", &hp)?,
+            hp,
+            tok_embd,
+            blocks,
+            output,
+        })
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.tok_embd.dtype()
+    }
+
+    /// Runs the model on `tokens`; returns logits (tokens, n_vocab) and the per-layer trace.
+    pub fn forward(&self, tokens: &[u32], probes: Option<&Probes>) -> Result<(Tensor, Trace)> {
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::Invalid("the prompt tokenizes to nothing".into()));
+        }
+        if n > self.hp.n_ctx {
+            return Err(Error::Invalid(format!(
+                "{n} tokens exceed the model's context of {}",
+                self.hp.n_ctx
+            )));
+        }
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let mut h = self.tok_embd.index_select(&ids, 0)?;
+        if let Some(pos) = &self.pos_embd {
+            h = (h + pos.narrow(0, 0, n)?)?;
+        }
+        let mask = causal_mask(n, self.dtype())?;
+        let rope = match self.hp.arch {
+            Arch::Llama => Some(RopeTables::new(&self.hp, n, self.dtype())?),
+            Arch::Gpt2 => None,
+        };
+        let mut trace = Trace::default();
+        for (l, block) in self.blocks.iter().enumerate() {
+            trace.resid_in.push(h.clone());
+            let x = block.attn_norm.forward(&h)?;
+            let attn = self.attention(block, &x, &mask, rope.as_ref())?;
+            h = (h + block.attn_out.forward(&attn)?)?;
+            let x1 = block.ffn_norm.forward(&h)?;
+            let mut up = block.ffn.up.forward(&x1)?;
+            if let Some(p) = probes {
+                up = (up + p.ff1_up[l].as_tensor())?;
+            }
+            let a = match &block.ffn.gate {
+                Some(gate) => {
+                    let mut g = gate.forward(&x1)?;
+                    if let Some(Some(pg)) = probes.map(|p| &p.ff1_gate[l]) {
+                        g = (g + pg.as_tensor())?;
+                    }
+                    (g.silu()? * up)?
+                }
+                None => up.gelu()?,
+            };
+            let mut out = block.ffn.down.forward(&a)?;
+            if let Some(p) = probes {
+                out = (out + p.ff2_out[l].as_tensor())?;
+            }
+            h = (h + &out)?;
+            trace.ff1_in.push(x1);
+            trace.ff2_in.push(a);
+            trace.ff2_out.push(out);
+        }
+        let logits = self.unembed(&h)?;
+        Ok((logits, trace))
+    }
+
+    /// Final norm + unembedding of residual vectors (rows of `h`).
+    pub fn unembed(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.out_norm.forward(h)?.matmul(&self.output.t()?)?)
+    }
+
+    fn attention(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        mask: &Tensor,
+        rope: Option<&RopeTables>,
+    ) -> Result<Tensor> {
+        let hp = &self.hp;
+        let (n, hd) = (x.dim(0)?, hp.head_dim());
+        let d = hp.n_embd;
+        let (q, k, v) = match &block.attn {
+            Attention::Fused { qkv } => {
+                let all = qkv.forward(x)?;
+                (
+                    all.narrow(1, 0, d)?,
+                    all.narrow(1, d, d)?,
+                    all.narrow(1, 2 * d, d)?,
+                )
+            }
+            Attention::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+        };
+        let heads = |t: Tensor, h: usize| -> Result<Tensor> {
+            Ok(t.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?)
+        };
+        let (mut q, mut k) = (heads(q, hp.n_head)?, heads(k, hp.n_head_kv)?);
+        let mut v = heads(v, hp.n_head_kv)?;
+        if let Some(r) = rope {
+            q = r.apply(&q)?;
+            k = r.apply(&k)?;
+        }
+        let rep = hp.n_head / hp.n_head_kv;
+        if rep > 1 {
+            let expand = |t: Tensor| -> Result<Tensor> {
+                Ok(t.unsqueeze(1)?
+                    .broadcast_as((hp.n_head_kv, rep, n, hd))?
+                    .reshape((hp.n_head, n, hd))?)
+            };
+            k = expand(k)?;
+            v = expand(v)?;
+        }
+        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
+        let probs = softmax_last(&scores)?;
+        let out = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, d))?;
+        Ok(out)
+    }
+}
+
+/// Softmax over the last dimension from primitive ops (the max shift is a constant).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dimension from primitive ops.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+fn causal_mask(n: usize, dtype: DType) -> Result<Tensor> {
+    let values: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(values, (n, n), &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// cos/sin tables for llama.cpp's default (interleaved-pair) RoPE.
+struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTables {
+    fn new(hp: &HParams, n: usize, dtype: DType) -> Result<RopeTables> {
+        let half = hp.head_dim() / 2;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for i in 0..half {
+                let theta = hp.rope_base.powf(-2.0 * i as f64 / hp.head_dim() as f64);
+                let angle = p as f64 * theta;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let table = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (n, half, 1), &Device::Cpu)?.to_dtype(dtype)?)
+        };
+        Ok(RopeTables {
+            cos: table(cos)?,
+            sin: table(sin)?,
+        })
+    }
+
+    /// Rotates pairs (2i, 2i+1) of each head; `x` is (heads, tokens, head_dim).
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (h, n, hd) = x.dims3()?;
+        let pairs = x.reshape((h, n, hd / 2, 2))?;
+        let x0 = pairs.narrow(3, 0, 1)?;
+        let x1 = pairs.narrow(3, 1, 1)?;
+        let r0 = (x0.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;
+        let r1 = (x0.broadcast_mul(&self.sin)? + x1.broadcast_mul(&self.cos)?)?;
+        Ok(Tensor::cat(&[r0, r1], 3)?.reshape((h, n, hd))?)
+    }
+}

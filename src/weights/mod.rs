@@ -1,0 +1,113 @@
+//! Model files: GGUF and HF safetensors checkpoints behind one interface that speaks GGUF names
+//! and GGUF layouts.
+
+pub mod gguf;
+pub mod quant;
+pub mod safetensors;
+
+use crate::arch::{self, hf, HParams};
+use crate::{Error, Result};
+use gguf::GgufFile;
+use safetensors::HfCheckpoint;
+use std::io::Read;
+use std::path::Path;
+
+/// A model file or folder opened for reading.
+pub enum ModelSource {
+    /// A GGUF file.
+    Gguf(GgufFile),
+    /// An HF checkpoint folder.
+    Hf(HfCheckpoint),
+}
+
+impl ModelSource {
+    /// Opens a GGUF file, an HF checkpoint folder, or a `.safetensors` file inside such a folder.
+    pub fn open(path: impl AsRef<Path>) -> Result<ModelSource> {
+        let path = path.as_ref();
+        if path.is_dir() {
+            return Ok(ModelSource::Hf(HfCheckpoint::open(path)?));
+        }
+        let mut magic = [0u8; 4];
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| f.read(&mut magic))
+            .map_err(|e| Error::io(path, e))?;
+        let is_gguf = n == 4 && &magic == gguf::MAGIC;
+        if !is_gguf && path.extension().is_some_and(|e| e == "safetensors") {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            return Ok(ModelSource::Hf(HfCheckpoint::open(dir)?));
+        }
+        Ok(ModelSource::Gguf(GgufFile::open(path)?))
+    }
+
+    /// The file or folder this was opened from.
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelSource::Gguf(g) => g.path(),
+            ModelSource::Hf(h) => &h.dir,
+        }
+    }
+
+    /// Hyperparameters, checked against the shapes of every required tensor.
+    pub fn hparams(&self) -> Result<HParams> {
+        let hp = match self {
+            ModelSource::Gguf(g) => HParams::from_gguf(g)?,
+            ModelSource::Hf(h) => h.hparams.clone(),
+        };
+        for (name, expected) in arch::required_tensors(&hp) {
+            let got = self
+                .shape(&name)
+                .ok_or_else(|| Error::MissingTensor(name.clone()))?;
+            if got != expected {
+                return Err(Error::Shape {
+                    name,
+                    expected,
+                    got,
+                });
+            }
+        }
+        Ok(hp)
+    }
+
+    /// Row-major GGUF-layout shape of a tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            ModelSource::Gguf(g) => g.tensor(name).map(|t| t.shape()),
+            ModelSource::Hf(h) => {
+                let (hf_name, layout) = hf::hf_name(&h.hparams, name, &h.prefix)?;
+                let (_, info) = h.find(&hf_name)?;
+                let mut shape = info.shape.clone();
+                if layout == hf::Layout::Transposed {
+                    shape.reverse();
+                }
+                Some(shape)
+            }
+        }
+    }
+
+    /// A tensor as f32 in the GGUF layout with its row-major shape, or None when absent.
+    pub fn tensor_f32(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+        match self {
+            ModelSource::Gguf(g) => {
+                let Some(info) = g.tensor(name) else {
+                    return Ok(None);
+                };
+                let values = quant::dequantize(info.ggml_type, g.tensor_bytes(info), name)?;
+                Ok(Some((values, info.shape())))
+            }
+            ModelSource::Hf(h) => {
+                let Some((hf_name, layout)) = hf::hf_name(&h.hparams, name, &h.prefix) else {
+                    return Ok(None);
+                };
+                Ok(h
+                    .read_f32(&hf_name)?
+                    .map(|(v, shape)| hf::to_gguf(v, &shape, layout)))
+            }
+        }
+    }
+
+    /// Like [`Self::tensor_f32`] but fails when the tensor is absent.
+    pub fn require_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        self.tensor_f32(name)?
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))
+    }
+}

@@ -1,0 +1,168 @@
+//! ggml tensor types: sizes, dequantization and requantization through ggml itself
+//! (`llama-cpp-sys-2` links the same ggml that llama.cpp uses, so the bytes agree exactly).
+
+use crate::{Error, Result};
+use llama_cpp_sys_2 as sys;
+use std::ffi::CStr;
+
+/// A ggml tensor type code as stored in GGUF tensor infos.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct GgmlType(pub u32);
+
+impl GgmlType {
+    /// 32-bit float.
+    pub const F32: GgmlType = GgmlType(sys::GGML_TYPE_F32);
+    /// 16-bit IEEE float.
+    pub const F16: GgmlType = GgmlType(sys::GGML_TYPE_F16);
+    /// bfloat16.
+    pub const BF16: GgmlType = GgmlType(sys::GGML_TYPE_BF16);
+    /// 8-bit blocks of 32 with an f16 scale.
+    pub const Q8_0: GgmlType = GgmlType(sys::GGML_TYPE_Q8_0);
+    /// 4-bit blocks of 32 with an f16 scale.
+    pub const Q4_0: GgmlType = GgmlType(sys::GGML_TYPE_Q4_0);
+    /// 4-bit blocks of 32 with f16 scale and minimum.
+    pub const Q4_1: GgmlType = GgmlType(sys::GGML_TYPE_Q4_1);
+    /// 5-bit blocks of 32 with an f16 scale.
+    pub const Q5_0: GgmlType = GgmlType(sys::GGML_TYPE_Q5_0);
+    /// 5-bit blocks of 32 with f16 scale and minimum.
+    pub const Q5_1: GgmlType = GgmlType(sys::GGML_TYPE_Q5_1);
+    /// 4-bit k-quant super-blocks of 256.
+    pub const Q4_K: GgmlType = GgmlType(sys::GGML_TYPE_Q4_K);
+    /// 5-bit k-quant super-blocks of 256.
+    pub const Q5_K: GgmlType = GgmlType(sys::GGML_TYPE_Q5_K);
+    /// 6-bit k-quant super-blocks of 256.
+    pub const Q6_K: GgmlType = GgmlType(sys::GGML_TYPE_Q6_K);
+
+    /// The types this project tests for reading and writing.
+    pub const TESTED: [GgmlType; 11] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q8_0,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q4_K,
+        Self::Q5_K,
+        Self::Q6_K,
+    ];
+
+    fn traits(self) -> Option<&'static sys::ggml_type_traits> {
+        if self.0 >= sys::GGML_TYPE_COUNT {
+            return None;
+        }
+        // SAFETY: ggml returns a pointer into its static traits table for every code below COUNT.
+        let traits = unsafe { sys::ggml_get_type_traits(self.0).as_ref()? };
+        (traits.blck_size > 0 && traits.type_size > 0).then_some(traits)
+    }
+
+    /// Whether ggml knows this type code (removed codes such as the old Q4_2 count as unknown).
+    pub fn is_known(self) -> bool {
+        self.traits().is_some()
+    }
+
+    /// ggml's name for the type ("q4_1", "f32", ...), or `type#N` when unknown.
+    pub fn name(self) -> String {
+        match self.traits() {
+            // SAFETY: type_name points at a static NUL-terminated string.
+            Some(t) if !t.type_name.is_null() => unsafe { CStr::from_ptr(t.type_name) }
+                .to_string_lossy()
+                .into_owned(),
+            _ => format!("type#{}", self.0),
+        }
+    }
+
+    /// Parses a ggml type name such as "q4_1" (case-insensitive).
+    pub fn from_name(name: &str) -> Option<GgmlType> {
+        (0..sys::GGML_TYPE_COUNT)
+            .map(GgmlType)
+            .find(|t| t.is_known() && t.name().eq_ignore_ascii_case(name))
+    }
+
+    /// Elements per block (1 for float types).
+    pub fn block_size(self) -> u64 {
+        self.traits().map_or(0, |t| t.blck_size as u64)
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> u64 {
+        self.traits().map_or(0, |t| t.type_size as u64)
+    }
+
+    /// Bytes taken by `n` elements, or None on overflow or when `n` is not a whole number of blocks.
+    pub fn bytes_for(self, n: u64) -> Option<u64> {
+        let block = self.block_size();
+        if block == 0 || n % block != 0 {
+            return None;
+        }
+        (n / block).checked_mul(self.block_bytes())
+    }
+}
+
+/// Converts `bytes` holding `n` elements of type `ty` to f32 with ggml's own row converter.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], name: &str) -> Result<Vec<f32>> {
+    let unsupported = || Error::UnsupportedType {
+        name: name.to_string(),
+        type_name: ty.name(),
+    };
+    let traits = ty.traits().ok_or_else(unsupported)?;
+    let n_blocks = bytes.len() as u64 / ty.block_bytes();
+    if n_blocks * ty.block_bytes() != bytes.len() as u64 {
+        return Err(Error::Invalid(format!(
+            "tensor '{name}': {} bytes is not a whole number of {} blocks",
+            bytes.len(),
+            ty.name()
+        )));
+    }
+    let n = (n_blocks * ty.block_size()) as usize;
+    let mut out = vec![0f32; n];
+    if ty == GgmlType::F32 {
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        return Ok(out);
+    }
+    let to_float = traits.to_float.ok_or_else(unsupported)?;
+    // SAFETY: `bytes` holds exactly n_blocks blocks of `ty` and `out` has room for their n values.
+    unsafe { to_float(bytes.as_ptr().cast(), out.as_mut_ptr(), n as i64) };
+    Ok(out)
+}
+
+/// Quantizes `values` laid out as rows of `row_len` into type `ty` with ggml (as llama-quantize does).
+pub fn quantize(ty: GgmlType, values: &[f32], row_len: usize, name: &str) -> Result<Vec<u8>> {
+    if ty == GgmlType::F32 {
+        return Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect());
+    }
+    if ty.traits().is_none() || row_len == 0 || values.len() % row_len != 0 {
+        return Err(Error::UnsupportedType {
+            name: name.to_string(),
+            type_name: ty.name(),
+        });
+    }
+    // SAFETY: plain queries on a known type.
+    let needs_imatrix = unsafe { sys::ggml_quantize_requires_imatrix(ty.0) };
+    let row_bytes = ty.bytes_for(row_len as u64);
+    let (false, Some(row_bytes)) = (needs_imatrix, row_bytes) else {
+        return Err(Error::UnsupportedType {
+            name: name.to_string(),
+            type_name: ty.name(),
+        });
+    };
+    let rows = values.len() / row_len;
+    let mut out = vec![0u8; rows * row_bytes as usize];
+    // SAFETY: `out` holds rows * row_bytes bytes; `values` holds rows * row_len floats.
+    let written = unsafe {
+        sys::ggml_quantize_chunk(
+            ty.0,
+            values.as_ptr(),
+            out.as_mut_ptr().cast(),
+            0,
+            rows as i64,
+            row_len as i64,
+            std::ptr::null(),
+        )
+    };
+    debug_assert_eq!(written, out.len());
+    Ok(out)
+}

@@ -1,0 +1,219 @@
+//! GGUF writer: metadata, dense padded tensor offsets (as ggml computes them), and tensor bytes
+//! that are either borrowed from the input map (untouched tensors, byte-identical) or new.
+
+use super::AtomicOutput;
+use crate::weights::gguf::{GgufFile, Value, MAGIC};
+use crate::weights::quant::GgmlType;
+use crate::{Error, Result};
+use std::borrow::Cow;
+use std::path::Path;
+
+/// One tensor to write.
+#[derive(Debug, Clone)]
+pub struct OutTensor<'a> {
+    /// Name.
+    pub name: String,
+    /// Dimensions fastest-first (GGUF order).
+    pub dims: Vec<u64>,
+    /// Storage type.
+    pub ggml_type: GgmlType,
+    /// Stored bytes.
+    pub data: Cow<'a, [u8]>,
+}
+
+impl<'a> OutTensor<'a> {
+    /// An F32 tensor from row-major values and a row-major shape.
+    pub fn f32(name: &str, shape: &[usize], values: &[f32]) -> OutTensor<'a> {
+        OutTensor {
+            name: name.to_string(),
+            dims: shape.iter().rev().map(|&d| d as u64).collect(),
+            ggml_type: GgmlType::F32,
+            data: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        }
+    }
+}
+
+/// A complete GGUF file to write: metadata in order, then tensors in order.
+#[derive(Debug, Default)]
+pub struct GgufPlan<'a> {
+    /// Metadata entries (a `general.alignment` entry, if any, sets the alignment).
+    pub metadata: Vec<(String, Value)>,
+    /// Tensors.
+    pub tensors: Vec<OutTensor<'a>>,
+}
+
+impl<'a> GgufPlan<'a> {
+    /// A plan that copies `src` as it is: all metadata, every tensor borrowed from its map.
+    pub fn copy_of(src: &'a GgufFile) -> GgufPlan<'a> {
+        GgufPlan {
+            metadata: src.metadata.clone(),
+            tensors: src
+                .tensors
+                .iter()
+                .map(|t| OutTensor {
+                    name: t.name.clone(),
+                    dims: t.dims.clone(),
+                    ggml_type: t.ggml_type,
+                    data: Cow::Borrowed(src.tensor_bytes(t)),
+                })
+                .collect(),
+        }
+    }
+
+    /// Sets (replacing or appending) a metadata entry.
+    pub fn set(&mut self, key: &str, value: Value) {
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value,
+            None => self.metadata.push((key.to_string(), value)),
+        }
+    }
+
+    /// Replaces a tensor by name.
+    pub fn replace(&mut self, tensor: OutTensor<'a>) -> Result<()> {
+        let slot = self
+            .tensors
+            .iter_mut()
+            .find(|t| t.name == tensor.name)
+            .ok_or_else(|| Error::MissingTensor(tensor.name.clone()))?;
+        *slot = tensor;
+        Ok(())
+    }
+
+    fn alignment(&self) -> u64 {
+        match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
+            Some((_, Value::U32(a))) => u64::from(*a),
+            _ => crate::weights::gguf::DEFAULT_ALIGNMENT,
+        }
+    }
+
+    /// Serializes the header (magic through tensor infos, before padding).
+    fn header(&self) -> Result<Vec<u8>> {
+        let mut h = Vec::new();
+        h.extend_from_slice(MAGIC);
+        h.extend_from_slice(&3u32.to_le_bytes());
+        h.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        h.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (key, value) in &self.metadata {
+            put_str(&mut h, key);
+            h.extend_from_slice(&(value.value_type() as u32).to_le_bytes());
+            put_value(&mut h, value);
+        }
+        let alignment = self.alignment();
+        let mut offset = 0u64;
+        for t in &self.tensors {
+            let n: u64 = t.dims.iter().product();
+            let expected = t.ggml_type.bytes_for(n);
+            if expected != Some(t.data.len() as u64) {
+                return Err(Error::Invalid(format!(
+                    "tensor '{}': {} bytes do not match {:?} of {}",
+                    t.name,
+                    t.data.len(),
+                    t.dims,
+                    t.ggml_type.name()
+                )));
+            }
+            put_str(&mut h, &t.name);
+            h.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                h.extend_from_slice(&d.to_le_bytes());
+            }
+            h.extend_from_slice(&t.ggml_type.0.to_le_bytes());
+            h.extend_from_slice(&offset.to_le_bytes());
+            offset += (t.data.len() as u64).next_multiple_of(alignment);
+        }
+        Ok(h)
+    }
+
+    /// Writes the file atomically to `path`.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let header = self.header()?;
+        let alignment = self.alignment() as usize;
+        let mut out = AtomicOutput::create(path)?;
+        out.write_all(&header)?;
+        let zeros = vec![0u8; alignment];
+        out.write_all(&zeros[..header.len().next_multiple_of(alignment) - header.len()])?;
+        for t in &self.tensors {
+            out.write_all(&t.data)?;
+            let pad = t.data.len().next_multiple_of(alignment) - t.data.len();
+            out.write_all(&zeros[..pad])?;
+        }
+        out.commit()
+    }
+}
+
+fn put_str(h: &mut Vec<u8>, s: &str) {
+    h.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    h.extend_from_slice(s.as_bytes());
+}
+
+fn put_value(h: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => h.push(*x),
+        Value::I8(x) => h.push(*x as u8),
+        Value::U16(x) => h.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => h.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => h.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => h.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => h.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => h.push(u8::from(*x)),
+        Value::String(s) => put_str(h, s),
+        Value::Array(elem, items) => {
+            h.extend_from_slice(&(*elem as u32).to_le_bytes());
+            h.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                put_value(h, item);
+            }
+        }
+        Value::U64(x) => h.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => h.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => h.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+/// How the edited FF2 is stored in a patched GGUF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Ff2Type {
+    /// F32: the edit is stored exactly.
+    F32,
+    /// Requantized to the tensor's original type with ggml.
+    Keep,
+}
+
+/// A copy of `src` with each delta added to its (dequantized) tensor, which is then stored as
+/// F32 or requantized; every other tensor is borrowed byte for byte. `provenance` keys are set.
+pub fn patch_plan<'a>(
+    src: &'a GgufFile,
+    deltas: &[crate::edit::Delta],
+    ff2_type: Ff2Type,
+    provenance: &[(String, Value)],
+) -> Result<GgufPlan<'a>> {
+    let mut plan = GgufPlan::copy_of(src);
+    let mut names: Vec<&str> = deltas.iter().map(|d| d.tensor.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        let info = src
+            .tensor(name)
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        let mut values = crate::weights::quant::dequantize(info.ggml_type, src.tensor_bytes(info), name)?;
+        for d in deltas.iter().filter(|d| d.tensor == name) {
+            d.add_to(&mut values);
+        }
+        let ggml_type = match ff2_type {
+            Ff2Type::F32 => GgmlType::F32,
+            Ff2Type::Keep => info.ggml_type,
+        };
+        let data = crate::weights::quant::quantize(ggml_type, &values, info.dims[0] as usize, name)?;
+        plan.replace(OutTensor {
+            name: name.to_string(),
+            dims: info.dims.clone(),
+            ggml_type,
+            data: Cow::Owned(data),
+        })?;
+    }
+    for (k, v) in provenance {
+        plan.set(k, v.clone());
+    }
+    Ok(plan)
+}
