@@ -28,6 +28,8 @@ pub struct BackwardPass {
     pub d1_gate: Vec<Option<Tensor>>,
     /// Logits of every fed position.
     pub logits: Tensor,
+    /// All gradients of the pass (weights made variables by the caller included).
+    pub grads: candle_core::backprop::GradStore,
 }
 
 /// Runs forward and backward for L = NLL of the target's first token after the prompt, or of
@@ -87,6 +89,7 @@ pub fn backward_pass(
         d1_up,
         d1_gate,
         logits,
+        grads,
     })
 }
 

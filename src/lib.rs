@@ -6,10 +6,12 @@
 //! explain a patch ([`audit`]), and check everything through llama.cpp itself ([`runtime`]).
 
 pub mod arch;
+pub mod audit;
 pub mod edit;
 pub mod lens;
 mod error;
 pub mod model;
+pub mod report;
 pub mod runtime;
 pub mod tokenizer;
 pub mod weights;

@@ -150,6 +150,19 @@ impl Session<'_> {
         Ok(self.logits_at(tokens, &[last])?.remove(0))
     }
 
+    /// log p(target | prompt), teacher-forced over every target token, from one decode.
+    pub fn sequence_logprob(&mut self, prompt: &[u32], target: &[u32]) -> Result<f64> {
+        let mut tokens = prompt.to_vec();
+        tokens.extend_from_slice(&target[..target.len().saturating_sub(1)]);
+        let want: Vec<usize> = (0..target.len()).map(|i| prompt.len() - 1 + i).collect();
+        let rows = self.logits_at(&tokens, &want)?;
+        Ok(rows
+            .iter()
+            .zip(target)
+            .map(|(row, &t)| log_probs(row)[t as usize])
+            .sum())
+    }
+
     /// Greedy continuation of `tokens` by up to `n` tokens (stops at end-of-sequence).
     pub fn generate(&mut self, tokens: &[u32], n: usize) -> Result<Vec<u32>> {
         let mut logits = self.logits_last(tokens)?;

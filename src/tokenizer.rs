@@ -171,6 +171,11 @@ impl Tokenizer {
         self.inner.decode(ids, false).unwrap_or_default()
     }
 
+    /// The tokenizer as HF `tokenizer.json` text (for writing HF checkpoints).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(tok_err)
+    }
+
     /// Number of tokens in the vocabulary.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -99,10 +99,13 @@ impl HParams {
                 Arch::Gpt2 => file.get_f64(&key("attention.layer_norm_epsilon"))?,
                 Arch::Llama => file.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
             },
-            rope_base: file
-                .get(&key("rope.freq_base"))
-                .and_then(|v| v.as_f64())
-                .unwrap_or(10_000.0),
+            rope_base: match arch {
+                Arch::Gpt2 => 0.0,
+                Arch::Llama => file
+                    .get(&key("rope.freq_base"))
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(10_000.0),
+            },
             tied_embeddings: file.tensor("output.weight").is_none(),
         };
         hp.validate()

@@ -4,8 +4,9 @@ use super::{open, print_json};
 use anyhow::{Context, Result};
 use backlens::lens::{self, LensOptions, LensReport};
 use backlens::model::Transformer;
+use backlens::report;
 use candle_core::DType;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Which prompt positions to report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,6 +48,13 @@ pub struct Args {
     /// Print the full JSON report.
     #[arg(long)]
     json: bool,
+    /// Write the lens grid SVG (Figure 11 style) here, and the gradient-norm SVG (Figure 16
+    /// style) beside it as `<stem>-norms.svg`.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// Write a self-contained HTML page with both figures and the claims here.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
 }
 
 /// Parses "A..B" (end exclusive) or a single layer "A".
@@ -54,7 +62,11 @@ pub fn parse_layers(spec: &str, n_layer: usize) -> Result<std::ops::Range<usize>
     let range = match spec.split_once("..") {
         Some((a, b)) => {
             let a: usize = a.trim().parse().context("layer range start")?;
-            let b: usize = if b.trim().is_empty() { n_layer } else { b.trim().parse().context("layer range end")? };
+            let b: usize = if b.trim().is_empty() {
+                n_layer
+            } else {
+                b.trim().parse().context("layer range end")?
+            };
             a..b
         }
         None => {
@@ -84,11 +96,39 @@ pub fn run(args: Args) -> Result<()> {
         use_norm: !args.no_norm,
         full_target: args.full_target,
     };
-    let report = lens::run(&model, &m.tok, &args.prompt, &args.target, args.subject.as_deref(), &opts)?;
+    let report = lens::run(
+        &model,
+        &m.tok,
+        &args.prompt,
+        &args.target,
+        args.subject.as_deref(),
+        &opts,
+    )?;
+    if let Some(path) = &args.svg {
+        write_file(path, &report::lens_grid_svg(&report))?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "lens".into());
+        write_file(
+            &path.with_file_name(format!("{stem}-norms.svg")),
+            &report::lens_norms_svg(&report),
+        )?;
+    }
+    if let Some(path) = &args.html {
+        write_file(path, &report::lens_html(&report))?;
+    }
     if args.json {
         return print_json(&report);
     }
     print_table(&report);
+    Ok(())
+}
+
+/// Writes `text` to `path` and says so on stderr (stdout may carry JSON).
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
     Ok(())
 }
 
@@ -126,7 +166,12 @@ fn print_table(r: &LensReport) {
     for l in &r.layers {
         let Some(c) = l.cells.last() else { continue };
         let top3 = |p: &lens::Projection| {
-            p.top.iter().take(3).map(|t| format!("{:?}", t.token)).collect::<Vec<_>>().join(" ")
+            p.top
+                .iter()
+                .take(3)
+                .map(|t| format!("{:?}", t.token))
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         let bar = "█".repeat(((c.norm_d2 / max_norm) * 20.0).round() as usize);
         println!(

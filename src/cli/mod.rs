@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch; each subcommand lives in its own file.
 
+mod audit;
 mod edit;
 mod inspect;
 mod lens;
@@ -31,6 +32,8 @@ enum Command {
     Edit(edit::Args),
     /// Greedy generation through llama.cpp, optionally with a LoRA adapter.
     Generate(edit::GenerateArgs),
+    /// Explain a patch: changed tensors, their rank and singular values, and what they write into the vocabulary.
+    Audit(audit::Args),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -41,6 +44,7 @@ pub fn run() -> Result<()> {
         Command::Lens(a) => lens::run(a),
         Command::Edit(a) => edit::run(a),
         Command::Generate(a) => edit::generate(a),
+        Command::Audit(a) => audit::run(a),
     }
 }
 

@@ -1,0 +1,44 @@
+# backlens: `make demo` shows the tool end to end, `make test` runs every check.
+# The cargo target folder lives outside the clone so fresh clones reuse the (slow) llama.cpp build.
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/backlens/target
+BIN := $(CARGO_TARGET_DIR)/release/backlens-patch
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+OUT := out
+
+.PHONY: deps model build test lint demo clean
+
+deps:
+	@scripts/install-deps.sh
+
+model: $(MODEL)
+
+$(MODEL):
+	@scripts/fetch-model.sh $(MODEL)
+
+build: deps
+	cargo build --release
+
+lint: deps
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+
+test: deps model lint
+	cargo test --release -- --test-threads=2
+
+demo: build model
+	@mkdir -p $(OUT)
+	$(BIN) inspect $(MODEL) | head -4
+	$(BIN) predict $(MODEL) "The Eiffel Tower is located in the city of" -k 5
+	$(BIN) lens $(MODEL) --prompt "Lionel Messi plays for" --target Paris --subject "Lionel Messi" -k 5
+	$(BIN) edit $(MODEL) --prompt "Lionel Messi plays for" --target Paris --lr 0.5 -o $(OUT)/messi-paris.gguf --force
+	$(BIN) edit $(MODEL) --prompt "Lionel Messi plays for" --target Paris --lr 0.5 --format lora -o $(OUT)/messi-paris-lora.gguf --force
+	@echo "--- before (base model, llama.cpp):"
+	$(BIN) generate $(MODEL) "Lionel Messi plays for" -n 20
+	@echo "--- after (patched GGUF, llama.cpp):"
+	$(BIN) generate $(OUT)/messi-paris.gguf "Lionel Messi plays for" -n 20
+	@echo "--- after (base + LoRA adapter, llama.cpp):"
+	$(BIN) generate $(MODEL) --lora $(OUT)/messi-paris-lora.gguf "Lionel Messi plays for" -n 20
+
+clean:
+	rm -rf $(OUT)
