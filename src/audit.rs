@@ -1,7 +1,7 @@
 //! Explain a patch from the files alone: which tensors a patched GGUF or a LoRA adapter changes
 //! relative to its base, the numerical rank and leading singular values of each change ΔW, what
-//! the leading output direction writes into the vocabulary (logit lens of the base model), and
-//! how strongly given prompts trigger an FF2 change.
+//! the leading output direction writes into the vocabulary (through the base model's final norm
+//! and unembedding), and how strongly given prompts trigger an FF2 change.
 //!
 //! Everything is computed from the two files: `backlens.*` provenance keys are shown when present
 //! but never needed. The singular value decomposition is done here, in f64 and deterministically:
@@ -30,8 +30,11 @@
 //!   `base_type`, `patch_type` (full only, else null), `lora` (`{rank, alpha, scale}`, adapter
 //!   only), `changed_elements` (full only), `frobenius` ‖ΔW‖_F, `max_abs` (full only), `rank`,
 //!   `rank_tolerance`, `singular_values` (leading, at most 8, descending), `energy_share`
-//!   σ₁²/Σσ², `orientation` (`"lens"` or `"input_sum"`, see [`Orientation`]), `lens` (null or
-//!   `{promotes, suppresses}`, lists of `{id, token, score}`), and `probes`
+//!   σ₁²/Σσ², `orientation` (`"lens"` or `"input_sum"`, see [`Orientation`]), `lens` (null, or
+//!   for `ffn_down`/`attn_output` of model width `{score, promotes, suppresses, targets}`:
+//!   `score` is `"cosine"`, `"logit"` or `"raw"` ([`LensScore`]), `promotes`/`suppresses` are
+//!   lists of `{id, token, score}`, `targets` lists `{id, token, rank, score}` for the target
+//!   tokens named in `backlens.edits`), and `probes`
 //!   (`[{prompt, last_token, cosine, gain, relative_gain}]`).
 //! - `identical`: true when no tensor changed, none was added or removed, and (full GGUFs) no
 //!   metadata outside `backlens.*` changed.
@@ -77,13 +80,14 @@ pub struct AuditOptions {
 pub enum LensScore {
     /// The logit lens: final norm, then the dot product with each unembedding row (the logit
     /// change u₁ would cause if it reached the output unchanged). Favors tokens whose
-    /// unembedding rows are long.
-    #[default]
+    /// unembedding rows are long: on SmolLM2 a few code tokens ("<filename>", " noqa") top the
+    /// list for almost any direction.
     Logit,
     /// The dot product with each unembedding row, without the final norm.
     Raw,
     /// Cosine between the normed u₁ and each unembedding row: which tokens' directions u₁ is
-    /// closest to, independent of how long their rows are.
+    /// closest to, independent of how long their rows are (the default).
+    #[default]
     Cosine,
 }
 
@@ -92,7 +96,7 @@ impl Default for AuditOptions {
         AuditOptions {
             k: 20,
             probes: Vec::new(),
-            score: LensScore::Logit,
+            score: LensScore::Cosine,
         }
     }
 }
@@ -250,7 +254,7 @@ pub struct TensorChange {
     pub energy_share: f64,
     /// Sign convention of u₁ and v₁.
     pub orientation: Orientation,
-    /// u₁ through the logit lens, for residual-writing tensors of model width.
+    /// u₁ scored against the vocabulary, for residual-writing tensors of model width.
     pub lens: Option<LensView>,
     /// Probe results (changed `ffn_down` tensors only).
     pub probes: Vec<ProbeHit>,
@@ -331,7 +335,9 @@ impl Operator {
     fn apply(&self, x: &[f64]) -> Vec<f64> {
         match self {
             Operator::Dense { n, w, .. } => w.chunks_exact(*n).map(|row| dot(row, x)).collect(),
-            Operator::LowRank { r, b, a, scale, n, .. } => {
+            Operator::LowRank {
+                r, b, a, scale, n, ..
+            } => {
                 let ax: Vec<f64> = a.chunks_exact(*n).map(|row| scale * dot(row, x)).collect();
                 b.chunks_exact(*r).map(|row| dot(row, &ax)).collect()
             }
@@ -348,7 +354,9 @@ impl Operator {
                 }
                 out
             }
-            Operator::LowRank { n, r, b, a, scale, .. } => {
+            Operator::LowRank {
+                n, r, b, a, scale, ..
+            } => {
                 let mut by = vec![0.0; *r];
                 for (row, &yi) in b.chunks_exact(*r).zip(y) {
                     axpy(&mut by, yi * scale, row);
@@ -473,9 +481,10 @@ pub fn audit(base: &Path, patch: &Path, opts: &AuditOptions) -> Result<AuditRepo
         let spec = spectrum(&f.op, &f.name)?;
         let sigma1 = spec.sigma.first().copied().unwrap_or(0.0);
         if sigma1 <= RANK_ABS_TOL {
-            report
-                .notes
-                .push(format!("{}: the change is exactly zero (no effect)", f.name));
+            report.notes.push(format!(
+                "{}: the change is exactly zero (no effect)",
+                f.name
+            ));
             continue;
         }
         let tol = (sigma1 * RANK_REL_TOL).max(RANK_ABS_TOL);
@@ -493,7 +502,12 @@ pub fn audit(base: &Path, patch: &Path, opts: &AuditOptions) -> Result<AuditRepo
             max_abs: f.max_abs,
             rank: spec.sigma.iter().filter(|&&s| s > tol).count(),
             rank_tolerance: tol,
-            singular_values: spec.sigma.iter().take(MAX_SINGULAR_VALUES).copied().collect(),
+            singular_values: spec
+                .sigma
+                .iter()
+                .take(MAX_SINGULAR_VALUES)
+                .copied()
+                .collect(),
             energy_share: sigma1 * sigma1 / spec.energy,
             orientation: Orientation::InputSum,
             lens: None,
@@ -516,6 +530,11 @@ pub fn audit(base: &Path, patch: &Path, opts: &AuditOptions) -> Result<AuditRepo
         .changed
         .iter()
         .any(|c| writes_residual(&c.name) && c.shape[0] == hp.n_embd);
+    if want_probes && kept.is_empty() {
+        report
+            .notes
+            .push("no ffn_down tensor changed: the probes were not run".into());
+    }
     if !needs_lens && kept.is_empty() {
         return Ok(report);
     }
@@ -817,7 +836,11 @@ fn read_adapter(base: &GgufFile, patch: &GgufFile, report: &mut AuditReport) -> 
             name: stem.to_string(),
             base_type: w.ggml_type,
             patch_type: None,
-            lora: Some(LoraInfo { rank: r, alpha, scale }),
+            lora: Some(LoraInfo {
+                rank: r,
+                alpha,
+                scale,
+            }),
             changed_elements: None,
             max_abs: None,
             op: Operator::LowRank {
@@ -837,7 +860,14 @@ fn read_adapter(base: &GgufFile, patch: &GgufFile, report: &mut AuditReport) -> 
 fn spectrum(op: &Operator, name: &str) -> Result<Spectrum> {
     match op {
         Operator::Dense { m, n, w } => dense_spectrum(*m, *n, w, op, name),
-        Operator::LowRank { m, r, b, a, scale, n } => {
+        Operator::LowRank {
+            m,
+            r,
+            b,
+            a,
+            scale,
+            n,
+        } => {
             // A·Aᵀ = Q Λ Qᵀ, L = Q Λ^½, C = s·B·L: then ΔW ΔWᵀ = C Cᵀ, whose non-zero spectrum is
             // that of the r × r matrix CᵀC.
             let (r, m, n) = (*r, *m, *n);
@@ -891,10 +921,7 @@ fn spectrum(op: &Operator, name: &str) -> Result<Spectrum> {
                     v1: Vec::new(),
                 });
             }
-            let u1: Vec<f64> = c
-                .chunks_exact(r)
-                .map(|row| dot(row, &wv[0]) / s1)
-                .collect();
+            let u1: Vec<f64> = c.chunks_exact(r).map(|row| dot(row, &wv[0]) / s1).collect();
             let v1: Vec<f64> = op.apply_t(&u1).into_iter().map(|x| x / s1).collect();
             Ok(Spectrum {
                 sigma,
@@ -967,10 +994,10 @@ fn orient_by_input_sum(u: &mut [f64], v: &mut [f64]) {
     let positive = if sum.abs() > 1e-12 * l1 {
         sum > 0.0
     } else {
-        v.iter()
-            .copied()
-            .fold(0.0f64, |best, x| if x.abs() > best.abs() { x } else { best })
-            >= 0.0
+        v.iter().copied().fold(
+            0.0f64,
+            |best, x| if x.abs() > best.abs() { x } else { best },
+        ) >= 0.0
     };
     if !positive {
         u.iter_mut().for_each(|x| *x = -*x);
@@ -1009,7 +1036,11 @@ fn explain_with_lens(
             .to_vec1()?;
         for (row, rn) in scores.iter_mut().zip(row_norms) {
             for (s, vn) in row.iter_mut().zip(&vocab_norms) {
-                *s = if rn > 0.0 && *vn > 0.0 { *s / (rn * vn) } else { 0.0 };
+                *s = if rn > 0.0 && *vn > 0.0 {
+                    *s / (rn * vn)
+                } else {
+                    0.0
+                };
             }
         }
     }
@@ -1135,7 +1166,11 @@ fn symmetric_eigen(mut a: Vec<f64>, n: usize) -> Result<(Vec<f64>, Vec<Vec<f64>>
             .map(|i| dot(&a[(off + i) * n + off..(off + i + 1) * n], &v))
             .collect();
         let vp = dot(&v, &p);
-        let w: Vec<f64> = p.iter().zip(&v).map(|(pi, vi)| 2.0 * pi - 2.0 * vp * vi).collect();
+        let w: Vec<f64> = p
+            .iter()
+            .zip(&v)
+            .map(|(pi, vi)| 2.0 * pi - 2.0 * vp * vi)
+            .collect();
         for i in 0..m {
             let row = &mut a[(off + i) * n + off..(off + i + 1) * n];
             let (vi, wi) = (v[i], w[i]);
@@ -1169,10 +1204,16 @@ fn symmetric_eigen(mut a: Vec<f64>, n: usize) -> Result<(Vec<f64>, Vec<Vec<f64>>
             axpy(&mut t, vi, &q[(off + i) * n + off..(off + i + 1) * n]);
         }
         for (i, &vi) in v.iter().enumerate() {
-            axpy(&mut q[(off + i) * n + off..(off + i + 1) * n], -2.0 * vi, &t);
+            axpy(
+                &mut q[(off + i) * n + off..(off + i + 1) * n],
+                -2.0 * vi,
+                &t,
+            );
         }
     }
-    let mut vt: Vec<Vec<f64>> = (0..n).map(|i| (0..n).map(|j| q[j * n + i]).collect()).collect();
+    let mut vt: Vec<Vec<f64>> = (0..n)
+        .map(|i| (0..n).map(|j| q[j * n + i]).collect())
+        .collect();
     drop(q);
     // Implicit symmetric QR on (d, e); each rotation R acts on rows k, k+1 of vt.
     let anorm = d
@@ -1181,7 +1222,8 @@ fn symmetric_eigen(mut a: Vec<f64>, n: usize) -> Result<(Vec<f64>, Vec<Vec<f64>>
         .map(|(x, y)| x.abs() + y.abs())
         .fold(0.0, f64::max);
     let floor = f64::EPSILON * f64::EPSILON * anorm;
-    let negligible = |e: f64, a: f64, b: f64| e.abs() <= f64::EPSILON * (a.abs() + b.abs()) || e.abs() <= floor;
+    let negligible =
+        |e: f64, a: f64, b: f64| e.abs() <= f64::EPSILON * (a.abs() + b.abs()) || e.abs() <= floor;
     let max_iter = 50 * n + 50;
     let mut iter = 0;
     let mut hi = n - 1;
@@ -1242,7 +1284,9 @@ mod tests {
 
     /// Deterministic pseudo-random numbers in [−1, 1).
     fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
 
@@ -1256,7 +1300,10 @@ mod tests {
             assert!((norm2(v) - 1.0).abs() < 1e-10);
             for i in 0..n {
                 let av = dot(&a[i * n..(i + 1) * n], v);
-                assert!((av - lam * v[i]).abs() < 1e-9 * scale * n as f64, "A v ≠ λ v");
+                assert!(
+                    (av - lam * v[i]).abs() < 1e-9 * scale * n as f64,
+                    "A v ≠ λ v"
+                );
             }
         }
         for i in 0..n {
@@ -1287,7 +1334,7 @@ mod tests {
             a[i * n + i] = *v;
         }
         check_eigen(&a, n);
-        check_eigen(&vec![0.0; 16], 4);
+        check_eigen(&[0.0; 16], 4);
         // Rank one: u uᵀ.
         let u: Vec<f64> = (0..40).map(|i| (i as f64 * 0.37).sin()).collect();
         let a: Vec<f64> = (0..1600).map(|k| u[k / 40] * u[k % 40]).collect();

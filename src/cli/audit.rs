@@ -19,9 +19,10 @@ pub struct Args {
     /// change's input direction, and ‖ΔW·x‖/‖x‖. Repeatable.
     #[arg(long = "probe", value_name = "PROMPT")]
     probes: Vec<String>,
-    /// How u₁ is scored against the vocabulary: logit (final norm + unembedding, the logit
-    /// lens), raw (unembedding only) or cosine (with each unembedding row).
-    #[arg(long, value_enum, default_value_t = LensScore::Logit)]
+    /// How u₁ is scored against the vocabulary after the final norm: cosine with each
+    /// unembedding row, logit (the logit lens: dot product, favors long rows), or raw (dot
+    /// product without the final norm).
+    #[arg(long, value_enum, default_value_t = LensScore::Cosine)]
     score: LensScore,
     /// Print the JSON report (schema in the `backlens::audit` docs).
     #[arg(long)]
@@ -64,7 +65,9 @@ fn print_report(r: &AuditReport, k: usize) {
         }
         match r.base_sha256_matches {
             Some(true) => println!("  (backlens.base_sha256 matches the base file)"),
-            Some(false) => println!("  (backlens.base_sha256 does NOT match the base file: made from another base)"),
+            Some(false) => println!(
+                "  (backlens.base_sha256 does NOT match the base file: made from another base)"
+            ),
             None => {}
         }
     }
@@ -87,7 +90,9 @@ fn print_report(r: &AuditReport, k: usize) {
         println!(
             "  metadata {:?} {}: {} -> {}",
             m.key,
-            serde_json::to_string(&m.change).unwrap_or_default().trim_matches('"'),
+            serde_json::to_string(&m.change)
+                .unwrap_or_default()
+                .trim_matches('"'),
             m.base.as_deref().unwrap_or("-"),
             m.patch.as_deref().unwrap_or("-")
         );
@@ -131,7 +136,11 @@ fn print_change(c: &TensorChange, k: usize) {
         line += &format!(", {n} elements changed ({:.1}%)", 100.0 * n as f64 / total);
     }
     println!("{line}");
-    let sv: Vec<String> = c.singular_values.iter().map(|s| format!("{s:.4e}")).collect();
+    let sv: Vec<String> = c
+        .singular_values
+        .iter()
+        .map(|s| format!("{s:.4e}"))
+        .collect();
     println!(
         "  rank {} (σ > {:.2e});  σ₁²/Σσ² = {:.4}",
         c.rank, c.rank_tolerance, c.energy_share

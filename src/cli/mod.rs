@@ -55,9 +55,14 @@ struct Opened {
 }
 
 fn open(path: &Path) -> Result<Opened> {
-    let source = ModelSource::open(path)?;
-    source.hparams()?;
-    let tok = Tokenizer::from_source(&source)?;
+    let shown = path.display().to_string();
+    let named = |e: backlens::Error| match e.to_string() {
+        msg if msg.contains(&shown) => anyhow::anyhow!(msg),
+        msg => anyhow::anyhow!("{shown}: {msg}"),
+    };
+    let source = ModelSource::open(path).map_err(named)?;
+    source.hparams().map_err(named)?;
+    let tok = Tokenizer::from_source(&source).map_err(named)?;
     Ok(Opened { source, tok })
 }
 

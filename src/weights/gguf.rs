@@ -368,13 +368,13 @@ impl GgufFile {
         // Each metadata entry takes at least 12 bytes, each tensor info at least 24.
         if n_kv.saturating_mul(12) > cur.remaining() {
             return Err(fail(format!(
-                "header claims {n_kv} metadata entries but the file has only {} bytes left",
+                "truncated header: it claims {n_kv} metadata entries but the file has only {} bytes left",
                 cur.remaining()
             )));
         }
         if n_tensors.saturating_mul(24) > cur.remaining() {
             return Err(fail(format!(
-                "header claims {n_tensors} tensors but the file has only {} bytes left",
+                "truncated header: it claims {n_tensors} tensors but the file has only {} bytes left",
                 cur.remaining()
             )));
         }

@@ -53,6 +53,7 @@ pub struct AtomicOutput {
     target: PathBuf,
     temp: PathBuf,
     writer: Option<BufWriter<File>>,
+    committed: bool,
 }
 
 impl AtomicOutput {
@@ -81,6 +82,7 @@ impl AtomicOutput {
             target: target.to_path_buf(),
             temp,
             writer: Some(BufWriter::with_capacity(1 << 20, file)),
+            committed: false,
         })
     }
 
@@ -99,6 +101,7 @@ impl AtomicOutput {
         file.sync_all().map_err(|e| Error::io(&self.target, e))?;
         drop(file);
         std::fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        self.committed = true;
         if let Some(dir) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
@@ -110,7 +113,8 @@ impl AtomicOutput {
 
 impl Drop for AtomicOutput {
     fn drop(&mut self) {
-        if self.writer.take().is_some() {
+        drop(self.writer.take());
+        if !self.committed {
             let _ = std::fs::remove_file(&self.temp);
         }
     }

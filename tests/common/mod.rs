@@ -207,7 +207,7 @@ pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
         let n = shape.iter().product();
         plan.tensors.push(OutTensor::f32(name, &shape, &rng.vec(n, scale, offset)));
     };
-    let (d, f, v) = (hp.n_embd, hp.n_ff, hp.n_vocab);
+    let (d, v) = (hp.n_embd, hp.n_vocab);
     add(&mut plan, "token_embd.weight", vec![v, d], 0.5, 0.0);
     if arch == Arch::Gpt2 {
         add(&mut plan, "position_embd.weight", vec![hp.n_ctx, d], 0.2, 0.0);
