@@ -20,11 +20,24 @@ const SMALL: &str = " font-size=\"10\" fill=\"#333\"";
 const SUBJECT: &str = "#b00020";
 type Rgb = (u8, u8, u8);
 /// Target rank colours, strongest (rank 0) to palest (rank ≥ 10000).
-const RANK_COLOURS: [Rgb; 5] = [(103, 0, 13), (203, 24, 29), (251, 106, 74), (252, 187, 161), (255, 245, 240)];
+const RANK_COLOURS: [Rgb; 5] = [
+    (103, 0, 13),
+    (203, 24, 29),
+    (251, 106, 74),
+    (252, 187, 161),
+    (255, 245, 240),
+];
 /// Norm colours, smallest to largest.
-const NORM_COLOURS: [Rgb; 5] = [(247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107)];
-const SERIES_COLOURS: [&str; 8] =
-    ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+const NORM_COLOURS: [Rgb; 5] = [
+    (247, 251, 255),
+    (198, 219, 239),
+    (107, 174, 214),
+    (33, 113, 181),
+    (8, 48, 107),
+];
+const SERIES_COLOURS: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
 
 /// Escapes text for XML and HTML; characters XML cannot hold become U+FFFD.
 fn esc(s: &str) -> String {
@@ -63,7 +76,11 @@ fn label(token: &str, max: usize) -> String {
         false => visible,
     };
     let short: String = match visible.chars().count() > max {
-        true => visible.chars().take(max.saturating_sub(1)).chain(['…']).collect(),
+        true => visible
+            .chars()
+            .take(max.saturating_sub(1))
+            .chain(['…'])
+            .collect(),
         false => visible,
     };
     esc(&short)
@@ -71,21 +88,31 @@ fn label(token: &str, max: usize) -> String {
 
 /// A number in at most about seven characters.
 fn num(v: f64) -> String {
-    match v.abs() {
-        _ if !v.is_finite() => format!("{v}"),
-        a if a == 0.0 => "0".to_string(),
-        a if !(1e-2..1e4).contains(&a) => format!("{v:.2e}"),
-        _ => format!("{v:.3}"),
+    if !v.is_finite() || v == 0.0 {
+        format!("{v}")
+    } else if (1e-2..1e4).contains(&v.abs()) {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.2e}")
     }
 }
 
 /// Colour at `t` in 0..=1 along a piecewise-linear palette.
 fn colour(palette: &[Rgb], t: f64) -> String {
-    let f = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 } * (palette.len() - 1) as f64;
+    let f = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    } * (palette.len() - 1) as f64;
     let i = (f.floor() as usize).min(palette.len() - 2);
     let (a, b, u) = (palette[i], palette[i + 1], f - i as f64);
     let mix = |x: u8, y: u8| (x as f64 + (y as f64 - x as f64) * u).round() as u8;
-    format!("#{:02x}{:02x}{:02x}", mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+    format!(
+        "#{:02x}{:02x}{:02x}",
+        mix(a.0, b.0),
+        mix(a.1, b.1),
+        mix(a.2, b.2)
+    )
 }
 
 /// Whether text on `fill` (a "#rrggbb" colour) should be white.
@@ -101,7 +128,11 @@ fn rank_t(rank: usize) -> f64 {
 
 /// Opens an SVG with a white background; inline SVG in HTML needs no namespace.
 fn svg_open(w: f64, h: f64, standalone: bool) -> String {
-    let ns = if standalone { " xmlns=\"http://www.w3.org/2000/svg\"" } else { "" };
+    let ns = if standalone {
+        " xmlns=\"http://www.w3.org/2000/svg\""
+    } else {
+        ""
+    };
     format!(
         "<svg{ns} width=\"{w:.0}\" height=\"{h:.0}\" viewBox=\"0 0 {w:.0} {h:.0}\" \
          font-family=\"{MONO}\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\n"
@@ -110,17 +141,23 @@ fn svg_open(w: f64, h: f64, standalone: bool) -> String {
 
 /// Appends a `<text>`; `attrs` holds extra attributes, `body` is already escaped.
 fn text(o: &mut String, x: f64, y: f64, attrs: &str, body: &str) {
-    o.push_str(&format!("<text x=\"{x:.1}\" y=\"{y:.1}\"{attrs}>{body}</text>\n"));
+    o.push_str(&format!(
+        "<text x=\"{x:.1}\" y=\"{y:.1}\"{attrs}>{body}</text>\n"
+    ));
 }
 
 /// Appends a `<rect>` at (x, y, width, height) with extra attributes.
 fn rect(o: &mut String, (x, y, w, h): (f64, f64, f64, f64), attrs: &str) {
-    o.push_str(&format!("<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.2}\" height=\"{h:.1}\"{attrs}/>\n"));
+    o.push_str(&format!(
+        "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.2}\" height=\"{h:.1}\"{attrs}/>\n"
+    ));
 }
 
 /// Appends a `<line>` from (x1, y1) to (x2, y2) with extra attributes.
 fn line(o: &mut String, (x1, y1, x2, y2): (f64, f64, f64, f64), attrs: &str) {
-    o.push_str(&format!("<line x1=\"{x1:.1}\" y1=\"{y1:.1}\" x2=\"{x2:.1}\" y2=\"{y2:.1}\"{attrs}/>\n"));
+    o.push_str(&format!(
+        "<line x1=\"{x1:.1}\" y1=\"{y1:.1}\" x2=\"{x2:.1}\" y2=\"{y2:.1}\"{attrs}/>\n"
+    ));
 }
 
 /// What one heatmap cell shows: fill colour, escaped text, bold text, tooltip (unescaped).
@@ -153,7 +190,11 @@ fn legend_svg(o: &mut String, g: &Legend, x: f64, y: f64, w: f64) {
     for i in 0..steps {
         let fill = colour(g.palette, (i as f64 + 0.5) / steps as f64);
         let step_w = w / steps as f64;
-        rect(o, (x + step_w * i as f64, y, step_w + 0.3, 10.0), &format!(" fill=\"{fill}\""));
+        rect(
+            o,
+            (x + step_w * i as f64, y, step_w + 0.3, 10.0),
+            &format!(" fill=\"{fill}\""),
+        );
     }
     rect(o, (x, y, w, 10.0), " fill=\"none\" stroke=\"#888\"");
     for (t, tick) in &g.ticks {
@@ -162,7 +203,13 @@ fn legend_svg(o: &mut String, g: &Legend, x: f64, y: f64, w: f64) {
             t if *t >= 1.0 => END,
             _ => MID,
         };
-        text(o, x + w * t.clamp(0.0, 1.0), y + 22.0, &format!("{anchor}{SMALL}"), &esc(tick));
+        text(
+            o,
+            x + w * t.clamp(0.0, 1.0),
+            y + 22.0,
+            &format!("{anchor}{SMALL}"),
+            &esc(tick),
+        );
     }
 }
 
@@ -174,42 +221,103 @@ fn heatmap_figure(r: &LensReport, subtitle: &str, panels: &[Panel], standalone: 
     let subject = r.claims.last_subject_pos.filter(|&p| p < n_tok);
     let max_chars = (width / 7.0) as usize;
     let mut o = svg_open(width, TOP + grid_h + BOTTOM, standalone);
-    text(&mut o, 8.0, 18.0, " font-size=\"14\" font-weight=\"bold\"", &label(&heading(r), max_chars));
-    text(&mut o, 8.0, 35.0, " fill=\"#444\"", &label(subtitle, max_chars));
+    text(
+        &mut o,
+        8.0,
+        18.0,
+        " font-size=\"14\" font-weight=\"bold\"",
+        &label(&heading(r), max_chars),
+    );
+    text(
+        &mut o,
+        8.0,
+        35.0,
+        " fill=\"#444\"",
+        &label(subtitle, max_chars),
+    );
     for (k, panel) in panels.iter().enumerate() {
         let x0 = LEFT + k as f64 * (LEFT + grid_w);
-        text(&mut o, x0, TOP - 8.0, " font-size=\"13\" font-weight=\"bold\"", &esc(&panel.title));
-        text(&mut o, x0 - 4.0, TOP - 8.0, &format!("{END}{SMALL}"), "layer");
+        text(
+            &mut o,
+            x0,
+            TOP - 8.0,
+            " font-size=\"13\" font-weight=\"bold\"",
+            &esc(&panel.title),
+        );
+        text(
+            &mut o,
+            x0 - 4.0,
+            TOP - 8.0,
+            &format!("{END}{SMALL}"),
+            "layer",
+        );
         for (i, layer) in r.layers.iter().enumerate() {
             let y = TOP + (n_rows - 1 - i) as f64 * CELL_H;
-            text(&mut o, x0 - 4.0, y + 13.0, END, &format!("L{}", layer.layer));
+            text(
+                &mut o,
+                x0 - 4.0,
+                y + 13.0,
+                END,
+                &format!("L{}", layer.layer),
+            );
             rect(&mut o, (x0, y, grid_w, CELL_H), " fill=\"#f4f4f4\"");
             for cell in layer.cells.iter().filter(|c| c.pos < n_tok) {
                 let v = (panel.view)(layer.layer, cell);
                 let x = x0 + cell.pos as f64 * CELL_W;
                 let ink = if dark(&v.fill) { "#fff" } else { "#111" };
                 let weight = if v.bold { " font-weight=\"bold\"" } else { "" };
-                o.push_str(&format!("<g class=\"cell\"><title>{}</title>\n", esc(&v.tip)));
-                rect(&mut o, (x, y, CELL_W, CELL_H), &format!(" fill=\"{}\" stroke=\"#fff\" stroke-width=\"0.5\"", v.fill));
-                text(&mut o, x + CELL_W / 2.0, y + 13.0, &format!("{MID} fill=\"{ink}\"{weight}"), &v.text);
+                o.push_str(&format!(
+                    "<g class=\"cell\"><title>{}</title>\n",
+                    esc(&v.tip)
+                ));
+                rect(
+                    &mut o,
+                    (x, y, CELL_W, CELL_H),
+                    &format!(" fill=\"{}\" stroke=\"#fff\" stroke-width=\"0.5\"", v.fill),
+                );
+                text(
+                    &mut o,
+                    x + CELL_W / 2.0,
+                    y + 13.0,
+                    &format!("{MID} fill=\"{ink}\"{weight}"),
+                    &v.text,
+                );
                 o.push_str("</g>\n");
             }
         }
         let y_lab = TOP + grid_h + 14.0;
         for (p, tok) in r.tokens.iter().enumerate() {
             let cx = x0 + (p as f64 + 0.5) * CELL_W;
-            let marked = format!("{MID} font-weight=\"bold\" text-decoration=\"underline\" fill=\"{SUBJECT}\"");
+            let marked = format!(
+                "{MID} font-weight=\"bold\" text-decoration=\"underline\" fill=\"{SUBJECT}\""
+            );
             match subject == Some(p) {
                 true => text(&mut o, cx, y_lab, &marked, &format!("{}*", label(tok, 9))),
                 false => text(&mut o, cx, y_lab, MID, &label(tok, 9)),
             }
-            text(&mut o, cx, y_lab + 12.0, &format!("{MID} font-size=\"9\" fill=\"#888\""), &p.to_string());
+            text(
+                &mut o,
+                cx,
+                y_lab + 12.0,
+                &format!("{MID} font-size=\"9\" fill=\"#888\""),
+                &p.to_string(),
+            );
         }
         if let Some(p) = subject {
             let outline = format!(" fill=\"none\" stroke=\"{SUBJECT}\" stroke-width=\"2\"");
-            rect(&mut o, (x0 + p as f64 * CELL_W, TOP, CELL_W, grid_h), &outline);
+            rect(
+                &mut o,
+                (x0 + p as f64 * CELL_W, TOP, CELL_W, grid_h),
+                &outline,
+            );
         }
-        legend_svg(&mut o, &panel.legend, x0, y_lab + 42.0, grid_w.clamp(200.0, 300.0));
+        legend_svg(
+            &mut o,
+            &panel.legend,
+            x0,
+            y_lab + 42.0,
+            grid_w.clamp(200.0, 300.0),
+        );
     }
     o.push_str("</svg>\n");
     o
@@ -222,7 +330,13 @@ fn token_at(r: &LensReport, pos: usize) -> &str {
 fn norms_line(c: &Cell) -> String {
     let (x1, d2, a, g) = (c.norm_x1, c.norm_d2, c.norm_a, c.grad_norm);
     let n = |v: f32| num(v as f64);
-    format!("‖x1‖ = {}  ‖δ‖ = {}  ‖a‖ = {}  ‖δ‖·‖a‖ = {}", n(x1), n(d2), n(a), n(g))
+    format!(
+        "‖x1‖ = {}  ‖δ‖ = {}  ‖a‖ = {}  ‖δ‖·‖a‖ = {}",
+        n(x1),
+        n(d2),
+        n(a),
+        n(g)
+    )
 }
 
 fn heading(r: &LensReport) -> String {
@@ -230,20 +344,37 @@ fn heading(r: &LensReport) -> String {
 }
 
 fn subtitle(r: &LensReport, what: &str) -> String {
-    let subject = if r.claims.last_subject_pos.is_some() { "; * = last subject token" } else { "" };
+    let subject = if r.claims.last_subject_pos.is_some() {
+        "; * = last subject token"
+    } else {
+        ""
+    };
     let (p, loss) = (r.target_prob, r.loss);
     format!("p(target) = {p:.4}, L = {loss:.4}; rows: layers, 0 at the bottom{subject}; {what}")
 }
 
-fn lens_panel<'a>(r: &'a LensReport, title: &str, pick: fn(&Cell) -> &Projection, caption: &str) -> Panel<'a> {
+fn lens_panel<'a>(
+    r: &'a LensReport,
+    title: &str,
+    pick: fn(&Cell) -> &Projection,
+    caption: &str,
+) -> Panel<'a> {
     let name = title.to_string();
     let view = move |layer: usize, c: &Cell| {
         let p = pick(c);
-        let top5: Vec<String> =
-            p.top.iter().take(5).map(|t| format!("  {:?} {}", t.token, num(t.score as f64))).collect();
+        let top5: Vec<String> = p
+            .top
+            .iter()
+            .take(5)
+            .map(|t| format!("  {:?} {}", t.token, num(t.score as f64)))
+            .collect();
         CellView {
             fill: colour(&RANK_COLOURS, rank_t(p.target_rank)),
-            text: p.top.first().map(|t| label(&t.token, 8)).unwrap_or_default(),
+            text: p
+                .top
+                .first()
+                .map(|t| label(&t.token, 8))
+                .unwrap_or_default(),
             bold: p.target_rank == 0,
             tip: format!(
                 "layer {layer}, position {} {:?}\n{name}, top-5:\n{}\ntarget {:?} rank {}\n{}",
@@ -256,10 +387,27 @@ fn lens_panel<'a>(r: &'a LensReport, title: &str, pick: fn(&Cell) -> &Projection
             ),
         }
     };
-    let ticks = [(0, "0"), (10, "10"), (100, "100"), (1000, "1k"), (9999, "≥10k")];
-    let ticks = ticks.iter().map(|&(k, s)| (rank_t(k), s.to_string())).collect();
-    let legend = Legend { palette: &RANK_COLOURS, caption: caption.to_string(), ticks };
-    Panel { title: title.to_string(), view: Box::new(view), legend }
+    let ticks = [
+        (0, "0"),
+        (10, "10"),
+        (100, "100"),
+        (1000, "1k"),
+        (9999, "≥10k"),
+    ];
+    let ticks = ticks
+        .iter()
+        .map(|&(k, s)| (rank_t(k), s.to_string()))
+        .collect();
+    let legend = Legend {
+        palette: &RANK_COLOURS,
+        caption: caption.to_string(),
+        ticks,
+    };
+    Panel {
+        title: title.to_string(),
+        view: Box::new(view),
+        legend,
+    }
 }
 
 /// The lens grid (the paper's Figure 11): layer × prompt token, FF1 input x1 on the left and
@@ -270,7 +418,12 @@ pub fn lens_grid_svg(r: &LensReport) -> String {
 
 fn grid(r: &LensReport, standalone: bool) -> String {
     let panels = [
-        lens_panel(r, "FF1 input x1", |c| &c.x1, "colour: target rank (log scale)"),
+        lens_panel(
+            r,
+            "FF1 input x1",
+            |c| &c.x1,
+            "colour: target rank (log scale)",
+        ),
         lens_panel(r, "FF2 −δ", |c| &c.neg_d2, "same scale"),
     ];
     let what = "cell: top-1 token (bold = the target), colour: target rank";
@@ -278,11 +431,19 @@ fn grid(r: &LensReport, standalone: bool) -> String {
 }
 
 fn norm_panel<'a>(r: &'a LensReport, title: &str, value: fn(&Cell) -> f32) -> Panel<'a> {
-    let values = r.layers.iter().flat_map(|l| &l.cells).map(|c| value(c) as f64);
+    let values = r
+        .layers
+        .iter()
+        .flat_map(|l| &l.cells)
+        .map(|c| value(c) as f64);
     let positive: Vec<f64> = values.filter(|v| v.is_finite() && *v > 0.0).collect();
     let lo = positive.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = positive.iter().copied().fold(0.0, f64::max);
-    let span = if positive.is_empty() { 0.0 } else { (hi / lo).ln() };
+    let span = if positive.is_empty() {
+        0.0
+    } else {
+        (hi / lo).ln()
+    };
     let t_of = move |v: f64| match (span > 0.0, v > 0.0) {
         (true, true) => (v / lo).ln() / span,
         (true, false) => 0.0,
@@ -304,12 +465,24 @@ fn norm_panel<'a>(r: &'a LensReport, title: &str, value: fn(&Cell) -> f32) -> Pa
         true => vec![(0.5, "no positive values".to_string())],
         false => {
             let mid = num((lo * hi).sqrt());
-            vec![(0.0, format!("min {}", num(lo))), (0.5, mid), (1.0, format!("max {}", num(hi)))]
+            vec![
+                (0.0, format!("min {}", num(lo))),
+                (0.5, mid),
+                (1.0, format!("max {}", num(hi))),
+            ]
         }
     };
     let caption = "colour: log scale, this panel".to_string();
-    let legend = Legend { palette: &NORM_COLOURS, caption, ticks };
-    Panel { title: title.to_string(), view: Box::new(view), legend }
+    let legend = Legend {
+        palette: &NORM_COLOURS,
+        caption,
+        ticks,
+    };
+    Panel {
+        title: title.to_string(),
+        view: Box::new(view),
+        legend,
+    }
 }
 
 /// The FF2 gradient norms (the paper's Figure 16): layer × prompt token heatmaps of ‖δ‖·‖a‖
@@ -354,19 +527,51 @@ figcaption { color: #444; margin-top: 4px; max-width: 70em; }
 /// both figures inline with hover details on every cell, and the claims.
 pub fn lens_html(r: &LensReport) -> String {
     let t = esc(&heading(r));
-    let notes: String = r.claims.notes.iter().map(|n| format!("<li>{}</li>\n", esc(n))).collect();
-    let shift: Vec<String> = r.claims.shift_layers.iter().map(|l| l.to_string()).collect();
-    let shift = if shift.is_empty() { "none".to_string() } else { shift.join(", ") };
+    let notes: String = r
+        .claims
+        .notes
+        .iter()
+        .map(|n| format!("<li>{}</li>\n", esc(n)))
+        .collect();
+    let shift: Vec<String> = r
+        .claims
+        .shift_layers
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+    let shift = if shift.is_empty() {
+        "none".to_string()
+    } else {
+        shift.join(", ")
+    };
     let quoted = |p: usize| esc(&format!("{:?}", token_at(r, p)));
     let subject = match r.claims.last_subject_pos {
         Some(p) => format!("{p} ({})", quoted(p)),
         None => "not given".to_string(),
     };
-    let max_grad: Vec<String> =
-        r.claims.max_grad_position.iter().map(|&(l, p)| format!("L{l}: {p} {}", quoted(p))).collect();
-    let max_grad = if max_grad.is_empty() { "not computed".to_string() } else { max_grad.join("; ") };
-    let normed = if r.normed { "through the final norm" } else { "without the final norm" };
-    let (id, p, loss, n_tok, n_layers) = (r.target_id, r.target_prob, r.loss, r.tokens.len(), r.layers.len());
+    let max_grad: Vec<String> = r
+        .claims
+        .max_grad_position
+        .iter()
+        .map(|&(l, p)| format!("L{l}: {p} {}", quoted(p)))
+        .collect();
+    let max_grad = if max_grad.is_empty() {
+        "not computed".to_string()
+    } else {
+        max_grad.join("; ")
+    };
+    let normed = if r.normed {
+        "through the final norm"
+    } else {
+        "without the final norm"
+    };
+    let (id, p, loss, n_tok, n_layers) = (
+        r.target_id,
+        r.target_prob,
+        r.loss,
+        r.tokens.len(),
+        r.layers.len(),
+    );
     let (grid, norms) = (grid(r, false), norms(r, false));
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{t}</title>\n\
@@ -390,16 +595,29 @@ pub fn lens_html(r: &LensReport) -> String {
 fn ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, usize) {
     let raw = (hi - lo) / n.max(1) as f64;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
     let decimals = (-step.log10().floor()).max(0.0) as usize;
     let first = (lo / step - 1e-9).ceil() as i64;
-    let values = (first..first + 50).map(|k| k as f64 * step).take_while(|v| *v <= hi + step * 1e-9);
-    (values.map(|v| if v.abs() < step * 1e-9 { 0.0 } else { v }).collect(), decimals)
+    let values = (first..first + 50)
+        .map(|k| k as f64 * step)
+        .take_while(|v| *v <= hi + step * 1e-9);
+    (
+        values
+            .map(|v| if v.abs() < step * 1e-9 { 0.0 } else { v })
+            .collect(),
+        decimals,
+    )
 }
 
 /// Data range of some values; a flat or empty range is widened.
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
     match (lo.is_finite(), hi > lo) {
         (false, _) => (0.0, 1.0),
         (true, true) => (lo, hi),
@@ -411,7 +629,12 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 /// label and a legend. Non-finite points are skipped.
 pub fn line_plot_svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
     let (w, h, left, right, top, bottom) = (600.0, 340.0, 60.0, 170.0, 34.0, 48.0);
-    let finite = |s: &[(f64, f64)]| s.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let finite = |s: &[(f64, f64)]| {
+        s.iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect()
+    };
     let points: Vec<Vec<(f64, f64)>> = series.iter().map(|(_, s)| finite(s)).collect();
     let (x0, x1) = range(points.iter().flatten().map(|p| p.0));
     let (y0, y1) = range(points.iter().flatten().map(|p| p.1));
@@ -419,35 +642,76 @@ pub fn line_plot_svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f6
     let sx = |x: f64| left + (x - x0) / (x1 - x0) * pw;
     let sy = |y: f64| top + ph - (y - y0) / (y1 - y0) * ph;
     let mut o = svg_open(w, h, true);
-    text(&mut o, left, 20.0, " font-size=\"13\" font-weight=\"bold\"", &label(title, 70));
-    rect(&mut o, (left, top, pw, ph), " fill=\"none\" stroke=\"#444\"");
+    text(
+        &mut o,
+        left,
+        20.0,
+        " font-size=\"13\" font-weight=\"bold\"",
+        &label(title, 70),
+    );
+    rect(
+        &mut o,
+        (left, top, pw, ph),
+        " fill=\"none\" stroke=\"#444\"",
+    );
     let (xt, xd) = ticks(x0, x1, 6);
     for x in xt {
         line(&mut o, (sx(x), top, sx(x), top + ph), " stroke=\"#eee\"");
-        text(&mut o, sx(x), top + ph + 14.0, &format!("{MID}{SMALL}"), &format!("{x:.xd$}"));
+        text(
+            &mut o,
+            sx(x),
+            top + ph + 14.0,
+            &format!("{MID}{SMALL}"),
+            &format!("{x:.xd$}"),
+        );
     }
     let (yt, yd) = ticks(y0, y1, 5);
     for y in yt {
         line(&mut o, (left, sy(y), left + pw, sy(y)), " stroke=\"#eee\"");
-        text(&mut o, left - 4.0, sy(y) + 3.5, &format!("{END}{SMALL}"), &format!("{y:.yd$}"));
+        text(
+            &mut o,
+            left - 4.0,
+            sy(y) + 3.5,
+            &format!("{END}{SMALL}"),
+            &format!("{y:.yd$}"),
+        );
     }
     text(&mut o, left + pw / 2.0, h - 10.0, MID, &label(x_label, 60));
     if points.iter().all(Vec::is_empty) {
-        text(&mut o, left + pw / 2.0, top + ph / 2.0, &format!("{MID} fill=\"#888\""), "no data");
+        text(
+            &mut o,
+            left + pw / 2.0,
+            top + ph / 2.0,
+            &format!("{MID} fill=\"#888\""),
+            "no data",
+        );
     }
     for (i, ((name, _), pts)) in series.iter().zip(&points).enumerate() {
         let c = SERIES_COLOURS[i % SERIES_COLOURS.len()];
-        let path: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        let path: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
         let path = path.join(" ");
-        o.push_str(&format!("<polyline points=\"{path}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"1.8\"/>\n"));
+        o.push_str(&format!(
+            "<polyline points=\"{path}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"1.8\"/>\n"
+        ));
         for &(x, y) in pts {
-            let (cx, cy, tip) = (sx(x), sy(y), esc(&format!("{name}: ({}, {})", num(x), num(y))));
+            let (cx, cy, tip) = (
+                sx(x),
+                sy(y),
+                esc(&format!("{name}: ({}, {})", num(x), num(y))),
+            );
             o.push_str(&format!(
                 "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"2.6\" fill=\"{c}\"><title>{tip}</title></circle>\n"
             ));
         }
         let ly = top + 8.0 + i as f64 * 16.0;
-        line(&mut o, (left + pw + 12.0, ly, left + pw + 30.0, ly), &format!(" stroke=\"{c}\" stroke-width=\"2.5\""));
+        line(
+            &mut o,
+            (left + pw + 12.0, ly, left + pw + 30.0, ly),
+            &format!(" stroke=\"{c}\" stroke-width=\"2.5\""),
+        );
         text(&mut o, left + pw + 36.0, ly + 4.0, "", &label(name, 18));
     }
     o.push_str("</svg>\n");
