@@ -117,7 +117,11 @@ pub struct Projection {
 
 /// Projects rows of `vectors` (n, n_embd) into the vocabulary: final norm (unless `use_norm` is
 /// false) then the unembedding. Returns the score rows as f32.
-pub fn project_rows(model: &Transformer, vectors: &Tensor, use_norm: bool) -> Result<Vec<Vec<f32>>> {
+pub fn project_rows(
+    model: &Transformer,
+    vectors: &Tensor,
+    use_norm: bool,
+) -> Result<Vec<Vec<f32>>> {
     let v = vectors.to_dtype(model.dtype())?;
     let scores = if use_norm {
         model.unembed(&v)?
@@ -137,7 +141,11 @@ pub fn rank_of(scores: &[f32], id: u32) -> usize {
 pub fn summarize(scores: &[f32], target: u32, k: usize, tok: &Tokenizer) -> Projection {
     let mut order: Vec<u32> = (0..scores.len() as u32).collect();
     let k = k.min(scores.len());
-    let cmp = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
+    let cmp = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
     let score = |id: u32| TokenScore {
         id,
         token: tok.token_text(id),
@@ -244,7 +252,12 @@ fn l2(v: &[f32]) -> f32 {
 }
 
 /// Index of the last prompt token that belongs to `subject` (by decoded-text overlap).
-pub fn last_subject_token(tok: &Tokenizer, prompt: &str, ids: &[u32], subject: &str) -> Option<usize> {
+pub fn last_subject_token(
+    tok: &Tokenizer,
+    prompt: &str,
+    ids: &[u32],
+    subject: &str,
+) -> Option<usize> {
     let start = prompt.find(subject)?;
     let end = start + subject.len();
     let mut offset = 0;
@@ -295,7 +308,10 @@ pub fn run(
         .exp();
     let mut layers = Vec::new();
     for l in opts.layers.clone() {
-        let idx = Tensor::new(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), bp.d2[l].device())?;
+        let idx = Tensor::new(
+            positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+            bp.d2[l].device(),
+        )?;
         let x1 = bp.trace.ff1_in[l].index_select(&idx, 0)?;
         let d2 = bp.d2[l].index_select(&idx, 0)?;
         let a = bp.trace.ff2_in[l].index_select(&idx, 0)?;
@@ -365,9 +381,7 @@ fn claims(layers: &[LayerLens], n: usize, subject: Option<usize>, n_layer: usize
     let mut notes = Vec::new();
     notes.push(match shift_layers.is_empty() {
         true => "the target is top-1 in −δ at the last token in no reported layer".to_string(),
-        false => format!(
-            "the target is top-1 in −δ at the last token in layers {shift_layers:?}"
-        ),
+        false => format!("the target is top-1 in −δ at the last token in layers {shift_layers:?}"),
     });
     if !max_grad_position.is_empty() {
         let half = n_layer / 2;
@@ -389,7 +403,11 @@ fn claims(layers: &[LayerLens], n: usize, subject: Option<usize>, n_layer: usize
                 in_range.len()
             );
             if let Some(s) = subject {
-                msg += &format!(", at the last subject token in {}/{}", count(s), in_range.len());
+                msg += &format!(
+                    ", at the last subject token in {}/{}",
+                    count(s),
+                    in_range.len()
+                );
             }
             if last != 0 {
                 msg += &format!(", at position 0 in {}/{}", count(0), in_range.len());

@@ -8,8 +8,9 @@
 pub mod arch;
 pub mod audit;
 pub mod edit;
-pub mod lens;
+pub mod eval;
 mod error;
+pub mod lens;
 pub mod model;
 pub mod report;
 pub mod runtime;

@@ -8,8 +8,12 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // A file-size limit (`ulimit -f`) must surface as a write error, so that the partial output is
     // removed and one error line is printed, instead of killing the process with SIGXFSZ.
-    // SAFETY: setting a signal's disposition to "ignore" before any threads start.
-    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    // Output piped into `head` ends the process quietly, as for other Unix tools.
+    // SAFETY: setting signal dispositions before any threads start.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

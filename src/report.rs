@@ -16,25 +16,14 @@ const MONO: &str = "ui-monospace, Menlo, Consolas, 'DejaVu Sans Mono', monospace
 const MID: &str = " text-anchor=\"middle\"";
 const END: &str = " text-anchor=\"end\"";
 const SMALL: &str = " font-size=\"10\" fill=\"#333\"";
+const BOLD: &str = " font-size=\"13\" font-weight=\"bold\"";
+const GREY: &str = " fill=\"#444\"";
 /// Colour of the last subject token's marks.
 const SUBJECT: &str = "#b00020";
-type Rgb = (u8, u8, u8);
-/// Target rank colours, strongest (rank 0) to palest (rank ≥ 10000).
-const RANK_COLOURS: [Rgb; 5] = [
-    (103, 0, 13),
-    (203, 24, 29),
-    (251, 106, 74),
-    (252, 187, 161),
-    (255, 245, 240),
-];
-/// Norm colours, smallest to largest.
-const NORM_COLOURS: [Rgb; 5] = [
-    (247, 251, 255),
-    (198, 219, 239),
-    (107, 174, 214),
-    (33, 113, 181),
-    (8, 48, 107),
-];
+/// Target rank colours (0xRRGGBB), strongest (rank 0) to palest (rank ≥ 10000).
+const RANK_COLOURS: [u32; 5] = [0x67000d, 0xcb181d, 0xfb6a4a, 0xfcbba1, 0xfff5f0];
+/// Norm colours (0xRRGGBB), smallest to largest.
+const NORM_COLOURS: [u32; 5] = [0xf7fbff, 0xc6dbef, 0x6baed6, 0x2171b5, 0x08306b];
 const SERIES_COLOURS: [&str; 8] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
 ];
@@ -75,14 +64,14 @@ fn label(token: &str, max: usize) -> String {
         true => "␣".repeat(visible.chars().count().clamp(1, 3)),
         false => visible,
     };
-    let short: String = match visible.chars().count() > max {
-        true => visible
+    let mut short: String = visible.chars().take(max).collect();
+    if short.len() < visible.len() {
+        short = short
             .chars()
             .take(max.saturating_sub(1))
             .chain(['…'])
-            .collect(),
-        false => visible,
-    };
+            .collect();
+    }
     esc(&short)
 }
 
@@ -98,27 +87,26 @@ fn num(v: f64) -> String {
 }
 
 /// Colour at `t` in 0..=1 along a piecewise-linear palette.
-fn colour(palette: &[Rgb], t: f64) -> String {
-    let f = if t.is_finite() {
-        t.clamp(0.0, 1.0)
-    } else {
-        0.0
-    } * (palette.len() - 1) as f64;
-    let i = (f.floor() as usize).min(palette.len() - 2);
+fn colour(palette: &[u32], t: f64) -> String {
+    let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, 1.0) };
+    let f = t * (palette.len() - 1) as f64;
+    let i = (f as usize).min(palette.len() - 2);
     let (a, b, u) = (palette[i], palette[i + 1], f - i as f64);
-    let mix = |x: u8, y: u8| (x as f64 + (y as f64 - x as f64) * u).round() as u8;
-    format!(
-        "#{:02x}{:02x}{:02x}",
-        mix(a.0, b.0),
-        mix(a.1, b.1),
-        mix(a.2, b.2)
-    )
+    let mix = |shift: u32| {
+        let (x, y) = (((a >> shift) & 255) as f64, ((b >> shift) & 255) as f64);
+        (x + (y - x) * u).round() as u32
+    };
+    format!("#{:06x}", mix(16) << 16 | mix(8) << 8 | mix(0))
 }
 
 /// Whether text on `fill` (a "#rrggbb" colour) should be white.
 fn dark(fill: &str) -> bool {
-    let ch = |i: usize| u8::from_str_radix(fill.get(i..i + 2).unwrap_or("ff"), 16).unwrap_or(255);
-    0.299 * ch(1) as f64 + 0.587 * ch(3) as f64 + 0.114 * (ch(5) as f64) < 140.0
+    let hex = |i: usize| {
+        fill.get(i..i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+    };
+    let ch = |i: usize| hex(i).unwrap_or(255) as f64;
+    0.299 * ch(1) + 0.587 * ch(3) + 0.114 * ch(5) < 140.0
 }
 
 /// Position on the rank colour scale: log10(rank + 1) / 4, so rank ≥ 9999 is palest.
@@ -126,38 +114,48 @@ fn rank_t(rank: usize) -> f64 {
     ((rank as f64 + 1.0).log10() / 4.0).min(1.0)
 }
 
-/// Opens an SVG with a white background; inline SVG in HTML needs no namespace.
-fn svg_open(w: f64, h: f64, standalone: bool) -> String {
-    let ns = if standalone {
-        " xmlns=\"http://www.w3.org/2000/svg\""
-    } else {
-        ""
-    };
-    format!(
-        "<svg{ns} width=\"{w:.0}\" height=\"{h:.0}\" viewBox=\"0 0 {w:.0} {h:.0}\" \
-         font-family=\"{MONO}\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\n"
-    )
-}
+/// An SVG being written.
+struct Svg(String);
 
-/// Appends a `<text>`; `attrs` holds extra attributes, `body` is already escaped.
-fn text(o: &mut String, x: f64, y: f64, attrs: &str, body: &str) {
-    o.push_str(&format!(
-        "<text x=\"{x:.1}\" y=\"{y:.1}\"{attrs}>{body}</text>\n"
-    ));
-}
+impl Svg {
+    /// Opens an SVG with a white background; inline SVG in HTML needs no namespace.
+    fn new(w: f64, h: f64, standalone: bool) -> Svg {
+        let ns = if standalone {
+            " xmlns=\"http://www.w3.org/2000/svg\""
+        } else {
+            ""
+        };
+        Svg(format!(
+            "<svg{ns} width=\"{w:.0}\" height=\"{h:.0}\" viewBox=\"0 0 {w:.0} {h:.0}\" \
+             font-family=\"{MONO}\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\n"
+        ))
+    }
 
-/// Appends a `<rect>` at (x, y, width, height) with extra attributes.
-fn rect(o: &mut String, (x, y, w, h): (f64, f64, f64, f64), attrs: &str) {
-    o.push_str(&format!(
-        "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.2}\" height=\"{h:.1}\"{attrs}/>\n"
-    ));
-}
+    /// A `<text>` at (x, y); `attrs` holds extra attributes, `body` is already escaped.
+    fn text(&mut self, (x, y): (f64, f64), attrs: &str, body: &str) {
+        let e = format!("<text x=\"{x:.1}\" y=\"{y:.1}\"{attrs}>{body}</text>\n");
+        self.0.push_str(&e);
+    }
 
-/// Appends a `<line>` from (x1, y1) to (x2, y2) with extra attributes.
-fn line(o: &mut String, (x1, y1, x2, y2): (f64, f64, f64, f64), attrs: &str) {
-    o.push_str(&format!(
-        "<line x1=\"{x1:.1}\" y1=\"{y1:.1}\" x2=\"{x2:.1}\" y2=\"{y2:.1}\"{attrs}/>\n"
-    ));
+    /// A `<rect>` at (x, y, width, height) with extra attributes.
+    fn rect(&mut self, (x, y, w, h): (f64, f64, f64, f64), attrs: &str) {
+        let e = format!(
+            "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.2}\" height=\"{h:.1}\"{attrs}/>\n"
+        );
+        self.0.push_str(&e);
+    }
+
+    /// A `<line>` from (x1, y1) to (x2, y2) with extra attributes.
+    fn line(&mut self, (x1, y1, x2, y2): (f64, f64, f64, f64), attrs: &str) {
+        let e =
+            format!("<line x1=\"{x1:.1}\" y1=\"{y1:.1}\" x2=\"{x2:.1}\" y2=\"{y2:.1}\"{attrs}/>\n");
+        self.0.push_str(&e);
+    }
+
+    fn finish(mut self) -> String {
+        self.0.push_str("</svg>\n");
+        self.0
+    }
 }
 
 /// What one heatmap cell shows: fill colour, escaped text, bold text, tooltip (unescaped).
@@ -170,7 +168,7 @@ struct CellView {
 
 /// A colour bar: palette, caption and (t, text) tick labels.
 struct Legend {
-    palette: &'static [Rgb],
+    palette: &'static [u32],
     caption: String,
     ticks: Vec<(f64, String)>,
 }
@@ -184,32 +182,25 @@ struct Panel<'a> {
     legend: Legend,
 }
 
-fn legend_svg(o: &mut String, g: &Legend, x: f64, y: f64, w: f64) {
-    text(o, x, y - 4.0, " fill=\"#333\"", &esc(&g.caption));
-    let steps = 48;
+fn legend_svg(o: &mut Svg, g: &Legend, x: f64, y: f64, w: f64) {
+    o.text((x, y - 4.0), GREY, &esc(&g.caption));
+    let (steps, step_w) = (48, w / 48.0);
     for i in 0..steps {
-        let fill = colour(g.palette, (i as f64 + 0.5) / steps as f64);
-        let step_w = w / steps as f64;
-        rect(
-            o,
-            (x + step_w * i as f64, y, step_w + 0.3, 10.0),
-            &format!(" fill=\"{fill}\""),
+        let fill = format!(
+            " fill=\"{}\"",
+            colour(g.palette, (i as f64 + 0.5) / steps as f64)
         );
+        o.rect((x + step_w * i as f64, y, step_w + 0.3, 10.0), &fill);
     }
-    rect(o, (x, y, w, 10.0), " fill=\"none\" stroke=\"#888\"");
+    o.rect((x, y, w, 10.0), " fill=\"none\" stroke=\"#888\"");
     for (t, tick) in &g.ticks {
         let anchor = match t {
             t if *t <= 0.0 => "",
             t if *t >= 1.0 => END,
             _ => MID,
         };
-        text(
-            o,
-            x + w * t.clamp(0.0, 1.0),
-            y + 22.0,
-            &format!("{anchor}{SMALL}"),
-            &esc(tick),
-        );
+        let attrs = format!("{anchor}{SMALL}");
+        o.text((x + w * t.clamp(0.0, 1.0), y + 22.0), &attrs, &esc(tick));
     }
 }
 
@@ -220,107 +211,56 @@ fn heatmap_figure(r: &LensReport, subtitle: &str, panels: &[Panel], standalone: 
     let width = (panels.len() as f64 * (LEFT + grid_w) + 16.0).max(560.0);
     let subject = r.claims.last_subject_pos.filter(|&p| p < n_tok);
     let max_chars = (width / 7.0) as usize;
-    let mut o = svg_open(width, TOP + grid_h + BOTTOM, standalone);
-    text(
-        &mut o,
-        8.0,
-        18.0,
-        " font-size=\"14\" font-weight=\"bold\"",
-        &label(&heading(r), max_chars),
-    );
-    text(
-        &mut o,
-        8.0,
-        35.0,
-        " fill=\"#444\"",
-        &label(subtitle, max_chars),
+    let mut o = Svg::new(width, TOP + grid_h + BOTTOM, standalone);
+    o.text((8.0, 18.0), BOLD, &label(&heading(r), max_chars));
+    o.text((8.0, 35.0), GREY, &label(subtitle, max_chars));
+    let marked =
+        format!("{MID} font-weight=\"bold\" text-decoration=\"underline\" fill=\"{SUBJECT}\"");
+    let (layer_attrs, pos_attrs) = (
+        format!("{END}{SMALL}"),
+        format!("{MID} font-size=\"9\" fill=\"#888\""),
     );
     for (k, panel) in panels.iter().enumerate() {
         let x0 = LEFT + k as f64 * (LEFT + grid_w);
-        text(
-            &mut o,
-            x0,
-            TOP - 8.0,
-            " font-size=\"13\" font-weight=\"bold\"",
-            &esc(&panel.title),
-        );
-        text(
-            &mut o,
-            x0 - 4.0,
-            TOP - 8.0,
-            &format!("{END}{SMALL}"),
-            "layer",
-        );
+        o.text((x0, TOP - 8.0), BOLD, &esc(&panel.title));
+        o.text((x0 - 4.0, TOP - 8.0), &layer_attrs, "layer");
         for (i, layer) in r.layers.iter().enumerate() {
             let y = TOP + (n_rows - 1 - i) as f64 * CELL_H;
-            text(
-                &mut o,
-                x0 - 4.0,
-                y + 13.0,
-                END,
-                &format!("L{}", layer.layer),
-            );
-            rect(&mut o, (x0, y, grid_w, CELL_H), " fill=\"#f4f4f4\"");
+            o.text((x0 - 4.0, y + 13.0), END, &format!("L{}", layer.layer));
+            o.rect((x0, y, grid_w, CELL_H), " fill=\"#f4f4f4\"");
             for cell in layer.cells.iter().filter(|c| c.pos < n_tok) {
                 let v = (panel.view)(layer.layer, cell);
                 let x = x0 + cell.pos as f64 * CELL_W;
                 let ink = if dark(&v.fill) { "#fff" } else { "#111" };
                 let weight = if v.bold { " font-weight=\"bold\"" } else { "" };
-                o.push_str(&format!(
+                o.0.push_str(&format!(
                     "<g class=\"cell\"><title>{}</title>\n",
                     esc(&v.tip)
                 ));
-                rect(
-                    &mut o,
-                    (x, y, CELL_W, CELL_H),
-                    &format!(" fill=\"{}\" stroke=\"#fff\" stroke-width=\"0.5\"", v.fill),
-                );
-                text(
-                    &mut o,
-                    x + CELL_W / 2.0,
-                    y + 13.0,
-                    &format!("{MID} fill=\"{ink}\"{weight}"),
-                    &v.text,
-                );
-                o.push_str("</g>\n");
+                let fill = format!(" fill=\"{}\" stroke=\"#fff\" stroke-width=\"0.5\"", v.fill);
+                o.rect((x, y, CELL_W, CELL_H), &fill);
+                let attrs = format!("{MID} fill=\"{ink}\"{weight}");
+                o.text((x + CELL_W / 2.0, y + 13.0), &attrs, &v.text);
+                o.0.push_str("</g>\n");
             }
         }
         let y_lab = TOP + grid_h + 14.0;
         for (p, tok) in r.tokens.iter().enumerate() {
             let cx = x0 + (p as f64 + 0.5) * CELL_W;
-            let marked = format!(
-                "{MID} font-weight=\"bold\" text-decoration=\"underline\" fill=\"{SUBJECT}\""
-            );
             match subject == Some(p) {
-                true => text(&mut o, cx, y_lab, &marked, &format!("{}*", label(tok, 9))),
-                false => text(&mut o, cx, y_lab, MID, &label(tok, 9)),
+                true => o.text((cx, y_lab), &marked, &format!("{}*", label(tok, 9))),
+                false => o.text((cx, y_lab), MID, &label(tok, 9)),
             }
-            text(
-                &mut o,
-                cx,
-                y_lab + 12.0,
-                &format!("{MID} font-size=\"9\" fill=\"#888\""),
-                &p.to_string(),
-            );
+            o.text((cx, y_lab + 12.0), &pos_attrs, &p.to_string());
         }
         if let Some(p) = subject {
             let outline = format!(" fill=\"none\" stroke=\"{SUBJECT}\" stroke-width=\"2\"");
-            rect(
-                &mut o,
-                (x0 + p as f64 * CELL_W, TOP, CELL_W, grid_h),
-                &outline,
-            );
+            o.rect((x0 + p as f64 * CELL_W, TOP, CELL_W, grid_h), &outline);
         }
-        legend_svg(
-            &mut o,
-            &panel.legend,
-            x0,
-            y_lab + 42.0,
-            grid_w.clamp(200.0, 300.0),
-        );
+        let legend_w = grid_w.clamp(200.0, 300.0);
+        legend_svg(&mut o, &panel.legend, x0, y_lab + 42.0, legend_w);
     }
-    o.push_str("</svg>\n");
-    o
+    o.finish()
 }
 
 fn token_at(r: &LensReport, pos: usize) -> &str {
@@ -328,15 +268,9 @@ fn token_at(r: &LensReport, pos: usize) -> &str {
 }
 
 fn norms_line(c: &Cell) -> String {
-    let (x1, d2, a, g) = (c.norm_x1, c.norm_d2, c.norm_a, c.grad_norm);
     let n = |v: f32| num(v as f64);
-    format!(
-        "‖x1‖ = {}  ‖δ‖ = {}  ‖a‖ = {}  ‖δ‖·‖a‖ = {}",
-        n(x1),
-        n(d2),
-        n(a),
-        n(g)
-    )
+    let (x1, d2, a, g) = (n(c.norm_x1), n(c.norm_d2), n(c.norm_a), n(c.grad_norm));
+    format!("‖x1‖ = {x1}  ‖δ‖ = {d2}  ‖a‖ = {a}  ‖δ‖·‖a‖ = {g}")
 }
 
 fn heading(r: &LensReport) -> String {
@@ -344,63 +278,45 @@ fn heading(r: &LensReport) -> String {
 }
 
 fn subtitle(r: &LensReport, what: &str) -> String {
-    let subject = if r.claims.last_subject_pos.is_some() {
-        "; * = last subject token"
-    } else {
-        ""
+    let subject = match r.claims.last_subject_pos {
+        Some(_) => "; * = last subject token",
+        None => "",
     };
     let (p, loss) = (r.target_prob, r.loss);
     format!("p(target) = {p:.4}, L = {loss:.4}; rows: layers, 0 at the bottom{subject}; {what}")
 }
 
-fn lens_panel<'a>(
-    r: &'a LensReport,
-    title: &str,
-    pick: fn(&Cell) -> &Projection,
-    caption: &str,
-) -> Panel<'a> {
+/// A Figure 11 panel of the projection `pick` picks from each cell.
+fn lens_panel<'a>(r: &'a LensReport, title: &str, pick: fn(&Cell) -> &Projection) -> Panel<'a> {
     let name = title.to_string();
     let view = move |layer: usize, c: &Cell| {
         let p = pick(c);
-        let top5: Vec<String> = p
-            .top
-            .iter()
-            .take(5)
+        let top5 = p.top.iter().take(5);
+        let top5: Vec<String> = top5
             .map(|t| format!("  {:?} {}", t.token, num(t.score as f64)))
             .collect();
+        let (pos, tok, rank) = (c.pos, token_at(r, c.pos), p.target_rank);
+        let (top5, target, norms) = (top5.join("\n"), &r.target, norms_line(c));
         CellView {
-            fill: colour(&RANK_COLOURS, rank_t(p.target_rank)),
-            text: p
-                .top
-                .first()
-                .map(|t| label(&t.token, 8))
-                .unwrap_or_default(),
-            bold: p.target_rank == 0,
+            fill: colour(&RANK_COLOURS, rank_t(rank)),
+            text: p.top.first().map_or(String::new(), |t| label(&t.token, 8)),
+            bold: rank == 0,
             tip: format!(
-                "layer {layer}, position {} {:?}\n{name}, top-5:\n{}\ntarget {:?} rank {}\n{}",
-                c.pos,
-                token_at(r, c.pos),
-                top5.join("\n"),
-                r.target,
-                p.target_rank,
-                norms_line(c)
+                "layer {layer}, position {pos} {tok:?}\n{name}, top-5:\n{top5}\n\
+                 target {target:?} rank {rank}\n{norms}"
             ),
         }
     };
-    let ticks = [
-        (0, "0"),
-        (10, "10"),
-        (100, "100"),
-        (1000, "1k"),
-        (9999, "≥10k"),
-    ];
-    let ticks = ticks
+    let (ranks, names) = ([0, 10, 100, 1000, 9999], ["0", "10", "100", "1k", "≥10k"]);
+    let ticks = ranks
         .iter()
-        .map(|&(k, s)| (rank_t(k), s.to_string()))
-        .collect();
+        .zip(names)
+        .map(|(&k, s)| (rank_t(k), s.to_string()));
+    let ticks = ticks.collect();
+    let caption = "colour: target rank (log scale)".to_string();
     let legend = Legend {
         palette: &RANK_COLOURS,
-        caption: caption.to_string(),
+        caption,
         ticks,
     };
     Panel {
@@ -418,32 +334,21 @@ pub fn lens_grid_svg(r: &LensReport) -> String {
 
 fn grid(r: &LensReport, standalone: bool) -> String {
     let panels = [
-        lens_panel(
-            r,
-            "FF1 input x1",
-            |c| &c.x1,
-            "colour: target rank (log scale)",
-        ),
-        lens_panel(r, "FF2 −δ", |c| &c.neg_d2, "same scale"),
+        lens_panel(r, "FF1 input x1", |c| &c.x1),
+        lens_panel(r, "FF2 −δ", |c| &c.neg_d2),
     ];
     let what = "cell: top-1 token (bold = the target), colour: target rank";
     heatmap_figure(r, &subtitle(r, what), &panels, standalone)
 }
 
+/// A Figure 16 panel of the norm `value` picks from each cell, on a log colour scale.
 fn norm_panel<'a>(r: &'a LensReport, title: &str, value: fn(&Cell) -> f32) -> Panel<'a> {
-    let values = r
-        .layers
-        .iter()
-        .flat_map(|l| &l.cells)
-        .map(|c| value(c) as f64);
-    let positive: Vec<f64> = values.filter(|v| v.is_finite() && *v > 0.0).collect();
+    let cells = r.layers.iter().flat_map(|l| &l.cells);
+    let values = cells.map(|c| value(c) as f64);
+    let positive: Vec<f64> = values.filter(|v| *v > 0.0 && v.is_finite()).collect();
     let lo = positive.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = positive.iter().copied().fold(0.0, f64::max);
-    let span = if positive.is_empty() {
-        0.0
-    } else {
-        (hi / lo).ln()
-    };
+    let span = if lo < hi { (hi / lo).ln() } else { 0.0 };
     let t_of = move |v: f64| match (span > 0.0, v > 0.0) {
         (true, true) => (v / lo).ln() / span,
         (true, false) => 0.0,
@@ -458,7 +363,11 @@ fn norm_panel<'a>(r: &'a LensReport, title: &str, value: fn(&Cell) -> f32) -> Pa
             fill: colour(&NORM_COLOURS, t_of(v)),
             text: esc(&num(v)),
             bold: false,
-            tip: format!("layer {layer}, position {pos} {tok:?}\n{name} = {}\n{norms}\ntarget rank: x1 {rx}, −δ {rd}", num(v)),
+            tip: format!(
+                "layer {layer}, position {pos} {tok:?}\n{name} = {}\n{norms}\n\
+                 target rank: x1 {rx}, −δ {rd}",
+                num(v)
+            ),
         }
     };
     let ticks = match positive.is_empty() {
@@ -527,57 +436,33 @@ figcaption { color: #444; margin-top: 4px; max-width: 70em; }
 /// both figures inline with hover details on every cell, and the claims.
 pub fn lens_html(r: &LensReport) -> String {
     let t = esc(&heading(r));
-    let notes: String = r
-        .claims
+    let c = &r.claims;
+    let notes: String = c
         .notes
         .iter()
         .map(|n| format!("<li>{}</li>\n", esc(n)))
         .collect();
-    let shift: Vec<String> = r
-        .claims
-        .shift_layers
-        .iter()
-        .map(|l| l.to_string())
-        .collect();
-    let shift = if shift.is_empty() {
-        "none".to_string()
-    } else {
-        shift.join(", ")
-    };
+    let shift = join_or(c.shift_layers.iter().map(|l| l.to_string()), ", ", "none");
     let quoted = |p: usize| esc(&format!("{:?}", token_at(r, p)));
-    let subject = match r.claims.last_subject_pos {
-        Some(p) => format!("{p} ({})", quoted(p)),
-        None => "not given".to_string(),
-    };
-    let max_grad: Vec<String> = r
-        .claims
+    let subject = join_or(
+        c.last_subject_pos.map(|p| format!("{p} ({})", quoted(p))),
+        "",
+        "not given",
+    );
+    let max_grad = c
         .max_grad_position
         .iter()
-        .map(|&(l, p)| format!("L{l}: {p} {}", quoted(p)))
-        .collect();
-    let max_grad = if max_grad.is_empty() {
-        "not computed".to_string()
-    } else {
-        max_grad.join("; ")
-    };
-    let normed = if r.normed {
-        "through the final norm"
-    } else {
-        "without the final norm"
-    };
-    let (id, p, loss, n_tok, n_layers) = (
-        r.target_id,
-        r.target_prob,
-        r.loss,
-        r.tokens.len(),
-        r.layers.len(),
-    );
+        .map(|&(l, p)| format!("L{l}: {p} {}", quoted(p)));
+    let max_grad = join_or(max_grad, "; ", "not computed");
+    let normed = if r.normed { "through" } else { "without" };
+    let (id, p, loss) = (r.target_id, r.target_prob, r.loss);
+    let (n_tok, n_layers) = (r.tokens.len(), r.layers.len());
     let (grid, norms) = (grid(r, false), norms(r, false));
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{t}</title>\n\
          <style>\n{PAGE_STYLE}\n</style>\n</head>\n<body>\n<h1>{t}</h1>\n\
          <p>Target token id {id}, p(target) = {p:.4}, L = {loss:.4}, {n_tok} prompt tokens, {n_layers} layers \
-         shown, projections {normed}. Hover a cell for its top-5 tokens, the target's rank and the norms.</p>\n\
+         shown, projections {normed} the final norm. Hover a cell for its top-5 tokens, the target's rank and the norms.</p>\n\
          <figure>\n{grid}<figcaption>Figure 11 style: each cell shows the top-1 token of the FF1 input x1 (left) \
          and of the FF2 output gradient −δ (right) projected into the vocabulary; the colour is the target's rank \
          in that projection (dark = rank 0). The red column is the last subject token.</figcaption>\n</figure>\n\
@@ -591,33 +476,36 @@ pub fn lens_html(r: &LensReport) -> String {
     )
 }
 
+/// The items joined by `sep`, or `empty` when there are none.
+fn join_or(items: impl IntoIterator<Item = String>, sep: &str, empty: &str) -> String {
+    let items: Vec<String> = items.into_iter().collect();
+    if items.is_empty() {
+        empty.to_string()
+    } else {
+        items.join(sep)
+    }
+}
+
 /// About `n` round tick values (1, 2 or 5 × 10^k apart) covering lo..=hi, and their decimals.
 fn ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, usize) {
     let raw = (hi - lo) / n.max(1) as f64;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * mag);
+    let steps = [1.0, 2.0, 5.0, 10.0].map(|m| m * mag);
+    let step = steps.into_iter().find(|s| *s >= raw).unwrap_or(10.0 * mag);
     let decimals = (-step.log10().floor()).max(0.0) as usize;
     let first = (lo / step - 1e-9).ceil() as i64;
-    let values = (first..first + 50)
-        .map(|k| k as f64 * step)
-        .take_while(|v| *v <= hi + step * 1e-9);
-    (
-        values
-            .map(|v| if v.abs() < step * 1e-9 { 0.0 } else { v })
-            .collect(),
-        decimals,
-    )
+    let values = (first..first + 50).map(|k| k as f64 * step);
+    let values = values.take_while(|v| *v <= hi + step * 1e-9);
+    let values = values
+        .map(|v| if v.abs() < step * 1e-9 { 0.0 } else { v })
+        .collect();
+    (values, decimals)
 }
 
 /// Data range of some values; a flat or empty range is widened.
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-        (a.min(v), b.max(v))
-    });
+    let fold = |(a, b): (f64, f64), v: f64| (a.min(v), b.max(v));
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), fold);
     match (lo.is_finite(), hi > lo) {
         (false, _) => (0.0, 1.0),
         (true, true) => (lo, hi),
@@ -629,62 +517,33 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 /// label and a legend. Non-finite points are skipped.
 pub fn line_plot_svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
     let (w, h, left, right, top, bottom) = (600.0, 340.0, 60.0, 170.0, 34.0, 48.0);
-    let finite = |s: &[(f64, f64)]| {
-        s.iter()
-            .copied()
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-            .collect()
-    };
-    let points: Vec<Vec<(f64, f64)>> = series.iter().map(|(_, s)| finite(s)).collect();
+    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let points: Vec<Vec<(f64, f64)>> = series
+        .iter()
+        .map(|(_, s)| s.iter().filter(finite).copied().collect())
+        .collect();
     let (x0, x1) = range(points.iter().flatten().map(|p| p.0));
     let (y0, y1) = range(points.iter().flatten().map(|p| p.1));
     let (pw, ph) = (w - left - right, h - top - bottom);
     let sx = |x: f64| left + (x - x0) / (x1 - x0) * pw;
     let sy = |y: f64| top + ph - (y - y0) / (y1 - y0) * ph;
-    let mut o = svg_open(w, h, true);
-    text(
-        &mut o,
-        left,
-        20.0,
-        " font-size=\"13\" font-weight=\"bold\"",
-        &label(title, 70),
-    );
-    rect(
-        &mut o,
-        (left, top, pw, ph),
-        " fill=\"none\" stroke=\"#444\"",
-    );
-    let (xt, xd) = ticks(x0, x1, 6);
-    for x in xt {
-        line(&mut o, (sx(x), top, sx(x), top + ph), " stroke=\"#eee\"");
-        text(
-            &mut o,
-            sx(x),
-            top + ph + 14.0,
-            &format!("{MID}{SMALL}"),
-            &format!("{x:.xd$}"),
-        );
+    let mut o = Svg::new(w, h, true);
+    o.text((left, 20.0), BOLD, &label(title, 70));
+    o.rect((left, top, pw, ph), " fill=\"none\" stroke=\"#444\"");
+    let (x_ticks, y_ticks) = (format!("{MID}{SMALL}"), format!("{END}{SMALL}"));
+    let (xs, xd) = ticks(x0, x1, 6);
+    for x in xs {
+        o.line((sx(x), top, sx(x), top + ph), " stroke=\"#eee\"");
+        o.text((sx(x), top + ph + 14.0), &x_ticks, &format!("{x:.xd$}"));
     }
-    let (yt, yd) = ticks(y0, y1, 5);
-    for y in yt {
-        line(&mut o, (left, sy(y), left + pw, sy(y)), " stroke=\"#eee\"");
-        text(
-            &mut o,
-            left - 4.0,
-            sy(y) + 3.5,
-            &format!("{END}{SMALL}"),
-            &format!("{y:.yd$}"),
-        );
+    let (ys, yd) = ticks(y0, y1, 5);
+    for y in ys {
+        o.line((left, sy(y), left + pw, sy(y)), " stroke=\"#eee\"");
+        o.text((left - 4.0, sy(y) + 3.5), &y_ticks, &format!("{y:.yd$}"));
     }
-    text(&mut o, left + pw / 2.0, h - 10.0, MID, &label(x_label, 60));
+    o.text((left + pw / 2.0, h - 10.0), MID, &label(x_label, 60));
     if points.iter().all(Vec::is_empty) {
-        text(
-            &mut o,
-            left + pw / 2.0,
-            top + ph / 2.0,
-            &format!("{MID} fill=\"#888\""),
-            "no data",
-        );
+        o.text((left + pw / 2.0, top + ph / 2.0), MID, "no data");
     }
     for (i, ((name, _), pts)) in series.iter().zip(&points).enumerate() {
         let c = SERIES_COLOURS[i % SERIES_COLOURS.len()];
@@ -693,29 +552,22 @@ pub fn line_plot_svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f6
             .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
             .collect();
         let path = path.join(" ");
-        o.push_str(&format!(
-            "<polyline points=\"{path}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"1.8\"/>\n"
-        ));
+        let stroke = format!(" fill=\"none\" stroke=\"{c}\" stroke-width=\"1.8\"");
+        o.0.push_str(&format!("<polyline points=\"{path}\"{stroke}/>\n"));
         for &(x, y) in pts {
-            let (cx, cy, tip) = (
-                sx(x),
-                sy(y),
-                esc(&format!("{name}: ({}, {})", num(x), num(y))),
-            );
-            o.push_str(&format!(
-                "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"2.6\" fill=\"{c}\"><title>{tip}</title></circle>\n"
-            ));
+            let (cx, cy) = (sx(x), sy(y));
+            let tip = esc(&format!("{name}: ({}, {})", num(x), num(y)));
+            let dot = format!("<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"2.6\" fill=\"{c}\">");
+            o.0.push_str(&format!("{dot}<title>{tip}</title></circle>\n"));
         }
         let ly = top + 8.0 + i as f64 * 16.0;
-        line(
-            &mut o,
+        o.line(
             (left + pw + 12.0, ly, left + pw + 30.0, ly),
             &format!(" stroke=\"{c}\" stroke-width=\"2.5\""),
         );
-        text(&mut o, left + pw + 36.0, ly + 4.0, "", &label(name, 18));
+        o.text((left + pw + 36.0, ly + 4.0), "", &label(name, 18));
     }
-    o.push_str("</svg>\n");
-    o
+    o.finish()
 }
 
 #[cfg(test)]
@@ -878,6 +730,9 @@ mod tests {
         assert_eq!(label("abcdefghijk", 8), "abcdefg…");
         assert_eq!(label(" ", 8), "␣");
         assert_eq!(colour(&RANK_COLOURS, 0.0), "#67000d");
+        assert_eq!(colour(&RANK_COLOURS, f64::NAN), "#67000d");
+        assert_eq!(colour(&NORM_COLOURS, 1.0), "#08306b");
+        assert_eq!(colour(&NORM_COLOURS, 0.125), "#dfebf7");
         assert!(rank_t(0) == 0.0 && rank_t(100_000) == 1.0);
     }
 }

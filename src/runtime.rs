@@ -167,8 +167,7 @@ impl Session<'_> {
     pub fn generate(&mut self, tokens: &[u32], n: usize) -> Result<Vec<u32>> {
         let mut logits = self.logits_last(tokens)?;
         let mut out = Vec::with_capacity(n);
-        let mut pos = tokens.len();
-        for _ in 0..n {
+        for pos in tokens.len()..tokens.len() + n {
             let next = argmax(&logits) as u32;
             if next as i32 == self.eos || pos + 1 >= SESSION_CTX as usize {
                 break;
@@ -182,7 +181,6 @@ impl Session<'_> {
                 .decode(&mut batch)
                 .map_err(|e| rt_err("decode", e))?;
             logits = self.ctx.get_logits_ith(0).to_vec();
-            pos += 1;
         }
         Ok(out)
     }
@@ -193,13 +191,24 @@ pub fn argmax(values: &[f32]) -> usize {
     values
         .iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
         .0
 }
 
 /// Log-softmax of f32 logits, computed in f64.
 pub fn log_probs(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     logits.iter().map(|&l| l as f64 - lse).collect()
 }

@@ -127,7 +127,10 @@ impl Tokenizer {
                 .iter()
                 .zip(&tokens)
                 .filter(|(t, _)| {
-                    matches!(t.as_u64(), Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+                    matches!(
+                        t.as_u64(),
+                        Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)
+                    )
                 })
                 .map(|(_, tok)| AddedToken::from(tok.to_string(), true))
                 .collect();
@@ -147,7 +150,11 @@ impl Tokenizer {
     /// Token ids of a prompt, with BOS when the model asks for it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode_fast(text, true).map_err(tok_err)?;
-        Ok(self.bos.into_iter().chain(enc.get_ids().iter().copied()).collect())
+        Ok(self
+            .bos
+            .into_iter()
+            .chain(enc.get_ids().iter().copied())
+            .collect())
     }
 
     /// Token ids of a continuation: no BOS, and a leading space unless it has one already.
@@ -157,13 +164,18 @@ impl Tokenizer {
         } else {
             format!(" {target}")
         };
-        let enc = self.inner.encode_fast(spaced.as_str(), false).map_err(tok_err)?;
+        let enc = self
+            .inner
+            .encode_fast(spaced.as_str(), false)
+            .map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of one token (special tokens included).
     pub fn token_text(&self, id: u32) -> String {
-        self.inner.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"))
+        self.inner
+            .decode(&[id], false)
+            .unwrap_or_else(|_| format!("<{id}>"))
     }
 
     /// Text of a token sequence.

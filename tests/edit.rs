@@ -18,17 +18,33 @@ use std::path::Path;
 const PROMPT: &str = "Lionel Messi plays for";
 
 /// lr · e xᵀ computed here from the model's own forward trace and embedding matrix.
-fn expected_delta(model: &Transformer, tok: &Tokenizer, layer: usize, lr: f32, target: &str) -> Vec<f32> {
+fn expected_delta(
+    model: &Transformer,
+    tok: &Tokenizer,
+    layer: usize,
+    lr: f32,
+    target: &str,
+) -> Vec<f32> {
     let ids = tok.encode_prompt(PROMPT).unwrap();
     let (_, trace) = model.forward(&ids, None).unwrap();
-    let x: Vec<f32> = trace.ff2_in[layer].get(ids.len() - 1).unwrap().to_vec1().unwrap();
+    let x: Vec<f32> = trace.ff2_in[layer]
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let t = tok.encode_target(target).unwrap()[0];
     let e: Vec<f32> = model.tok_embd.get(t as usize).unwrap().to_vec1().unwrap();
-    e.iter().flat_map(|&ei| x.iter().map(move |&xj| lr * ei * xj)).collect()
+    e.iter()
+        .flat_map(|&ei| x.iter().map(move |&xj| lr * ei * xj))
+        .collect()
 }
 
 fn rel_frobenius(got: &[f32], want: &[f32]) -> f64 {
-    let diff: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
     let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
     (diff / norm).sqrt()
 }
@@ -39,20 +55,41 @@ fn dequant(g: &GgufFile, name: &str) -> Vec<f32> {
 }
 
 /// Writes a shift edit of `path` as an F32-patched GGUF and returns ΔW read back and expected.
-fn gguf_delta_roundtrip(path: &Path, layer: usize, target: &str, out: &Path) -> (Vec<f32>, Vec<f32>) {
+fn gguf_delta_roundtrip(
+    path: &Path,
+    layer: usize,
+    target: &str,
+    out: &Path,
+) -> (Vec<f32>, Vec<f32>) {
     let src = ModelSource::open(path).unwrap();
     let tok = Tokenizer::from_source(&src).unwrap();
     let model = Transformer::load(&src, DType::F32).unwrap();
-    let settings = EditSettings { method: Method::Shift, layer, lr: 0.24 };
+    let settings = EditSettings {
+        method: Method::Shift,
+        layer,
+        lr: 0.24,
+    };
     let req = EditRequest::new(PROMPT, target, None).unwrap();
     let outcome = edit::compute(&model, &tok, &req, &settings).unwrap();
     let delta = outcome.delta.expect("target is not already top-1");
-    let ModelSource::Gguf(g) = &src else { unreachable!() };
-    patch_plan(g, &[delta], Ff2Type::F32, &[]).unwrap().write(out).unwrap();
+    let ModelSource::Gguf(g) = &src else {
+        unreachable!()
+    };
+    patch_plan(g, &[delta], Ff2Type::F32, &[])
+        .unwrap()
+        .write(out)
+        .unwrap();
     let patched = GgufFile::open(out).unwrap();
     let name = ff2_weight(layer);
-    assert_eq!(patched.tensor(&name).unwrap().ggml_type, quant::GgmlType::F32);
-    let got: Vec<f32> = dequant(&patched, &name).iter().zip(dequant(g, &name)).map(|(a, b)| a - b).collect();
+    assert_eq!(
+        patched.tensor(&name).unwrap().ggml_type,
+        quant::GgmlType::F32
+    );
+    let got: Vec<f32> = dequant(&patched, &name)
+        .iter()
+        .zip(dequant(g, &name))
+        .map(|(a, b)| a - b)
+        .collect();
     (got, expected_delta(&model, &tok, layer, 0.24, target))
 }
 
@@ -65,9 +102,13 @@ fn written_delta_equals_lr_e_xt_on_tiny_models_and_smollm2() {
         (common::smollm2(), 22, "Paris"),
     ];
     for (i, (path, layer, target)) in cases.iter().enumerate() {
-        let (got, want) = gguf_delta_roundtrip(path, *layer, target, &dir.join(format!("{i}.gguf")));
+        let (got, want) =
+            gguf_delta_roundtrip(path, *layer, target, &dir.join(format!("{i}.gguf")));
         let err = rel_frobenius(&got, &want);
-        println!("{}: ‖ΔW_file − lr·e·xᵀ‖/‖lr·e·xᵀ‖ = {err:.2e}", path.display());
+        println!(
+            "{}: ‖ΔW_file − lr·e·xᵀ‖/‖lr·e·xᵀ‖ = {err:.2e}",
+            path.display()
+        );
         assert!(err <= 1e-5, "{}: {err}", path.display());
     }
 }
@@ -80,10 +121,19 @@ fn safetensors_patch_respects_hf_layout() {
         let src = ModelSource::open(&fx.hf).unwrap();
         let tok = Tokenizer::from_source(&src).unwrap();
         let model = Transformer::load(&src, DType::F32).unwrap();
-        let settings = EditSettings { method: Method::Shift, layer, lr: 0.24 };
+        let settings = EditSettings {
+            method: Method::Shift,
+            layer,
+            lr: 0.24,
+        };
         let req = EditRequest::new(PROMPT, "Paris", None).unwrap();
-        let delta = edit::compute(&model, &tok, &req, &settings).unwrap().delta.unwrap();
-        let ModelSource::Hf(h) = &src else { unreachable!() };
+        let delta = edit::compute(&model, &tok, &req, &settings)
+            .unwrap()
+            .delta
+            .unwrap();
+        let ModelSource::Hf(h) = &src else {
+            unreachable!()
+        };
         let out = dir.join(format!("{}-patched", arch.name()));
         safetensors::write_patched(h, &[delta], &out, false).unwrap();
         let patched = ModelSource::open(&out).unwrap();
@@ -94,7 +144,9 @@ fn safetensors_patch_respects_hf_layout() {
         let err = rel_frobenius(&got, &expected_delta(&model, &tok, layer, 0.24, "Paris"));
         assert!(err <= 1e-5, "{arch:?}: {err}");
         // Every other tensor is unchanged, in the file's own (HF) layout.
-        let ModelSource::Hf(p) = &patched else { unreachable!() };
+        let ModelSource::Hf(p) = &patched else {
+            unreachable!()
+        };
         let (hf_name, _) = hf::hf_name(&h.hparams, &name, &h.prefix).unwrap();
         for shard in &h.shards {
             for (tname, info) in shard.metadata.tensors() {
@@ -110,9 +162,16 @@ fn safetensors_patch_respects_hf_layout() {
 }
 
 fn messi_delta(model: &Transformer, tok: &Tokenizer) -> backlens::edit::Delta {
-    let settings = EditSettings { method: Method::Shift, layer: 22, lr: 0.24 };
+    let settings = EditSettings {
+        method: Method::Shift,
+        layer: 22,
+        lr: 0.24,
+    };
     let req = EditRequest::new(PROMPT, "Paris", None).unwrap();
-    edit::compute(model, tok, &req, &settings).unwrap().delta.unwrap()
+    edit::compute(model, tok, &req, &settings)
+        .unwrap()
+        .delta
+        .unwrap()
 }
 
 #[test]
@@ -123,14 +182,22 @@ fn patched_gguf_keeps_untouched_bytes_and_lora_agrees_with_it() {
     let tok = Tokenizer::from_source(&src).unwrap();
     let model = Transformer::load(&src, DType::F32).unwrap();
     let delta = messi_delta(&model, &tok);
-    let ModelSource::Gguf(base) = &src else { unreachable!() };
+    let ModelSource::Gguf(base) = &src else {
+        unreachable!()
+    };
     let patched_path = dir.join("patched.gguf");
     let f32_copy_path = dir.join("f32-copy.gguf");
     let adapter_path = dir.join("adapter.gguf");
-    patch_plan(base, &[delta.clone()], Ff2Type::F32, &[]).unwrap().write(&patched_path).unwrap();
+    patch_plan(base, &[delta.clone()], Ff2Type::F32, &[])
+        .unwrap()
+        .write(&patched_path)
+        .unwrap();
     let mut zero = delta.clone();
     zero.out_vecs[0].iter_mut().for_each(|v| *v = 0.0);
-    patch_plan(base, &[zero], Ff2Type::F32, &[]).unwrap().write(&f32_copy_path).unwrap();
+    patch_plan(base, &[zero], Ff2Type::F32, &[])
+        .unwrap()
+        .write(&f32_copy_path)
+        .unwrap();
     lora::write_adapter(&adapter_path, Arch::Llama, &[delta.clone()], &[]).unwrap();
 
     let patched = GgufFile::open(&patched_path).unwrap();
@@ -138,7 +205,12 @@ fn patched_gguf_keeps_untouched_bytes_and_lora_agrees_with_it() {
     for t in &base.tensors {
         if t.name != delta.tensor {
             let p = patched.tensor(&t.name).unwrap();
-            assert_eq!(patched.tensor_bytes(p), base.tensor_bytes(t), "{} changed", t.name);
+            assert_eq!(
+                patched.tensor_bytes(p),
+                base.tensor_bytes(t),
+                "{} changed",
+                t.name
+            );
         }
     }
     assert_eq!(patched.metadata.len(), base.metadata.len());
@@ -155,10 +227,16 @@ fn patched_gguf_keeps_untouched_bytes_and_lora_agrees_with_it() {
         if let Some(a) = adapter {
             s.set_lora(a, 1.0).unwrap();
         }
-        prompts.iter().map(|p| s.logits_last(&tok.encode_prompt(p).unwrap()).unwrap()).collect::<Vec<_>>()
+        prompts
+            .iter()
+            .map(|p| s.logits_last(&tok.encode_prompt(p).unwrap()).unwrap())
+            .collect::<Vec<_>>()
     };
     let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
-        a.iter().flatten().zip(b.iter().flatten()).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
     };
     let mut base_rt = LlamaRuntime::load(&base_path).unwrap();
     let mut adapter = base_rt.load_lora(&adapter_path).unwrap();
@@ -172,9 +250,15 @@ fn patched_gguf_keeps_untouched_bytes_and_lora_agrees_with_it() {
     for (a, b) in with_lora.iter().zip(&patched_logits) {
         assert_eq!(argmax(a), argmax(b));
     }
-    assert!(lora_vs_patched <= noise + 1e-4, "{lora_vs_patched} > {noise} + 1e-4");
+    assert!(
+        lora_vs_patched <= noise + 1e-4,
+        "{lora_vs_patched} > {noise} + 1e-4"
+    );
     let paris = tok.encode_target("Paris").unwrap()[0] as usize;
-    assert!(with_lora[0][paris] > plain[0][paris], "the adapter raises the target's logit");
+    assert!(
+        with_lora[0][paris] > plain[0][paris],
+        "the adapter raises the target's logit"
+    );
 }
 
 #[test]
@@ -182,14 +266,19 @@ fn same_edit_twice_gives_identical_files() {
     let dir = common::temp_dir("twice");
     let src = ModelSource::open(common::smollm2()).unwrap();
     let tok = Tokenizer::from_source(&src).unwrap();
-    let ModelSource::Gguf(base) = &src else { unreachable!() };
+    let ModelSource::Gguf(base) = &src else {
+        unreachable!()
+    };
     let mut files = Vec::new();
     for i in 0..2 {
         let model = Transformer::load(&src, DType::F32).unwrap();
         let delta = messi_delta(&model, &tok);
         for (kind, ty) in [("f32", Ff2Type::F32), ("keep", Ff2Type::Keep)] {
             let p = dir.join(format!("{kind}-{i}.gguf"));
-            patch_plan(base, &[delta.clone()], ty, &[]).unwrap().write(&p).unwrap();
+            patch_plan(base, &[delta.clone()], ty, &[])
+                .unwrap()
+                .write(&p)
+                .unwrap();
             files.push(std::fs::read(&p).unwrap());
         }
         let p = dir.join(format!("lora-{i}.gguf"));
@@ -213,10 +302,16 @@ fn default_shift_flips_most_of_20_val_records_in_llama_cpp() {
     let src = ModelSource::open(&path).unwrap();
     let tok = Tokenizer::from_source(&src).unwrap();
     let model = Transformer::load(&src, DType::F32).unwrap();
-    let ModelSource::Gguf(base) = &src else { unreachable!() };
+    let ModelSource::Gguf(base) = &src else {
+        unreachable!()
+    };
     let text = std::fs::read_to_string(common::counterfact("counterfact-val.json")).unwrap();
     let records: Vec<Record> = serde_json::from_str(&text).unwrap();
-    let settings = EditSettings { method: Method::Shift, layer: EditSettings::default_layer(30), lr: 0.24 };
+    let settings = EditSettings {
+        method: Method::Shift,
+        layer: EditSettings::default_layer(30),
+        lr: 0.24,
+    };
     assert_eq!(settings.layer, 22);
     let mut wins = 0;
     for r in records.iter().take(20) {
@@ -224,12 +319,19 @@ fn default_shift_flips_most_of_20_val_records_in_llama_cpp() {
         let outcome = edit::compute(&model, &tok, &req, &settings).unwrap();
         let out = dir.join("edited.gguf");
         let deltas: Vec<_> = outcome.delta.into_iter().collect();
-        patch_plan(base, &deltas, Ff2Type::F32, &[]).unwrap().write(&out).unwrap();
+        patch_plan(base, &deltas, Ff2Type::F32, &[])
+            .unwrap()
+            .write(&out)
+            .unwrap();
         let rt = LlamaRuntime::load(&out).unwrap();
         let mut s = rt.session().unwrap();
         let prompt = tok.encode_prompt(&r.prompt).unwrap();
-        let p_new = s.sequence_logprob(&prompt, &tok.encode_target(&r.target_new).unwrap()).unwrap();
-        let p_true = s.sequence_logprob(&prompt, &tok.encode_target(&r.ground_truth).unwrap()).unwrap();
+        let p_new = s
+            .sequence_logprob(&prompt, &tok.encode_target(&r.target_new).unwrap())
+            .unwrap();
+        let p_true = s
+            .sequence_logprob(&prompt, &tok.encode_target(&r.ground_truth).unwrap())
+            .unwrap();
         wins += usize::from(p_new > p_true);
     }
     println!("efficacy (P(new) > P(true)) on 20 val records, layer 22, lr 0.24: {wins}/20");

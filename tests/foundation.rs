@@ -69,11 +69,30 @@ fn safetensors_and_gguf_give_the_same_logits() {
         let (ha, hb) = (a.hparams().unwrap(), b.hparams().unwrap());
         assert!((ha.norm_eps - hb.norm_eps).abs() < 1e-9, "{arch:?} eps");
         assert_eq!(
-            (ha.n_layer, ha.n_embd, ha.n_ff, ha.n_head, ha.n_head_kv, ha.n_vocab, ha.n_ctx),
-            (hb.n_layer, hb.n_embd, hb.n_ff, hb.n_head, hb.n_head_kv, hb.n_vocab, hb.n_ctx),
+            (
+                ha.n_layer,
+                ha.n_embd,
+                ha.n_ff,
+                ha.n_head,
+                ha.n_head_kv,
+                ha.n_vocab,
+                ha.n_ctx
+            ),
+            (
+                hb.n_layer,
+                hb.n_embd,
+                hb.n_ff,
+                hb.n_head,
+                hb.n_head_kv,
+                hb.n_vocab,
+                hb.n_ctx
+            ),
             "{arch:?} hparams"
         );
-        let (ta, tb) = (Tokenizer::from_source(&a).unwrap(), Tokenizer::from_source(&b).unwrap());
+        let (ta, tb) = (
+            Tokenizer::from_source(&a).unwrap(),
+            Tokenizer::from_source(&b).unwrap(),
+        );
         let (ma, mb) = (
             Transformer::load(&a, DType::F32).unwrap(),
             Transformer::load(&b, DType::F32).unwrap(),
@@ -119,17 +138,37 @@ fn smollm2_candle_top1_agrees_with_llama_cpp() {
         let ids = tok.encode_prompt(&r.prompt).unwrap();
         let theirs = log_probs(&session.logits_last(&ids).unwrap());
         let (logits, _) = model.forward(&ids, None).unwrap();
-        let ours: Vec<f64> = log_softmax_last(&logits.narrow(0, ids.len() - 1, 1).unwrap().to_dtype(DType::F64).unwrap())
+        let ours: Vec<f64> = log_softmax_last(
+            &logits
+                .narrow(0, ids.len() - 1, 1)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap(),
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+        let our_top = ours
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
             .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let our_top = ours.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            .0;
         let mut sorted = theirs.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
-        let their_top = theirs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-        kl_sum += theirs.iter().zip(&ours).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
+        let their_top = theirs
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
+        kl_sum += theirs
+            .iter()
+            .zip(&ours)
+            .map(|(p, q)| p.exp() * (p - q))
+            .sum::<f64>();
         if our_top == their_top {
             agree += 1;
         } else {
@@ -147,9 +186,15 @@ fn smollm2_candle_top1_agrees_with_llama_cpp() {
             }
         }
     }
-    println!("SmolLM2 top-1 agreement {agree}/200, mean KL(llama.cpp || candle) = {:.3e}", kl_sum / 200.0);
+    println!(
+        "SmolLM2 top-1 agreement {agree}/200, mean KL(llama.cpp || candle) = {:.3e}",
+        kl_sum / 200.0
+    );
     assert!(agree >= 196, "top-1 agreement {agree}/200 < 98%");
-    assert!(confident_misses.is_empty(), "disagreements where candle leads by > 0.1 nats: {confident_misses:?}");
+    assert!(
+        confident_misses.is_empty(),
+        "disagreements where candle leads by > 0.1 nats: {confident_misses:?}"
+    );
 }
 
 #[test]
@@ -160,10 +205,19 @@ fn smollm2_tokenizer_matches_llama_cpp() {
     let rt = LlamaRuntime::load(&path).unwrap();
     let mut checked = 0;
     for r in val_records() {
-        assert_eq!(tok.encode_prompt(&r.prompt).unwrap(), rt.tokenize(&r.prompt, true), "{:?}", r.prompt);
+        assert_eq!(
+            tok.encode_prompt(&r.prompt).unwrap(),
+            rt.tokenize(&r.prompt, true),
+            "{:?}",
+            r.prompt
+        );
         for t in [&r.target_new, &r.ground_truth] {
             let spaced = format!(" {t}");
-            assert_eq!(tok.encode_target(t).unwrap(), rt.tokenize(&spaced, false), "{spaced:?}");
+            assert_eq!(
+                tok.encode_target(t).unwrap(),
+                rt.tokenize(&spaced, false),
+                "{spaced:?}"
+            );
         }
         checked += 1;
     }
@@ -176,7 +230,9 @@ fn smollm2_predicts_paris() {
     let src = ModelSource::open(&path).unwrap();
     let tok = Tokenizer::from_source(&src).unwrap();
     let model = Transformer::load(&src, DType::F32).unwrap();
-    let ids = tok.encode_prompt("The Eiffel Tower is located in the city of").unwrap();
+    let ids = tok
+        .encode_prompt("The Eiffel Tower is located in the city of")
+        .unwrap();
     let logits = candle_logits(&model, &ids);
     let top = argmax(logits.last().unwrap()) as u32;
     assert_eq!(tok.token_text(top), " Paris");
@@ -202,18 +258,42 @@ fn candle_dtype(t: GgmlType) -> GgmlDType {
 #[test]
 fn dequantization_matches_between_ggml_and_candle() {
     let (rows, cols) = (4usize, 512usize);
-    let values: Vec<f32> = (0..rows * cols).map(|i| ((i as f32 * 0.37).sin() * 2.0) + 0.1).collect();
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i as f32 * 0.37).sin() * 2.0) + 0.1)
+        .collect();
     for ty in GgmlType::TESTED {
         let bytes = quant::quantize(ty, &values, cols, "test").unwrap();
-        assert_eq!(bytes.len() as u64, ty.bytes_for((rows * cols) as u64).unwrap());
+        assert_eq!(
+            bytes.len() as u64,
+            ty.bytes_for((rows * cols) as u64).unwrap()
+        );
         let ours = quant::dequantize(ty, &bytes, "test").unwrap();
-        let q = qtensor_from_ggml(candle_dtype(ty), &bytes, vec![rows, cols], &Device::Cpu).unwrap();
-        let theirs: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let q =
+            qtensor_from_ggml(candle_dtype(ty), &bytes, vec![rows, cols], &Device::Cpu).unwrap();
+        let theirs: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let scale = ours.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let max_rel = ours.iter().zip(&theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-        assert!(max_rel <= 1e-6, "{}: ggml vs candle max relative diff {max_rel}", ty.name());
+        let max_rel = ours
+            .iter()
+            .zip(&theirs)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert!(
+            max_rel <= 1e-6,
+            "{}: ggml vs candle max relative diff {max_rel}",
+            ty.name()
+        );
         // The quantization itself is lossy but must stay close to the input.
-        let err = values.iter().zip(&ours).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        let err = values
+            .iter()
+            .zip(&ours)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
         assert!(err < 0.2, "{}: quantization error {err}", ty.name());
     }
 }

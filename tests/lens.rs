@@ -14,12 +14,28 @@ const PROMPT: &str = "The Eiffel Tower is located in the city of";
 
 fn load(arch: Arch, dtype: DType) -> (Transformer, Tokenizer) {
     let src = ModelSource::open(&common::tiny(arch).gguf).unwrap();
-    (Transformer::load(&src, dtype).unwrap(), Tokenizer::from_source(&src).unwrap())
+    (
+        Transformer::load(&src, dtype).unwrap(),
+        Tokenizer::from_source(&src).unwrap(),
+    )
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let diff = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap();
-    let norm = b.sqr().unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let norm = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap()).sqrt()
 }
 
@@ -44,8 +60,16 @@ fn weight_gradients_are_sums_of_rank_one_outer_products() {
         let x1 = &bp.trace.ff1_in[layer];
         let a = &bp.trace.ff2_in[layer];
         let checks = [
-            ("ffn_down", down.as_tensor(), bp.d2[layer].t().unwrap().matmul(a).unwrap()),
-            ("ffn_up", up.as_tensor(), bp.d1_up[layer].t().unwrap().matmul(x1).unwrap()),
+            (
+                "ffn_down",
+                down.as_tensor(),
+                bp.d2[layer].t().unwrap().matmul(a).unwrap(),
+            ),
+            (
+                "ffn_up",
+                up.as_tensor(),
+                bp.d1_up[layer].t().unwrap().matmul(x1).unwrap(),
+            ),
         ];
         for (name, w, outer_sum) in checks {
             let autograd = bp.grads.get(w).unwrap();
@@ -74,7 +98,12 @@ fn ff2_gradient_matches_finite_differences_in_f64() {
         let bp = backward_pass(&model, &prompt, &target, true).unwrap();
         let grad = bp.grads.get(var.as_tensor()).unwrap().clone();
         let dir = Tensor::randn(0f64, 1.0, w0.dims(), w0.device()).unwrap();
-        let analytic = (&grad * &dir).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let analytic = (&grad * &dir)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let eps = 1e-4;
         let mut loss_at = |sign: f64| {
             model.blocks[layer].ffn.down.w = (&w0 + (&dir * (sign * eps)).unwrap()).unwrap();
@@ -82,7 +111,9 @@ fn ff2_gradient_matches_finite_differences_in_f64() {
         };
         let numeric = (loss_at(1.0) - loss_at(-1.0)) / (2.0 * eps);
         let rel = (numeric - analytic).abs() / analytic.abs();
-        println!("{arch:?}: finite difference {numeric:.9}, autograd {analytic:.9}, relative {rel:.2e}");
+        println!(
+            "{arch:?}: finite difference {numeric:.9}, autograd {analytic:.9}, relative {rel:.2e}"
+        );
         assert!(rel <= 1e-5, "{arch:?}: {rel}");
     }
 }
@@ -92,21 +123,36 @@ fn brute_scores(model: &Transformer, v: &[f32]) -> Vec<f64> {
     let norm = &model.out_norm;
     let w: Vec<f32> = norm.w.to_vec1().unwrap();
     let n = v.len() as f64;
-    let mean = if norm.rms { 0.0 } else { v.iter().map(|&x| x as f64).sum::<f64>() / n };
+    let mean = if norm.rms {
+        0.0
+    } else {
+        v.iter().map(|&x| x as f64).sum::<f64>() / n
+    };
     let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
-    let b: Vec<f32> = norm.b.as_ref().map_or(vec![0.0; v.len()], |b| b.to_vec1().unwrap());
+    let b: Vec<f32> = norm
+        .b
+        .as_ref()
+        .map_or(vec![0.0; v.len()], |b| b.to_vec1().unwrap());
     let normed: Vec<f64> = (0..v.len())
         .map(|i| (v[i] as f64 - mean) / (var + norm.eps).sqrt() * w[i] as f64 + b[i] as f64)
         .collect();
     let out: Vec<Vec<f32>> = model.output.to_vec2().unwrap();
-    out.iter().map(|row| row.iter().zip(&normed).map(|(a, b)| *a as f64 * b).sum()).collect()
+    out.iter()
+        .map(|row| row.iter().zip(&normed).map(|(a, b)| *a as f64 * b).sum())
+        .collect()
 }
 
 #[test]
 fn projections_equal_a_token_by_token_computation() {
     for arch in [Arch::Gpt2, Arch::Llama] {
         let (model, tok) = load(arch, DType::F32);
-        let opts = LensOptions { layers: 0..3, k: 5, all_positions: true, use_norm: true, full_target: false };
+        let opts = LensOptions {
+            layers: 0..3,
+            k: 5,
+            all_positions: true,
+            use_norm: true,
+            full_target: false,
+        };
         let report = lens::run(&model, &tok, PROMPT, "Paris", Some("Eiffel Tower"), &opts).unwrap();
         let prompt = tok.encode_prompt(PROMPT).unwrap();
         let target = tok.encode_target("Paris").unwrap();
@@ -115,7 +161,11 @@ fn projections_equal_a_token_by_token_computation() {
         for l in &report.layers {
             assert_eq!(l.cells.len(), prompt.len());
             for c in &l.cells {
-                let x1: Vec<f32> = bp.trace.ff1_in[l.layer].get(c.pos).unwrap().to_vec1().unwrap();
+                let x1: Vec<f32> = bp.trace.ff1_in[l.layer]
+                    .get(c.pos)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 let d2: Vec<f32> = bp.d2[l.layer].get(c.pos).unwrap().to_vec1().unwrap();
                 let neg: Vec<f32> = d2.iter().map(|v| -v).collect();
                 for (vec, proj) in [(&x1, &c.x1), (&neg, &c.neg_d2)] {
@@ -126,16 +176,38 @@ fn projections_equal_a_token_by_token_computation() {
                     let expected: Vec<u32> = order.iter().take(5).map(|&i| i as u32).collect();
                     assert_eq!(top, expected, "{arch:?} layer {} pos {}", l.layer, c.pos);
                     let bottom: Vec<u32> = proj.bottom.iter().map(|t| t.id).collect();
-                    let expected: Vec<u32> = order.iter().rev().take(5).map(|&i| i as u32).collect();
-                    assert_eq!(bottom, expected, "{arch:?} bottom layer {} pos {}", l.layer, c.pos);
+                    let expected: Vec<u32> =
+                        order.iter().rev().take(5).map(|&i| i as u32).collect();
+                    assert_eq!(
+                        bottom, expected,
+                        "{arch:?} bottom layer {} pos {}",
+                        l.layer, c.pos
+                    );
                     let s = scores[target[0] as usize];
                     let rank = scores.iter().filter(|&&x| x > s).count();
-                    assert_eq!(proj.target_rank, rank, "{arch:?} rank layer {} pos {}", l.layer, c.pos);
+                    assert_eq!(
+                        proj.target_rank, rank,
+                        "{arch:?} rank layer {} pos {}",
+                        l.layer, c.pos
+                    );
                     for t in &proj.top {
-                        assert!((t.score as f64 - scores[t.id as usize]).abs() < 1e-4 * s.abs().max(1.0));
+                        assert!(
+                            (t.score as f64 - scores[t.id as usize]).abs()
+                                < 1e-4 * s.abs().max(1.0)
+                        );
                     }
                 }
-                let na: f32 = bp.trace.ff2_in[l.layer].get(c.pos).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar().unwrap();
+                let na: f32 = bp.trace.ff2_in[l.layer]
+                    .get(c.pos)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
                 assert!((c.grad_norm - c.norm_d2 * na).abs() <= 1e-5 * c.grad_norm.max(1e-12));
             }
         }
@@ -147,14 +219,35 @@ fn smollm2_messi_paris_shift_appears_in_late_layers() {
     let src = ModelSource::open(common::smollm2()).unwrap();
     let model = Transformer::load(&src, DType::F32).unwrap();
     let tok = Tokenizer::from_source(&src).unwrap();
-    let opts = LensOptions { layers: 0..30, k: 10, all_positions: true, use_norm: true, full_target: false };
-    let r = lens::run(&model, &tok, "Lionel Messi plays for", "Paris", Some("Lionel Messi"), &opts).unwrap();
+    let opts = LensOptions {
+        layers: 0..30,
+        k: 10,
+        all_positions: true,
+        use_norm: true,
+        full_target: false,
+    };
+    let r = lens::run(
+        &model,
+        &tok,
+        "Lionel Messi plays for",
+        "Paris",
+        Some("Lionel Messi"),
+        &opts,
+    )
+    .unwrap();
     assert_eq!(r.layers.len(), 30);
     assert!(r.layers.iter().all(|l| l.cells.len() == r.tokens.len()));
     assert_eq!(r.claims.last_subject_pos, Some(4), "tokens {:?}", r.tokens);
-    assert!(r.claims.shift_layers.iter().any(|&l| l >= 15), "shift layers {:?}", r.claims.shift_layers);
+    assert!(
+        r.claims.shift_layers.iter().any(|&l| l >= 15),
+        "shift layers {:?}",
+        r.claims.shift_layers
+    );
     let early_rank = r.layers[2].cells.last().unwrap().neg_d2.target_rank;
-    assert!(early_rank > 1000, "early layers should not point at the target yet: {early_rank}");
+    assert!(
+        early_rank > 1000,
+        "early layers should not point at the target yet: {early_rank}"
+    );
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["layers"].as_array().unwrap().len(), 30);
     println!("shift layers {:?}", r.claims.shift_layers);

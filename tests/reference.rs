@@ -37,7 +37,8 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 fn smollm2_matches_pytorch_reference() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/data/reference/smollm2-val20.json");
-    let refs: Vec<Reference> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let refs: Vec<Reference> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let src = ModelSource::open(common::smollm2()).unwrap();
     let tok = Tokenizer::from_source(&src).unwrap();
     let model = Transformer::load(&src, DType::F32).unwrap();
@@ -48,11 +49,26 @@ fn smollm2_matches_pytorch_reference() {
         assert_eq!(target[0], r.target_id, "{:?}", r.target);
         let bp = backward_pass(&model, &prompt, &target, false).unwrap();
         let last = prompt.len() - 1;
-        let logits: Vec<f32> = bp.logits.narrow(0, last, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let logits: Vec<f32> = bp
+            .logits
+            .narrow(0, last, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(argmax(&logits) as u32, r.top1_id, "top-1 of {:?}", r.prompt);
         for l in 0..model.hp.n_layer {
             let d2 = bp.d2[l].narrow(0, last, 1).unwrap();
-            let norm = d2.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+            let norm = d2
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             let rel = (norm - r.d2_norm[l]).abs() / r.d2_norm[l];
             worst_norm = worst_norm.max(rel);
             let scores = &project_rows(&model, &d2.neg().unwrap(), true).unwrap()[0];
@@ -61,23 +77,40 @@ fn smollm2_matches_pytorch_reference() {
             // of the score scale (f32 noise between frameworks reorders those).
             let s = scores[r.target_id as usize];
             let scale = scores.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let band = scores.iter().filter(|&&x| (x - s).abs() <= 1e-3 * scale).count();
+            let band = scores
+                .iter()
+                .filter(|&&x| (x - s).abs() <= 1e-3 * scale)
+                .count();
             let diff = rank.abs_diff(r.lens_rank_neg_d2[l]);
             rank_checked += 1;
             rank_equal += usize::from(diff <= band);
             if diff > band {
-                println!("rank mismatch {:?} layer {l}: ours {rank}, reference {}, tie band {band}", r.prompt, r.lens_rank_neg_d2[l]);
+                println!(
+                    "rank mismatch {:?} layer {l}: ours {rank}, reference {}, tie band {band}",
+                    r.prompt, r.lens_rank_neg_d2[l]
+                );
             }
             if r.lens_rank_neg_d2[l] == 0 {
-                assert_eq!(rank, 0, "{:?} layer {l}: reference has the target top-1", r.prompt);
+                assert_eq!(
+                    rank, 0,
+                    "{:?} layer {l}: reference has the target top-1",
+                    r.prompt
+                );
             }
         }
         let req = EditRequest::new(&r.prompt, &r.target, None).unwrap();
-        let settings = EditSettings { method: Method::Shift, layer: r.fps_layer, lr: r.fps_lr };
+        let settings = EditSettings {
+            method: Method::Shift,
+            layer: r.fps_layer,
+            lr: r.fps_lr,
+        };
         let outcome = edit::compute(&model, &tok, &req, &settings).unwrap();
         if let Some(delta) = outcome.delta {
             worst_cos = worst_cos.min(cosine(&delta.in_vecs[0], &r.fps_x));
-            let d: Vec<f32> = delta.out_vecs[0].iter().map(|v| v / r.fps_lr as f32).collect();
+            let d: Vec<f32> = delta.out_vecs[0]
+                .iter()
+                .map(|v| v / r.fps_lr as f32)
+                .collect();
             assert!(cosine(&d, &r.fps_d) > 0.999_999, "fps d of {:?}", r.prompt);
         }
     }

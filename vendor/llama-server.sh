@@ -14,7 +14,8 @@
 #                              (default: vendor/cache, gitignored)
 #   BACKLENS_LLAMA_SERVER_DIR  install prefix, binary goes to <dir>/bin
 #                              (default: $HOME/.cache/backlens/llama-server)
-#   BACKLENS_LLAMA_NATIVE      1 (default) = tune for this CPU, 0 = portable
+#   BACKLENS_LLAMA_NATIVE      0 (default) = portable build, 1 = -march=native
+#                              (AMX is always left out; see "CPU tuning")
 #   BACKLENS_BUILD_JOBS        parallel compile jobs (default: CPU count)
 #   CC / CXX                   compiler choice, passed through to cmake
 set -euo pipefail
@@ -29,7 +30,7 @@ force=0
 for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
-        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}" >&2; exit 0 ;;
         *) die "unknown argument: $arg (try --help)" ;;
     esac
 done
@@ -57,8 +58,9 @@ bin_path="$out_dir/bin/llama-server"
 stamp_file="$out_dir/stamp"
 
 jobs="${BACKLENS_BUILD_JOBS:-$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
-native="${BACKLENS_LLAMA_NATIVE:-1}"
-case "$native" in 1|ON|on|true) native=ON ;; *) native=OFF ;; esac
+native="${BACKLENS_LLAMA_NATIVE:-0}"
+case "$native" in 1|ON|on|true|yes) native=ON ;; *) native=OFF ;; esac
+arch="$(uname -m)"
 
 # Every flag below was checked against the CMakeLists in the pinned sdist:
 #  - static libs so the installed binary is self-contained (no libllama.so);
@@ -72,7 +74,6 @@ case "$native" in 1|ON|on|true) native=ON ;; *) native=OFF ;; esac
 cmake_flags=(
     -DCMAKE_BUILD_TYPE=Release
     -DBUILD_SHARED_LIBS=OFF
-    -DGGML_NATIVE="$native"
     -DGGML_BACKEND_DL=OFF
     -DLLAMA_BUILD_COMMON=ON
     -DLLAMA_BUILD_TOOLS=ON
@@ -88,6 +89,43 @@ cmake_flags=(
     -DLLAMA_BUILD_NUMBER="$build_number"
 )
 
+# CPU tuning. The default is a portable build so one cached binary works on
+# every runner that shares $HOME/.cache. On x86-64 that means the
+# AVX2/FMA/F16C/BMI2 level (any x86 CPU from about 2015 on), no AVX-512 and
+# no AMX. The levels are passed explicitly because CMake caches
+# ggml's defaults in the build dir.
+#
+# AMX stays off in native mode too. Some VMs list amx_* in
+# /proc/cpuinfo and the kernel grants the AMX permission, but the hypervisor
+# does not run tile instructions. ggml then picks its AMX matmul path and
+# llama-server dies with SIGILL/SIGSEGV on the first decode (seen on a
+# Firecracker VM with a Sapphire-Rapids-class Xeon).
+extra_cflags=""
+if [[ "$native" == ON ]]; then
+    cmake_flags+=(-DGGML_NATIVE=ON)
+    if [[ "$arch" == x86_64 || "$arch" == amd64 ]]; then
+        extra_cflags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    fi
+else
+    cmake_flags+=(-DGGML_NATIVE=OFF)
+    if [[ "$arch" == x86_64 || "$arch" == amd64 ]]; then
+        cmake_flags+=(
+            -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+            -DGGML_F16C=ON -DGGML_BMI2=ON
+            -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF
+            -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF
+            -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+        )
+    fi
+fi
+# Always set explicitly, so a value cached by an earlier configure of the
+# other mode cannot leak into this one.
+trim() { local v="$*"; v="${v#"${v%%[![:space:]]*}"}"; printf '%s' "${v%"${v##*[![:space:]]}"}"; }
+cmake_flags+=(
+    -DCMAKE_C_FLAGS="$(trim "${CFLAGS:-} $extra_cflags")"
+    -DCMAKE_CXX_FLAGS="$(trim "${CXXFLAGS:-} $extra_cflags")"
+)
+
 sha256_of() {
     if command -v sha256sum >/dev/null 2>&1; then
         sha256sum "$1" | awk '{print $1}'
@@ -100,7 +138,7 @@ sha256_of() {
 
 # A native build is only valid on a CPU with the same feature set, so the
 # CPU flags take part in the stamp when GGML_NATIVE is on.
-host_id="$(uname -s)-$(uname -m)"
+host_id="$(uname -s)-$arch"
 if [[ "$native" == ON ]]; then
     cpu_flags=""
     if [[ -r /proc/cpuinfo ]]; then
@@ -131,7 +169,7 @@ cache_dir="$(cd "$cache_dir" && pwd)"
 # Serialise concurrent runs (e.g. parallel CI jobs sharing $HOME/.cache).
 if command -v flock >/dev/null 2>&1; then
     exec 9>"$out_dir/.lock"
-    log "waiting for lock $out_dir/.lock"
+    log "acquiring lock $out_dir/.lock"
     flock 9
     if up_to_date; then
         log "up to date after waiting for another build"

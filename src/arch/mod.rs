@@ -117,13 +117,13 @@ impl HParams {
         if self.n_layer == 0 || self.n_embd == 0 || self.n_ff == 0 || self.n_vocab == 0 {
             return bad("zero layers, width or vocabulary");
         }
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return bad("embedding width is not a multiple of the head count");
         }
-        if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+        if self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad("head count is not a multiple of the key/value head count");
         }
-        if self.arch == Arch::Llama && self.head_dim() % 2 != 0 {
+        if self.arch == Arch::Llama && !self.head_dim().is_multiple_of(2) {
             return bad("RoPE needs an even head width");
         }
         Ok(self)

@@ -121,7 +121,11 @@ struct EditSummary {
 }
 
 /// Provenance keys written into patched GGUFs and adapters.
-fn provenance(settings: &EditSettings, outcomes: &[EditOutcome], base: &[u8]) -> Vec<(String, Value)> {
+fn provenance(
+    settings: &EditSettings,
+    outcomes: &[EditOutcome],
+    base: &[u8],
+) -> Vec<(String, Value)> {
     let edits: Vec<serde_json::Value> = outcomes
         .iter()
         .map(|o| {
@@ -138,12 +142,21 @@ fn provenance(settings: &EditSettings, outcomes: &[EditOutcome], base: &[u8]) ->
         Method::Grad => "grad",
     };
     vec![
-        ("backlens.version".into(), Value::String(env!("CARGO_PKG_VERSION").into())),
+        (
+            "backlens.version".into(),
+            Value::String(env!("CARGO_PKG_VERSION").into()),
+        ),
         ("backlens.method".into(), Value::String(method.into())),
         ("backlens.layer".into(), Value::U32(settings.layer as u32)),
         ("backlens.lr".into(), Value::F32(settings.lr as f32)),
-        ("backlens.edits".into(), Value::String(serde_json::Value::Array(edits).to_string())),
-        ("backlens.base_sha256".into(), Value::String(sha256_hex(base))),
+        (
+            "backlens.edits".into(),
+            Value::String(serde_json::Value::Array(edits).to_string()),
+        ),
+        (
+            "backlens.base_sha256".into(),
+            Value::String(sha256_hex(base)),
+        ),
     ]
 }
 
@@ -162,13 +175,18 @@ pub fn run(args: Args) -> Result<()> {
     let is_hf = matches!(m.source, ModelSource::Hf(_));
     match (args.format, is_hf) {
         (Format::Safetensors, false) => bail!("--format safetensors needs an HF safetensors input"),
-        (Format::Gguf | Format::Lora, true) => bail!("--format {:?} needs a GGUF input; use --format safetensors", args.format),
+        (Format::Gguf | Format::Lora, true) => bail!(
+            "--format {:?} needs a GGUF input; use --format safetensors",
+            args.format
+        ),
         _ => {}
     }
     let mut model = Transformer::load(&m.source, DType::F32)?;
     let settings = EditSettings {
         method: args.method,
-        layer: args.layer.unwrap_or_else(|| EditSettings::default_layer(model.hp.n_layer)),
+        layer: args
+            .layer
+            .unwrap_or_else(|| EditSettings::default_layer(model.hp.n_layer)),
         lr: args.lr,
     };
     let outcomes = edit::apply_sequence(&mut model, &m.tok, &reqs, &settings)?;
@@ -187,8 +205,14 @@ pub fn run(args: Args) -> Result<()> {
     if !args.json {
         for e in &edits {
             match e.skipped {
-                true => println!("skip: {:?} already continues with {:?}", e.prompt, e.top1_before),
-                false => println!("edit: {:?}: {:?} -> {:?}", e.prompt, e.top1_before, e.target),
+                true => println!(
+                    "skip: {:?} already continues with {:?}",
+                    e.prompt, e.top1_before
+                ),
+                false => println!(
+                    "edit: {:?}: {:?} -> {:?}",
+                    e.prompt, e.top1_before, e.target
+                ),
             }
         }
     }
@@ -210,7 +234,9 @@ pub fn run(args: Args) -> Result<()> {
         _ => unreachable!("format checked above"),
     }
     let check = match (args.no_check, args.format) {
-        (false, Format::Gguf | Format::Lora) => Some(check_with_llama(&m.source, &m.tok, &args, &reqs)?),
+        (false, Format::Gguf | Format::Lora) => {
+            Some(check_with_llama(&m.source, &m.tok, &args, &reqs)?)
+        }
         _ => None,
     };
     let report = Report {
@@ -275,7 +301,12 @@ fn probes(s: &mut Session, tok: &Tokenizer, reqs: &[EditRequest]) -> Result<Vec<
     Ok(out)
 }
 
-fn check_with_llama(source: &ModelSource, tok: &Tokenizer, args: &Args, reqs: &[EditRequest]) -> Result<Check> {
+fn check_with_llama(
+    source: &ModelSource,
+    tok: &Tokenizer,
+    args: &Args,
+    reqs: &[EditRequest],
+) -> Result<Check> {
     let base_path = require_gguf(source)?;
     let mut base = LlamaRuntime::load(&base_path)?;
     let before = probes(&mut base.session()?, tok, reqs)?;

@@ -72,12 +72,15 @@ pub fn run(args: Args) -> Result<()> {
                 .shards
                 .iter()
                 .flat_map(|s| {
-                    s.metadata.tensors().into_iter().map(|(name, info)| TensorRow {
-                        name,
-                        ty: format!("{:?}", info.dtype),
-                        shape: info.shape.clone(),
-                        bytes: (info.data_offsets.1 - info.data_offsets.0) as u64,
-                    })
+                    s.metadata
+                        .tensors()
+                        .into_iter()
+                        .map(|(name, info)| TensorRow {
+                            name,
+                            ty: format!("{:?}", info.dtype),
+                            shape: info.shape.clone(),
+                            bytes: (info.data_offsets.1 - info.data_offsets.0) as u64,
+                        })
                 })
                 .collect();
             rows.sort_by(|a, b| a.name.cmp(&b.name));
@@ -113,9 +116,19 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let total: u64 = report.tensors.iter().map(|t| t.bytes).sum();
-    println!("\ntensors ({}, {:.1} MiB):", report.tensors.len(), total as f64 / 1048576.0);
+    println!(
+        "\ntensors ({}, {:.1} MiB):",
+        report.tensors.len(),
+        total as f64 / 1048576.0
+    );
     for t in &report.tensors {
-        println!("  {:<40} {:<6} {:<16} {:>12}", t.name, t.ty, format!("{:?}", t.shape), t.bytes);
+        println!(
+            "  {:<40} {:<6} {:<16} {:>12}",
+            t.name,
+            t.ty,
+            format!("{:?}", t.shape),
+            t.bytes
+        );
     }
     Ok(())
 }

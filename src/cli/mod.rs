@@ -2,6 +2,7 @@
 
 mod audit;
 mod edit;
+mod eval;
 mod inspect;
 mod lens;
 mod predict;
@@ -30,6 +31,8 @@ enum Command {
     Lens(lens::Args),
     /// Edit FF2 (forward-pass shift or gradient step) and write a patched model or adapter.
     Edit(edit::Args),
+    /// CounterFact metrics of edits, measured through llama.cpp.
+    Eval(eval::Args),
     /// Greedy generation through llama.cpp, optionally with a LoRA adapter.
     Generate(edit::GenerateArgs),
     /// Explain a patch: changed tensors, their rank and singular values, and what they write into the vocabulary.
@@ -44,6 +47,7 @@ pub fn run() -> Result<()> {
         Command::Lens(a) => lens::run(a),
         Command::Edit(a) => edit::run(a),
         Command::Generate(a) => edit::generate(a),
+        Command::Eval(a) => eval::run(a),
         Command::Audit(a) => audit::run(a),
     }
 }

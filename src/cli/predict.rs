@@ -90,9 +90,20 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         return print_json(&report);
     }
-    println!("{:?} ({} tokens, {:?})", report.prompt, report.tokens.len(), report.runtime);
+    println!(
+        "{:?} ({} tokens, {:?})",
+        report.prompt,
+        report.tokens.len(),
+        report.runtime
+    );
     for (i, p) in report.top.iter().enumerate() {
-        println!("{:>3}. {:<20} {:>7.4}  (id {})", i + 1, format!("{:?}", p.token), p.prob, p.id);
+        println!(
+            "{:>3}. {:<20} {:>7.4}  (id {})",
+            i + 1,
+            format!("{:?}", p.token),
+            p.prob,
+            p.id
+        );
     }
     Ok(())
 }

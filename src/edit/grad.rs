@@ -22,9 +22,17 @@ pub fn compute(
     let target = tok.encode_target(&req.target_new)?;
     let bp = backward_pass(model, &prompt, &target, false)?;
     let last = prompt.len() - 1;
-    let top1 = argmax(&bp.logits.narrow(0, last, 1)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) as u32;
+    let top1 = argmax(
+        &bp.logits
+            .narrow(0, last, 1)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?,
+    ) as u32;
     let d2 = bp.d2[layer].to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let a = bp.trace.ff2_in[layer].to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let a = bp.trace.ff2_in[layer]
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
     let delta = Delta {
         tensor: ff2_weight(layer),
         layer,

@@ -23,7 +23,13 @@ pub fn compute(
     let target_id = super::first_target_token(tok, req)?;
     let (logits, trace) = model.forward(&prompt, None)?;
     let last = prompt.len() - 1;
-    let top1 = argmax(&logits.narrow(0, last, 1)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) as u32;
+    let top1 = argmax(
+        &logits
+            .narrow(0, last, 1)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?,
+    ) as u32;
     if top1 == target_id {
         return Ok(EditOutcome::skipped(req, target_id, top1));
     }

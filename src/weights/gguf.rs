@@ -258,7 +258,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Parse<[u8; N]> {
-        Ok(self.take(N as u64, what)?.try_into().expect("length checked"))
+        Ok(self
+            .take(N as u64, what)?
+            .try_into()
+            .expect("length checked"))
     }
 
     fn u32(&mut self, what: &str) -> Parse<u32> {
@@ -303,7 +306,9 @@ impl<'a> Cursor<'a> {
             ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(key)?)),
             ValueType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(format!("key '{key}': arrays nested deeper than {MAX_ARRAY_DEPTH}"));
+                    return Err(format!(
+                        "key '{key}': arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    ));
                 }
                 let code = self.u32(key)?;
                 let elem = ValueType::from_u32(code)
@@ -455,9 +460,9 @@ impl GgufFile {
                     ggml_type.block_size()
                 )));
             }
-            let size = ggml_type.bytes_for(n).ok_or_else(|| {
-                fail(format!("tensor '{name}': byte size overflows"))
-            })?;
+            let size = ggml_type
+                .bytes_for(n)
+                .ok_or_else(|| fail(format!("tensor '{name}': byte size overflows")))?;
             if offset % alignment != 0 {
                 return Err(fail(format!(
                     "tensor '{name}': offset {offset} is not a multiple of the alignment {alignment}"

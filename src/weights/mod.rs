@@ -98,8 +98,7 @@ impl ModelSource {
                 let Some((hf_name, layout)) = hf::hf_name(&h.hparams, name, &h.prefix) else {
                     return Ok(None);
                 };
-                Ok(h
-                    .read_f32(&hf_name)?
+                Ok(h.read_f32(&hf_name)?
                     .map(|(v, shape)| hf::to_gguf(v, &shape, layout)))
             }
         }

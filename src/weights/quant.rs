@@ -93,7 +93,7 @@ impl GgmlType {
     /// Bytes taken by `n` elements, or None on overflow or when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let block = self.block_size();
-        if block == 0 || n % block != 0 {
+        if block == 0 || !n.is_multiple_of(block) {
             return None;
         }
         (n / block).checked_mul(self.block_bytes())
@@ -134,7 +134,7 @@ pub fn quantize(ty: GgmlType, values: &[f32], row_len: usize, name: &str) -> Res
     if ty == GgmlType::F32 {
         return Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect());
     }
-    if ty.traits().is_none() || row_len == 0 || values.len() % row_len != 0 {
+    if ty.traits().is_none() || row_len == 0 || !values.len().is_multiple_of(row_len) {
         return Err(Error::UnsupportedType {
             name: name.to_string(),
             type_name: ty.name(),

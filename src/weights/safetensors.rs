@@ -55,9 +55,9 @@ fn describe(e: &safetensors::SafeTensorError, file_len: usize) -> String {
     use safetensors::SafeTensorError::*;
     match e {
         HeaderTooSmall => "too short to be a safetensors file".to_string(),
-        InvalidHeaderLength => format!(
-            "safetensors header length runs past the end of the file ({file_len} bytes)"
-        ),
+        InvalidHeaderLength => {
+            format!("safetensors header length runs past the end of the file ({file_len} bytes)")
+        }
         MetadataIncompleteBuffer => {
             "tensor data does not match the file size: truncated or corrupt".to_string()
         }

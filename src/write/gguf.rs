@@ -196,7 +196,8 @@ pub fn patch_plan<'a>(
         let info = src
             .tensor(name)
             .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
-        let mut values = crate::weights::quant::dequantize(info.ggml_type, src.tensor_bytes(info), name)?;
+        let mut values =
+            crate::weights::quant::dequantize(info.ggml_type, src.tensor_bytes(info), name)?;
         for d in deltas.iter().filter(|d| d.tensor == name) {
             d.add_to(&mut values);
         }
@@ -204,7 +205,8 @@ pub fn patch_plan<'a>(
             Ff2Type::F32 => GgmlType::F32,
             Ff2Type::Keep => info.ggml_type,
         };
-        let data = crate::weights::quant::quantize(ggml_type, &values, info.dims[0] as usize, name)?;
+        let data =
+            crate::weights::quant::quantize(ggml_type, &values, info.dims[0] as usize, name)?;
         plan.replace(OutTensor {
             name: name.to_string(),
             dims: info.dims.clone(),

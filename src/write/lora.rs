@@ -11,12 +11,18 @@ use crate::Result;
 use std::path::Path;
 
 /// Builds the adapter file contents for `deltas` (several deltas on one tensor are stacked).
-pub fn adapter_plan(arch: Arch, deltas: &[Delta], provenance: &[(String, Value)]) -> GgufPlan<'static> {
+pub fn adapter_plan(
+    arch: Arch,
+    deltas: &[Delta],
+    provenance: &[(String, Value)],
+) -> GgufPlan<'static> {
     let mut plan = GgufPlan::default();
     plan.set("general.architecture", Value::String(arch.name().into()));
     plan.set("general.type", Value::String("adapter".into()));
     plan.set("adapter.type", Value::String("lora".into()));
-    let mut tensors: Vec<(String, Vec<&[f32]>, Vec<&[f32]>)> = Vec::new();
+    // Per edited tensor: its name, output-side vectors and input-side vectors.
+    type Factors<'d> = (String, Vec<&'d [f32]>, Vec<&'d [f32]>);
+    let mut tensors: Vec<Factors> = Vec::new();
     for d in deltas {
         let entry = match tensors.iter_mut().find(|(n, _, _)| *n == d.tensor) {
             Some(e) => e,
@@ -30,8 +36,8 @@ pub fn adapter_plan(arch: Arch, deltas: &[Delta], provenance: &[(String, Value)]
             entry.2.push(v);
         }
     }
-    // llama.cpp applies one alpha to every tensor pair: all pairs share the same rank here only
-    // when ranks agree, so alpha is set per file from the largest rank and smaller pairs padded.
+    // llama.cpp has one alpha per adapter and scales each pair by alpha / its rank: every pair is
+    // padded with zero rows to the largest rank so that the scale is exactly 1 everywhere.
     let rank = tensors.iter().map(|t| t.1.len()).max().unwrap_or(1);
     plan.set("adapter.lora.alpha", Value::F32(rank as f32));
     for (k, v) in provenance {
@@ -52,8 +58,11 @@ pub fn adapter_plan(arch: Arch, deltas: &[Delta], provenance: &[(String, Value)]
         }
         plan.tensors
             .push(OutTensor::f32(&format!("{name}.lora_a"), &[rank, n_in], &a));
-        plan.tensors
-            .push(OutTensor::f32(&format!("{name}.lora_b"), &[n_out, rank], &b));
+        plan.tensors.push(OutTensor::f32(
+            &format!("{name}.lora_b"),
+            &[n_out, rank],
+            &b,
+        ));
     }
     plan
 }

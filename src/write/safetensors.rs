@@ -83,5 +83,9 @@ fn partial_dir(out: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(".{name}{}{}", super::PARTIAL_MARKER, std::process::id()))
+    out.with_file_name(format!(
+        ".{name}{}{}",
+        super::PARTIAL_MARKER,
+        std::process::id()
+    ))
 }

@@ -19,7 +19,9 @@ pub fn smollm2() -> PathBuf {
 
 /// The shared CounterFact data folder beside the checkout.
 pub fn counterfact(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/counterfact").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/counterfact")
+        .join(name);
     assert!(p.is_file(), "{} is missing", p.display());
     p
 }
@@ -63,8 +65,15 @@ pub fn tiny_bpe(n_merges: usize) -> (Vec<String>, Vec<String>) {
     let chars = byte_chars();
     let mut words: HashMap<Vec<String>, usize> = HashMap::new();
     for (i, w) in CORPUS.split(' ').enumerate() {
-        let text = if i == 0 { w.to_string() } else { format!(" {w}") };
-        let symbols: Vec<String> = text.bytes().map(|b| chars[b as usize].to_string()).collect();
+        let text = if i == 0 {
+            w.to_string()
+        } else {
+            format!(" {w}")
+        };
+        let symbols: Vec<String> = text
+            .bytes()
+            .map(|b| chars[b as usize].to_string())
+            .collect();
         *words.entry(symbols).or_default() += 1;
     }
     let mut tokens: Vec<String> = vec!["<|endoftext|>".into()];
@@ -160,7 +169,10 @@ pub fn tiny(arch: Arch) -> &'static Fixture {
 }
 
 fn strings(items: &[String]) -> Value {
-    Value::Array(ValueType::String, items.iter().map(|s| Value::String(s.clone())).collect())
+    Value::Array(
+        ValueType::String,
+        items.iter().map(|s| Value::String(s.clone())).collect(),
+    )
 }
 
 /// Generates random weights for `arch` and writes the GGUF and HF forms into `dir`.
@@ -174,16 +186,37 @@ pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
         ("general.name".into(), Value::String(format!("tiny-{a}"))),
         (format!("{a}.block_count"), Value::U32(hp.n_layer as u32)),
         (format!("{a}.context_length"), Value::U32(hp.n_ctx as u32)),
-        (format!("{a}.embedding_length"), Value::U32(hp.n_embd as u32)),
-        (format!("{a}.feed_forward_length"), Value::U32(hp.n_ff as u32)),
-        (format!("{a}.attention.head_count"), Value::U32(hp.n_head as u32)),
-        (format!("{a}.attention.head_count_kv"), Value::U32(hp.n_head_kv as u32)),
+        (
+            format!("{a}.embedding_length"),
+            Value::U32(hp.n_embd as u32),
+        ),
+        (
+            format!("{a}.feed_forward_length"),
+            Value::U32(hp.n_ff as u32),
+        ),
+        (
+            format!("{a}.attention.head_count"),
+            Value::U32(hp.n_head as u32),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            Value::U32(hp.n_head_kv as u32),
+        ),
         match arch {
-            Arch::Gpt2 => (format!("{a}.attention.layer_norm_epsilon"), Value::F32(1e-5)),
-            Arch::Llama => (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+            Arch::Gpt2 => (
+                format!("{a}.attention.layer_norm_epsilon"),
+                Value::F32(1e-5),
+            ),
+            Arch::Llama => (
+                format!("{a}.attention.layer_norm_rms_epsilon"),
+                Value::F32(1e-5),
+            ),
         },
         (format!("{a}.rope.freq_base"), Value::F32(10_000.0)),
-        (format!("{a}.rope.dimension_count"), Value::U32(hp.head_dim() as u32)),
+        (
+            format!("{a}.rope.dimension_count"),
+            Value::U32(hp.head_dim() as u32),
+        ),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
         ("tokenizer.ggml.tokens".into(), strings(&tokens)),
@@ -191,7 +224,9 @@ pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
             "tokenizer.ggml.token_type".into(),
             Value::Array(
                 ValueType::I32,
-                (0..tokens.len()).map(|i| Value::I32(if i == 0 { 3 } else { 1 })).collect(),
+                (0..tokens.len())
+                    .map(|i| Value::I32(if i == 0 { 3 } else { 1 }))
+                    .collect(),
             ),
         ),
         ("tokenizer.ggml.merges".into(), strings(&merges)),
@@ -205,12 +240,19 @@ pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ arch as u64);
     let mut add = |plan: &mut GgufPlan, name: &str, shape: Vec<usize>, scale: f32, offset: f32| {
         let n = shape.iter().product();
-        plan.tensors.push(OutTensor::f32(name, &shape, &rng.vec(n, scale, offset)));
+        plan.tensors
+            .push(OutTensor::f32(name, &shape, &rng.vec(n, scale, offset)));
     };
     let (d, v) = (hp.n_embd, hp.n_vocab);
     add(&mut plan, "token_embd.weight", vec![v, d], 0.5, 0.0);
     if arch == Arch::Gpt2 {
-        add(&mut plan, "position_embd.weight", vec![hp.n_ctx, d], 0.2, 0.0);
+        add(
+            &mut plan,
+            "position_embd.weight",
+            vec![hp.n_ctx, d],
+            0.2,
+            0.0,
+        );
     }
     for (name, shape) in backlens::arch::required_tensors(&hp) {
         if name.starts_with("token_embd") || name.starts_with("position_embd") {
@@ -230,7 +272,11 @@ pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
     plan.write(&gguf).unwrap();
     let hf_dir = dir.join(format!("tiny-{a}-hf"));
     write_hf(&gguf, &hf_dir, &hp);
-    Fixture { gguf, hf: hf_dir, hp }
+    Fixture {
+        gguf,
+        hf: hf_dir,
+        hp,
+    }
 }
 
 /// Writes an HF folder (config.json, model.safetensors, tokenizer.json) from a fixture GGUF.
@@ -255,9 +301,16 @@ fn write_hf(gguf: &Path, dir: &Path, hp: &HParams) {
             "rope_theta": hp.rope_base, "tie_word_embeddings": true,
         }),
     };
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap())
-        .unwrap();
-    let prefix = if hp.arch == Arch::Gpt2 { "transformer." } else { "" };
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let prefix = if hp.arch == Arch::Gpt2 {
+        "transformer."
+    } else {
+        ""
+    };
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for t in &g.tensors {
         let (name, layout) = hf::hf_name(hp, &t.name, prefix).unwrap();
@@ -271,13 +324,17 @@ fn write_hf(gguf: &Path, dir: &Path, hp: &HParams) {
         if layout == hf::Layout::Transposed {
             shape.reverse();
         }
-        tensors.push((name, shape, hf_values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        tensors.push((
+            name,
+            shape,
+            hf_values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ));
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, s, b)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .unwrap();
             (n.clone(), view)
         })
         .collect();

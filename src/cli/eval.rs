@@ -1,0 +1,174 @@
+//! `eval`: CounterFact metrics through llama.cpp, with optional layer/step sweeps.
+
+use super::{open, print_json, require_gguf};
+use anyhow::{bail, Context, Result};
+use backlens::edit::Method;
+use backlens::eval::{self, EvalConfig, EvalReport, LayerChoice, LrChoice};
+use backlens::model::Transformer;
+use candle_core::DType;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+/// Edit method, or none for the unedited baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalMethod {
+    /// No edit: the unedited model.
+    None,
+    /// Forward-pass shifting.
+    Shift,
+    /// One gradient step.
+    Grad,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// GGUF model.
+    model: PathBuf,
+    /// CounterFact-shaped JSON records.
+    #[arg(long)]
+    data: PathBuf,
+    /// Number of records (default all).
+    #[arg(long)]
+    n: Option<usize>,
+    /// Records to skip first.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Edit method.
+    #[arg(long, value_enum, default_value_t = EvalMethod::Shift)]
+    method: EvalMethod,
+    /// Layer, or "auto" (chosen per record from the Backward Lens).
+    #[arg(long, default_value = "default")]
+    layer: String,
+    /// Step, or "auto" (smallest step making the target top-1 by a margin).
+    #[arg(long, default_value = "0.24")]
+    lr: String,
+    /// Keep edits cumulative and report how many still hold at the end.
+    #[arg(long)]
+    sequential: bool,
+    /// Skip the generation-entropy fluency score (faster).
+    #[arg(long)]
+    no_fluency: bool,
+    /// Sweep layers A..B (end exclusive) and write an SVG plot of the scores.
+    #[arg(long)]
+    sweep_layers: Option<String>,
+    /// Sweep steps, comma-separated, and write an SVG plot of the scores.
+    #[arg(long, value_delimiter = ',')]
+    sweep_lr: Vec<f64>,
+    /// Where the sweep plot goes.
+    #[arg(long, default_value = "sweep.svg")]
+    plot: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let m = open(&args.model)?;
+    let gguf = require_gguf(&m.source)?;
+    let records = eval::load_records(&args.data, args.offset, args.n)?;
+    let model = Transformer::load(&m.source, DType::F32)?;
+    let n_layer = model.hp.n_layer;
+    let method = match args.method {
+        EvalMethod::None => None,
+        EvalMethod::Shift => Some(Method::Shift),
+        EvalMethod::Grad => Some(Method::Grad),
+    };
+    let layer = match args.layer.as_str() {
+        "auto" => LayerChoice::Auto,
+        "default" => LayerChoice::Fixed(backlens::edit::EditSettings::default_layer(n_layer)),
+        l => {
+            let l: usize = l.parse().context("--layer takes a number or 'auto'")?;
+            if l >= n_layer {
+                bail!("layer {l} out of range: the model has layers 0..{}", n_layer - 1);
+            }
+            LayerChoice::Fixed(l)
+        }
+    };
+    let lr = match args.lr.as_str() {
+        "auto" => LrChoice::Auto,
+        x => LrChoice::Fixed(x.parse().context("--lr takes a number or 'auto'")?),
+    };
+    let base = EvalConfig { method, layer, lr, sequential: args.sequential, fluency: !args.no_fluency };
+    let scratch = std::env::temp_dir();
+    let run_one = |config: &EvalConfig, label: &str| -> Result<EvalReport> {
+        let bar = ProgressBar::new(records.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(label.to_string());
+        let mut fresh = model.clone();
+        let report = eval::evaluate(&gguf, &mut fresh, &m.tok, &records, config, &scratch, |i| {
+            bar.set_position(i as u64)
+        })?;
+        bar.finish_and_clear();
+        Ok(report)
+    };
+    if args.sweep_layers.is_some() || !args.sweep_lr.is_empty() {
+        let mut points: Vec<(f64, EvalReport)> = Vec::new();
+        let x_label;
+        if let Some(spec) = &args.sweep_layers {
+            x_label = "layer";
+            for l in super::lens::parse_layers(spec, n_layer)? {
+                let c = EvalConfig { layer: LayerChoice::Fixed(l), ..base.clone() };
+                points.push((l as f64, run_one(&c, &format!("layer {l}"))?));
+            }
+        } else {
+            x_label = "lr";
+            for &x in &args.sweep_lr {
+                let c = EvalConfig { lr: LrChoice::Fixed(x), ..base.clone() };
+                points.push((x, run_one(&c, &format!("lr {x}"))?));
+            }
+        }
+        let series = |name: &str, f: &dyn Fn(&EvalReport) -> f64| {
+            (name.to_string(), points.iter().map(|(x, r)| (*x, f(r))).collect::<Vec<_>>())
+        };
+        let plot = backlens::report::line_plot_svg(
+            &format!("CounterFact scores by {x_label} ({} records)", records.len()),
+            x_label,
+            &[
+                series("efficacy", &|r| r.summary.efficacy.mean),
+                series("paraphrase", &|r| r.summary.paraphrase.mean),
+                series("neighborhood", &|r| r.summary.neighborhood.mean),
+            ],
+        );
+        std::fs::write(&args.plot, plot).with_context(|| args.plot.display().to_string())?;
+        if args.json {
+            return print_json(&points.iter().map(|(x, r)| (x, &r.summary)).collect::<Vec<_>>());
+        }
+        println!("{:>8}  {:>6} {:>6} {:>6} {:>6}", x_label, "ES", "PS", "NS", "NS-top1");
+        for (x, r) in &points {
+            let s = &r.summary;
+            println!(
+                "{:>8}  {:>6.3} {:>6.3} {:>6.3} {:>6.3}",
+                x, s.efficacy.mean, s.paraphrase.mean, s.neighborhood.mean, s.neighborhood_top1.mean
+            );
+        }
+        println!("plot: {}", args.plot.display());
+        return Ok(());
+    }
+    let report = run_one(&base, "eval")?;
+    if args.json {
+        return print_json(&report);
+    }
+    let s = &report.summary;
+    println!("{} records of {} ({:?}):", records.len(), args.data.display(), args.method);
+    let row = |name: &str, st: &eval::Stat| {
+        println!("  {name:<24} {:>7.3} ± {:.3}  (n = {})", st.mean, st.ci95, st.n)
+    };
+    row("efficacy score", &s.efficacy);
+    row("paraphrase score", &s.paraphrase);
+    row("neighborhood score", &s.neighborhood);
+    row("neighborhood top-1 kept", &s.neighborhood_top1);
+    row("efficacy magnitude", &s.efficacy_magnitude);
+    if !args.no_fluency {
+        row("fluency (gen. entropy)", &s.fluency);
+    }
+    row("skipped (already top-1)", &s.skipped);
+    if let Some(r) = &report.retained {
+        row("edits retained at end", r);
+    }
+    println!("  {:.2} records/s", report.records_per_second);
+    Ok(())
+}

@@ -1,0 +1,430 @@
+//! CounterFact evaluation through llama.cpp, as in ROME/MEMIT: each record is edited in memory
+//! with the same code as `edit`, the edit is hot-swapped into llama.cpp as a low-rank LoRA
+//! adapter (no model reload), scored, and removed again, so records are independent unless
+//! `sequential` is set.
+
+use crate::edit::{self, Delta, EditRequest, EditSettings, Method};
+use crate::lens::backward_pass;
+use crate::model::Transformer;
+use crate::runtime::{argmax, LlamaRuntime, Session};
+use crate::tokenizer::Tokenizer;
+use crate::write::lora;
+use crate::{Error, Result};
+use candle_core::DType;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Tokens generated for the fluency (n-gram entropy) score.
+pub const FLUENCY_TOKENS: usize = 50;
+
+/// How the layer is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum LayerChoice {
+    /// A fixed layer.
+    Fixed(usize),
+    /// Per record, from the Backward Lens: among the candidate layers, the one where −δ at the
+    /// last token ranks the target best (ties: larger ‖δ‖).
+    Auto,
+}
+
+/// How the step is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum LrChoice {
+    /// A fixed step.
+    Fixed(f64),
+    /// Per record: the smallest step (bisection) that makes the target the top-1 next token by
+    /// `AUTO_MARGIN` nats in the candle model, capped at `AUTO_MAX_LR`.
+    Auto,
+}
+
+/// Log-probability margin the auto step asks for.
+pub const AUTO_MARGIN: f64 = 0.5;
+/// Largest step the auto rule may take.
+pub const AUTO_MAX_LR: f64 = 2.0;
+
+/// Evaluation settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalConfig {
+    /// None = unedited baseline.
+    pub method: Option<Method>,
+    /// Layer rule.
+    pub layer: LayerChoice,
+    /// Step rule.
+    pub lr: LrChoice,
+    /// Keep edits cumulative.
+    pub sequential: bool,
+    /// Compute the generation-entropy fluency score.
+    pub fluency: bool,
+}
+
+/// Scores of one record.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordScores {
+    /// Record id.
+    pub case_id: Option<u64>,
+    /// Layer edited (None: unedited or skipped).
+    pub layer: Option<usize>,
+    /// Step used.
+    pub lr: Option<f64>,
+    /// Edit skipped because the target was already top-1.
+    pub skipped: bool,
+    /// P(new) > P(true) on the prompt.
+    pub efficacy: bool,
+    /// P(new) − P(true) on the prompt.
+    pub efficacy_magnitude: f64,
+    /// P(new) > P(true) on the rephrased prompt.
+    pub paraphrase: Option<bool>,
+    /// P(true) > P(new) on the locality prompt.
+    pub neighborhood: Option<bool>,
+    /// The locality prompt's top-1 token equals the unedited model's.
+    pub neighborhood_top1: Option<bool>,
+    /// n-gram entropy of a greedy continuation of the prompt.
+    pub fluency: Option<f64>,
+}
+
+/// Mean and 95% confidence half-width.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stat {
+    /// Mean.
+    pub mean: f64,
+    /// 1.96 · standard error.
+    pub ci95: f64,
+    /// Count.
+    pub n: usize,
+}
+
+impl Stat {
+    /// Mean ± CI of values.
+    pub fn of(values: &[f64]) -> Stat {
+        let n = values.len();
+        if n == 0 {
+            return Stat { mean: f64::NAN, ci95: f64::NAN, n };
+        }
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64;
+        Stat { mean, ci95: 1.96 * (var / n as f64).sqrt(), n }
+    }
+}
+
+/// Aggregated scores.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Efficacy score (ES).
+    pub efficacy: Stat,
+    /// Paraphrase score (PS).
+    pub paraphrase: Stat,
+    /// Neighborhood score (NS).
+    pub neighborhood: Stat,
+    /// Share of locality prompts whose top-1 is unchanged.
+    pub neighborhood_top1: Stat,
+    /// Efficacy magnitude (EM).
+    pub efficacy_magnitude: Stat,
+    /// Fluency (generation entropy), when computed.
+    pub fluency: Stat,
+    /// Share of records skipped (target already top-1).
+    pub skipped: Stat,
+}
+
+/// A full evaluation result.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// Settings.
+    pub config: EvalConfig,
+    /// Per-record scores.
+    pub records: Vec<RecordScores>,
+    /// Aggregates.
+    pub summary: Summary,
+    /// For sequential runs: share of earlier edits whose efficacy still holds at the end.
+    pub retained: Option<Stat>,
+    /// Records per second.
+    pub records_per_second: f64,
+}
+
+fn summarize(records: &[RecordScores]) -> Summary {
+    let pick = |f: &dyn Fn(&RecordScores) -> Option<f64>| -> Stat {
+        Stat::of(&records.iter().filter_map(f).collect::<Vec<_>>())
+    };
+    let b = |x: bool| if x { 1.0 } else { 0.0 };
+    Summary {
+        efficacy: pick(&|r| Some(b(r.efficacy))),
+        paraphrase: pick(&|r| r.paraphrase.map(b)),
+        neighborhood: pick(&|r| r.neighborhood.map(b)),
+        neighborhood_top1: pick(&|r| r.neighborhood_top1.map(b)),
+        efficacy_magnitude: pick(&|r| Some(r.efficacy_magnitude)),
+        fluency: pick(&|r| r.fluency),
+        skipped: pick(&|r| Some(b(r.skipped))),
+    }
+}
+
+/// ROME's generation entropy: weighted mean of the bigram (weight 2/3) and trigram (4/3)
+/// entropies, in bits, of the lower-cased words of `text`.
+pub fn ngram_entropy(text: &str) -> f64 {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let entropy = |n: usize| -> f64 {
+        if words.len() < n {
+            return 0.0;
+        }
+        let mut counts: std::collections::HashMap<&[String], usize> = Default::default();
+        for g in words.windows(n) {
+            *counts.entry(g).or_default() += 1;
+        }
+        let total = (words.len() + 1 - n) as f64;
+        counts.values().map(|&c| c as f64 / total).map(|p| -p * p.log2()).sum()
+    };
+    (2.0 / 3.0 * entropy(2) + 4.0 / 3.0 * entropy(3)) / 2.0
+}
+
+/// The record's prompts and targets as token ids.
+struct Encoded {
+    prompt: Vec<u32>,
+    new: Vec<u32>,
+    truth: Vec<u32>,
+    rephrase: Option<Vec<u32>>,
+    locality: Option<Vec<u32>>,
+    locality_truth: Vec<u32>,
+}
+
+fn encode(tok: &Tokenizer, r: &EditRequest) -> Result<Encoded> {
+    let truth = r
+        .ground_truth
+        .as_deref()
+        .ok_or_else(|| Error::Invalid(format!("record {:?} has no ground_truth", r.case_id)))?;
+    Ok(Encoded {
+        prompt: tok.encode_prompt(&r.prompt)?,
+        new: tok.encode_target(&r.target_new)?,
+        truth: tok.encode_target(truth)?,
+        rephrase: r.rephrase_prompt.as_deref().map(|p| tok.encode_prompt(p)).transpose()?,
+        locality: r.locality_prompt.as_deref().map(|p| tok.encode_prompt(p)).transpose()?,
+        locality_truth: tok.encode_target(r.locality_ground_truth.as_deref().unwrap_or(truth))?,
+    })
+}
+
+/// Picks the layer from the lens: best rank of the target in −δ at the last token among
+/// layers in [0.4·n, 0.9·n), ties broken by the larger ‖δ‖.
+pub fn auto_layer(model: &Transformer, prompt: &[u32], target: &[u32]) -> Result<usize> {
+    let n = model.hp.n_layer;
+    let bp = backward_pass(model, prompt, target, false)?;
+    let last = prompt.len() - 1;
+    let mut best = (usize::MAX, f32::MIN, 0);
+    for l in (2 * n / 5)..(9 * n / 10).max(2 * n / 5 + 1) {
+        let d2 = bp.d2[l].narrow(0, last, 1)?.neg()?;
+        let norm = d2.sqr()?.sum_all()?.sqrt()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let scores = &crate::lens::project_rows(model, &d2, true)?[0];
+        let rank = crate::lens::rank_of(scores, target[0]);
+        if rank < best.0 || (rank == best.0 && norm > best.1) {
+            best = (rank, norm, l);
+        }
+    }
+    Ok(best.2)
+}
+
+/// Smallest step making the target top-1 by `AUTO_MARGIN` (bisection on the shift, which is
+/// linear in the step), or `AUTO_MAX_LR` when even that does not suffice.
+pub fn auto_lr(model: &Transformer, prompt: &[u32], delta_at_one: &Delta, target: u32) -> Result<f64> {
+    let margin_at = |lr: f64| -> Result<f64> {
+        let mut m = model.clone();
+        let mut d = delta_at_one.clone();
+        d.out_vecs.iter_mut().flatten().for_each(|v| *v *= lr as f32);
+        d.apply(&mut m)?;
+        let (logits, _) = m.forward(prompt, None)?;
+        let row: Vec<f32> = logits.narrow(0, prompt.len() - 1, 1)?.flatten_all()?.to_vec1()?;
+        let t = row[target as usize];
+        let other = row
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != target as usize)
+            .fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
+        Ok((t - other) as f64)
+    };
+    if margin_at(AUTO_MAX_LR)? < AUTO_MARGIN {
+        return Ok(AUTO_MAX_LR);
+    }
+    let (mut lo, mut hi) = (0.0, AUTO_MAX_LR);
+    for _ in 0..8 {
+        let mid = 0.5 * (lo + hi);
+        if margin_at(mid)? >= AUTO_MARGIN {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
+/// Runs an evaluation of `records` on the GGUF at `gguf` (also loaded in candle as `model`).
+pub fn evaluate(
+    gguf: &Path,
+    model: &mut Transformer,
+    tok: &Tokenizer,
+    records: &[EditRequest],
+    config: &EvalConfig,
+    scratch: &Path,
+    mut progress: impl FnMut(usize),
+) -> Result<EvalReport> {
+    let start = std::time::Instant::now();
+    let mut rt = LlamaRuntime::load(gguf)?;
+    let arch = model.hp.arch;
+    let mut all_deltas: Vec<Delta> = Vec::new();
+    let mut scores = Vec::with_capacity(records.len());
+    let mut encoded_all = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let enc = encode(tok, r)?;
+        let base_locality_top1 = match &enc.locality {
+            Some(loc) => Some(argmax(&rt.session()?.logits_last(loc)?)),
+            None => None,
+        };
+        let (layer, lr, delta, skipped) = match config.method {
+            None => (None, None, None, false),
+            Some(method) => {
+                let layer = match config.layer {
+                    LayerChoice::Fixed(l) => l,
+                    LayerChoice::Auto => auto_layer(model, &enc.prompt, &enc.new)?,
+                };
+                let fixed_lr = match config.lr {
+                    LrChoice::Fixed(lr) => lr,
+                    LrChoice::Auto => 1.0,
+                };
+                let settings = EditSettings { method, layer, lr: fixed_lr };
+                let outcome = edit::compute(model, tok, r, &settings)?;
+                let delta = match (outcome.delta, config.lr) {
+                    (Some(mut d), LrChoice::Auto) => {
+                        let lr = auto_lr(model, &enc.prompt, &d, outcome.target_id)?;
+                        d.out_vecs.iter_mut().flatten().for_each(|v| *v *= lr as f32);
+                        Some((d, lr))
+                    }
+                    (d, _) => d.map(|d| (d, fixed_lr)),
+                };
+                let skipped = delta.is_none();
+                match delta {
+                    Some((d, lr)) => (Some(layer), Some(lr), Some(d), skipped),
+                    None => (Some(layer), None, None, skipped),
+                }
+            }
+        };
+        let active: Vec<Delta> = match (&delta, config.sequential) {
+            (Some(d), true) => {
+                all_deltas.push(d.clone());
+                d.apply(model)?;
+                all_deltas.clone()
+            }
+            (Some(d), false) => vec![d.clone()],
+            (None, true) => all_deltas.clone(),
+            (None, false) => Vec::new(),
+        };
+        let mut record = with_deltas(&mut rt, arch, &active, scratch, |s| {
+            score(s, tok, &enc, base_locality_top1, config.fluency)
+        })?;
+        record.case_id = r.case_id;
+        record.layer = layer;
+        record.lr = lr;
+        record.skipped = skipped;
+        scores.push(record);
+        encoded_all.push(enc);
+        progress(i + 1);
+    }
+    let retained = match (config.sequential, all_deltas.is_empty()) {
+        (true, false) => {
+            let held = with_deltas(&mut rt, arch, &all_deltas, scratch, |s| {
+                encoded_all
+                    .iter()
+                    .map(|e| Ok(if prefers_new(s, &e.prompt, &e.new, &e.truth)? { 1.0 } else { 0.0 }))
+                    .collect::<Result<Vec<f64>>>()
+            })?;
+            Some(Stat::of(&held))
+        }
+        _ => None,
+    };
+    let summary = summarize(&scores);
+    Ok(EvalReport {
+        config: config.clone(),
+        records_per_second: records.len() as f64 / start.elapsed().as_secs_f64(),
+        records: scores,
+        summary,
+        retained,
+    })
+}
+
+/// Runs `f` on a session with `deltas` applied as one adapter (or none when empty).
+fn with_deltas<T>(
+    rt: &mut LlamaRuntime,
+    arch: crate::arch::Arch,
+    deltas: &[Delta],
+    scratch: &Path,
+    f: impl FnOnce(&mut Session) -> Result<T>,
+) -> Result<T> {
+    if deltas.is_empty() {
+        return f(&mut rt.session()?);
+    }
+    let path: PathBuf = scratch.join(format!("eval-adapter-{}.gguf", std::process::id()));
+    lora::write_adapter(&path, arch, deltas, &[])?;
+    let mut adapter = rt.load_lora(&path)?;
+    let result = {
+        let mut s = rt.session()?;
+        s.set_lora(&mut adapter, 1.0)?;
+        f(&mut s)
+    };
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+fn prefers_new(s: &mut Session, prompt: &[u32], new: &[u32], truth: &[u32]) -> Result<bool> {
+    Ok(s.sequence_logprob(prompt, new)? > s.sequence_logprob(prompt, truth)?)
+}
+
+fn score(
+    s: &mut Session,
+    tok: &Tokenizer,
+    e: &Encoded,
+    base_locality_top1: Option<usize>,
+    fluency: bool,
+) -> Result<RecordScores> {
+    let (p_new, p_true) = (
+        s.sequence_logprob(&e.prompt, &e.new)?,
+        s.sequence_logprob(&e.prompt, &e.truth)?,
+    );
+    let paraphrase = match &e.rephrase {
+        Some(p) => Some(prefers_new(s, p, &e.new, &e.truth)?),
+        None => None,
+    };
+    let (neighborhood, neighborhood_top1) = match &e.locality {
+        Some(p) => (
+            Some(!prefers_new(s, p, &e.new, &e.locality_truth)?),
+            Some(Some(argmax(&s.logits_last(p)?)) == base_locality_top1),
+        ),
+        None => (None, None),
+    };
+    let fluency = match fluency {
+        true => Some(ngram_entropy(&tok.decode(&s.generate(&e.prompt, FLUENCY_TOKENS)?))),
+        false => None,
+    };
+    Ok(RecordScores {
+        case_id: None,
+        layer: None,
+        lr: None,
+        skipped: false,
+        efficacy: p_new > p_true,
+        efficacy_magnitude: p_new.exp() - p_true.exp(),
+        paraphrase,
+        neighborhood,
+        neighborhood_top1,
+        fluency,
+    })
+}
+
+/// Loads CounterFact-shaped records (a JSON list of `EditRequest`s).
+pub fn load_records(path: &Path, offset: usize, n: Option<usize>) -> Result<Vec<EditRequest>> {
+    let all = EditRequest::load_file(path)?;
+    let end = n.map_or(all.len(), |n| (offset + n).min(all.len()));
+    if offset >= all.len() {
+        return Err(Error::Invalid(format!(
+            "offset {offset} is past the {} records of {}",
+            all.len(),
+            path.display()
+        )));
+    }
+    Ok(all[offset..end].to_vec())
+}
