@@ -98,11 +98,19 @@ impl Stat {
     pub fn of(values: &[f64]) -> Stat {
         let n = values.len();
         if n == 0 {
-            return Stat { mean: f64::NAN, ci95: f64::NAN, n };
+            return Stat {
+                mean: f64::NAN,
+                ci95: f64::NAN,
+                n,
+            };
         }
         let mean = values.iter().sum::<f64>() / n as f64;
         let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64;
-        Stat { mean, ci95: 1.96 * (var / n as f64).sqrt(), n }
+        Stat {
+            mean,
+            ci95: 1.96 * (var / n as f64).sqrt(),
+            n,
+        }
     }
 }
 
@@ -173,7 +181,11 @@ pub fn ngram_entropy(text: &str) -> f64 {
             *counts.entry(g).or_default() += 1;
         }
         let total = (words.len() + 1 - n) as f64;
-        counts.values().map(|&c| c as f64 / total).map(|p| -p * p.log2()).sum()
+        counts
+            .values()
+            .map(|&c| c as f64 / total)
+            .map(|p| -p * p.log2())
+            .sum()
     };
     (2.0 / 3.0 * entropy(2) + 4.0 / 3.0 * entropy(3)) / 2.0
 }
@@ -197,8 +209,16 @@ fn encode(tok: &Tokenizer, r: &EditRequest) -> Result<Encoded> {
         prompt: tok.encode_prompt(&r.prompt)?,
         new: tok.encode_target(&r.target_new)?,
         truth: tok.encode_target(truth)?,
-        rephrase: r.rephrase_prompt.as_deref().map(|p| tok.encode_prompt(p)).transpose()?,
-        locality: r.locality_prompt.as_deref().map(|p| tok.encode_prompt(p)).transpose()?,
+        rephrase: r
+            .rephrase_prompt
+            .as_deref()
+            .map(|p| tok.encode_prompt(p))
+            .transpose()?,
+        locality: r
+            .locality_prompt
+            .as_deref()
+            .map(|p| tok.encode_prompt(p))
+            .transpose()?,
         locality_truth: tok.encode_target(r.locality_ground_truth.as_deref().unwrap_or(truth))?,
     })
 }
@@ -212,7 +232,12 @@ pub fn auto_layer(model: &Transformer, prompt: &[u32], target: &[u32]) -> Result
     let mut best = (usize::MAX, f32::MIN, 0);
     for l in (2 * n / 5)..(9 * n / 10).max(2 * n / 5 + 1) {
         let d2 = bp.d2[l].narrow(0, last, 1)?.neg()?;
-        let norm = d2.sqr()?.sum_all()?.sqrt()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let norm = d2
+            .sqr()?
+            .sum_all()?
+            .sqrt()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
         let scores = &crate::lens::project_rows(model, &d2, true)?[0];
         let rank = crate::lens::rank_of(scores, target[0]);
         if rank < best.0 || (rank == best.0 && norm > best.1) {
@@ -224,14 +249,25 @@ pub fn auto_layer(model: &Transformer, prompt: &[u32], target: &[u32]) -> Result
 
 /// Smallest step making the target top-1 by `AUTO_MARGIN` (bisection on the shift, which is
 /// linear in the step), or `AUTO_MAX_LR` when even that does not suffice.
-pub fn auto_lr(model: &Transformer, prompt: &[u32], delta_at_one: &Delta, target: u32) -> Result<f64> {
+pub fn auto_lr(
+    model: &Transformer,
+    prompt: &[u32],
+    delta_at_one: &Delta,
+    target: u32,
+) -> Result<f64> {
     let margin_at = |lr: f64| -> Result<f64> {
         let mut m = model.clone();
         let mut d = delta_at_one.clone();
-        d.out_vecs.iter_mut().flatten().for_each(|v| *v *= lr as f32);
+        d.out_vecs
+            .iter_mut()
+            .flatten()
+            .for_each(|v| *v *= lr as f32);
         d.apply(&mut m)?;
         let (logits, _) = m.forward(prompt, None)?;
-        let row: Vec<f32> = logits.narrow(0, prompt.len() - 1, 1)?.flatten_all()?.to_vec1()?;
+        let row: Vec<f32> = logits
+            .narrow(0, prompt.len() - 1, 1)?
+            .flatten_all()?
+            .to_vec1()?;
         let t = row[target as usize];
         let other = row
             .iter()
@@ -288,12 +324,19 @@ pub fn evaluate(
                     LrChoice::Fixed(lr) => lr,
                     LrChoice::Auto => 1.0,
                 };
-                let settings = EditSettings { method, layer, lr: fixed_lr };
+                let settings = EditSettings {
+                    method,
+                    layer,
+                    lr: fixed_lr,
+                };
                 let outcome = edit::compute(model, tok, r, &settings)?;
                 let delta = match (outcome.delta, config.lr) {
                     (Some(mut d), LrChoice::Auto) => {
                         let lr = auto_lr(model, &enc.prompt, &d, outcome.target_id)?;
-                        d.out_vecs.iter_mut().flatten().for_each(|v| *v *= lr as f32);
+                        d.out_vecs
+                            .iter_mut()
+                            .flatten()
+                            .for_each(|v| *v *= lr as f32);
                         Some((d, lr))
                     }
                     (d, _) => d.map(|d| (d, fixed_lr)),
@@ -331,7 +374,13 @@ pub fn evaluate(
             let held = with_deltas(&mut rt, arch, &all_deltas, scratch, |s| {
                 encoded_all
                     .iter()
-                    .map(|e| Ok(if prefers_new(s, &e.prompt, &e.new, &e.truth)? { 1.0 } else { 0.0 }))
+                    .map(|e| {
+                        Ok(if prefers_new(s, &e.prompt, &e.new, &e.truth)? {
+                            1.0
+                        } else {
+                            0.0
+                        })
+                    })
                     .collect::<Result<Vec<f64>>>()
             })?;
             Some(Stat::of(&held))
@@ -398,7 +447,9 @@ fn score(
         None => (None, None),
     };
     let fluency = match fluency {
-        true => Some(ngram_entropy(&tok.decode(&s.generate(&e.prompt, FLUENCY_TOKENS)?))),
+        true => Some(ngram_entropy(
+            &tok.decode(&s.generate(&e.prompt, FLUENCY_TOKENS)?),
+        )),
         false => None,
     };
     Ok(RecordScores {

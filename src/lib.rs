@@ -8,8 +8,8 @@
 pub mod arch;
 pub mod audit;
 pub mod edit;
-pub mod eval;
 mod error;
+pub mod eval;
 pub mod lens;
 pub mod model;
 pub mod report;

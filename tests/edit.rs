@@ -188,7 +188,7 @@ fn patched_gguf_keeps_untouched_bytes_and_lora_agrees_with_it() {
     let patched_path = dir.join("patched.gguf");
     let f32_copy_path = dir.join("f32-copy.gguf");
     let adapter_path = dir.join("adapter.gguf");
-    patch_plan(base, &[delta.clone()], Ff2Type::F32, &[])
+    patch_plan(base, std::slice::from_ref(&delta), Ff2Type::F32, &[])
         .unwrap()
         .write(&patched_path)
         .unwrap();
@@ -198,7 +198,13 @@ fn patched_gguf_keeps_untouched_bytes_and_lora_agrees_with_it() {
         .unwrap()
         .write(&f32_copy_path)
         .unwrap();
-    lora::write_adapter(&adapter_path, Arch::Llama, &[delta.clone()], &[]).unwrap();
+    lora::write_adapter(
+        &adapter_path,
+        Arch::Llama,
+        std::slice::from_ref(&delta),
+        &[],
+    )
+    .unwrap();
 
     let patched = GgufFile::open(&patched_path).unwrap();
     assert_eq!(patched.tensors.len(), base.tensors.len());
@@ -275,7 +281,7 @@ fn same_edit_twice_gives_identical_files() {
         let delta = messi_delta(&model, &tok);
         for (kind, ty) in [("f32", Ff2Type::F32), ("keep", Ff2Type::Keep)] {
             let p = dir.join(format!("{kind}-{i}.gguf"));
-            patch_plan(base, &[delta.clone()], ty, &[])
+            patch_plan(base, std::slice::from_ref(&delta), ty, &[])
                 .unwrap()
                 .write(&p)
                 .unwrap();

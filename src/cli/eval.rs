@@ -79,7 +79,10 @@ pub fn run(args: Args) -> Result<()> {
         l => {
             let l: usize = l.parse().context("--layer takes a number or 'auto'")?;
             if l >= n_layer {
-                bail!("layer {l} out of range: the model has layers 0..{}", n_layer - 1);
+                bail!(
+                    "layer {l} out of range: the model has layers 0..{}",
+                    n_layer - 1
+                );
             }
             LayerChoice::Fixed(l)
         }
@@ -88,7 +91,13 @@ pub fn run(args: Args) -> Result<()> {
         "auto" => LrChoice::Auto,
         x => LrChoice::Fixed(x.parse().context("--lr takes a number or 'auto'")?),
     };
-    let base = EvalConfig { method, layer, lr, sequential: args.sequential, fluency: !args.no_fluency };
+    let base = EvalConfig {
+        method,
+        layer,
+        lr,
+        sequential: args.sequential,
+        fluency: !args.no_fluency,
+    };
     let scratch = std::env::temp_dir();
     let run_one = |config: &EvalConfig, label: &str| -> Result<EvalReport> {
         let bar = ProgressBar::new(records.len() as u64);
@@ -111,21 +120,33 @@ pub fn run(args: Args) -> Result<()> {
         if let Some(spec) = &args.sweep_layers {
             x_label = "layer";
             for l in super::lens::parse_layers(spec, n_layer)? {
-                let c = EvalConfig { layer: LayerChoice::Fixed(l), ..base.clone() };
+                let c = EvalConfig {
+                    layer: LayerChoice::Fixed(l),
+                    ..base.clone()
+                };
                 points.push((l as f64, run_one(&c, &format!("layer {l}"))?));
             }
         } else {
             x_label = "lr";
             for &x in &args.sweep_lr {
-                let c = EvalConfig { lr: LrChoice::Fixed(x), ..base.clone() };
+                let c = EvalConfig {
+                    lr: LrChoice::Fixed(x),
+                    ..base.clone()
+                };
                 points.push((x, run_one(&c, &format!("lr {x}"))?));
             }
         }
         let series = |name: &str, f: &dyn Fn(&EvalReport) -> f64| {
-            (name.to_string(), points.iter().map(|(x, r)| (*x, f(r))).collect::<Vec<_>>())
+            (
+                name.to_string(),
+                points.iter().map(|(x, r)| (*x, f(r))).collect::<Vec<_>>(),
+            )
         };
         let plot = backlens::report::line_plot_svg(
-            &format!("CounterFact scores by {x_label} ({} records)", records.len()),
+            &format!(
+                "CounterFact scores by {x_label} ({} records)",
+                records.len()
+            ),
             x_label,
             &[
                 series("efficacy", &|r| r.summary.efficacy.mean),
@@ -135,14 +156,26 @@ pub fn run(args: Args) -> Result<()> {
         );
         std::fs::write(&args.plot, plot).with_context(|| args.plot.display().to_string())?;
         if args.json {
-            return print_json(&points.iter().map(|(x, r)| (x, &r.summary)).collect::<Vec<_>>());
+            return print_json(
+                &points
+                    .iter()
+                    .map(|(x, r)| (x, &r.summary))
+                    .collect::<Vec<_>>(),
+            );
         }
-        println!("{:>8}  {:>6} {:>6} {:>6} {:>6}", x_label, "ES", "PS", "NS", "NS-top1");
+        println!(
+            "{:>8}  {:>6} {:>6} {:>6} {:>6}",
+            x_label, "ES", "PS", "NS", "NS-top1"
+        );
         for (x, r) in &points {
             let s = &r.summary;
             println!(
                 "{:>8}  {:>6.3} {:>6.3} {:>6.3} {:>6.3}",
-                x, s.efficacy.mean, s.paraphrase.mean, s.neighborhood.mean, s.neighborhood_top1.mean
+                x,
+                s.efficacy.mean,
+                s.paraphrase.mean,
+                s.neighborhood.mean,
+                s.neighborhood_top1.mean
             );
         }
         println!("plot: {}", args.plot.display());
@@ -153,9 +186,17 @@ pub fn run(args: Args) -> Result<()> {
         return print_json(&report);
     }
     let s = &report.summary;
-    println!("{} records of {} ({:?}):", records.len(), args.data.display(), args.method);
+    println!(
+        "{} records of {} ({:?}):",
+        records.len(),
+        args.data.display(),
+        args.method
+    );
     let row = |name: &str, st: &eval::Stat| {
-        println!("  {name:<24} {:>7.3} ± {:.3}  (n = {})", st.mean, st.ci95, st.n)
+        println!(
+            "  {name:<24} {:>7.3} ± {:.3}  (n = {})",
+            st.mean, st.ci95, st.n
+        )
     };
     row("efficacy score", &s.efficacy);
     row("paraphrase score", &s.paraphrase);

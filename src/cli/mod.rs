@@ -13,9 +13,21 @@ use backlens::weights::ModelSource;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
+/// Version line with the llama-server pin from `vendor/llama-cpp.lock` (read by build.rs).
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\nllama-server for end-to-end checks: ",
+    env!("BACKLENS_LLAMA_CPP_PACKAGE"),
+    "==",
+    env!("BACKLENS_LLAMA_CPP_VERSION"),
+    " (sdist sha256 ",
+    env!("BACKLENS_LLAMA_CPP_SHA256"),
+    ")"
+);
+
 /// Backward Lens for llama.cpp models: inspect, lens, edit, audit and evaluate GGUF/safetensors models.
 #[derive(Debug, Parser)]
-#[command(name = "backlens-patch", version, about)]
+#[command(name = "backlens-patch", version, long_version = LONG_VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
