@@ -6,7 +6,7 @@ BIN := $(CARGO_TARGET_DIR)/release/backlens-patch
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 OUT := out
 
-.PHONY: deps model build test lint demo clean
+.PHONY: deps model build llama-server test lint demo clean
 
 deps:
 	@scripts/install-deps.sh
@@ -19,11 +19,15 @@ $(MODEL):
 build: deps
 	cargo build --release
 
+# Stock llama.cpp llama-server (pinned in vendor/llama-cpp.lock); quick when already built.
+llama-server:
+	@vendor/llama-server.sh
+
 lint: deps
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 
-test: deps model lint
+test: deps model lint llama-server
 	cargo test --release -- --test-threads=2
 
 demo: build model

@@ -1,11 +1,13 @@
 //! Command-line parsing and dispatch; each subcommand lives in its own file.
 
 mod audit;
+mod bench;
 mod edit;
 mod eval;
 mod inspect;
 mod lens;
 mod predict;
+mod serve;
 
 use anyhow::Result;
 use backlens::tokenizer::Tokenizer;
@@ -43,12 +45,16 @@ enum Command {
     Lens(lens::Args),
     /// Edit FF2 (forward-pass shift or gradient step) and write a patched model or adapter.
     Edit(edit::Args),
+    /// Wall times of load, predict, lens, edit+write and eval next to copying the file.
+    Bench(bench::Args),
     /// CounterFact metrics of edits, measured through llama.cpp.
     Eval(eval::Args),
     /// Greedy generation through llama.cpp, optionally with a LoRA adapter.
     Generate(edit::GenerateArgs),
     /// Explain a patch: changed tensors, their rank and singular values, and what they write into the vocabulary.
     Audit(audit::Args),
+    /// Serve a model (and adapters) with stock llama-server on 127.0.0.1.
+    Serve(serve::Args),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -60,7 +66,9 @@ pub fn run() -> Result<()> {
         Command::Edit(a) => edit::run(a),
         Command::Generate(a) => edit::generate(a),
         Command::Eval(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Audit(a) => audit::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 
