@@ -186,12 +186,16 @@ impl Server {
 
     /// The top-1 next token of `prompt` (greedy, from `top_logprobs`).
     fn top1(&self, prompt: &str) -> String {
-        let r = http(
-            self.port,
-            "POST",
-            "/completion",
-            Some(&json!({"prompt": prompt, "n_predict": 1, "n_probs": 5, "temperature": 0})),
-        );
+        self.next_token(prompt, json!({})).0
+    }
+
+    /// The top-1 next token of `prompt` and its logprob; `extra` fields join the request.
+    fn next_token(&self, prompt: &str, extra: Value) -> (String, f64) {
+        let mut req = json!({"prompt": prompt, "n_predict": 1, "n_probs": 5, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        let r = http(self.port, "POST", "/completion", Some(&req));
         let top = r["completion_probabilities"][0]["top_logprobs"]
             .as_array()
             .unwrap_or_else(|| panic!("no top_logprobs in {r}"));
@@ -211,12 +215,12 @@ impl Server {
             "top_logprobs not sorted: {top:?}"
         );
         let token = best["token"].as_str().unwrap().to_string();
+        let logprob = best["logprob"].as_f64().unwrap();
         eprintln!(
-            "  port {}: {prompt:?} -> {token:?} (logprob {:.3})",
-            self.port,
-            best["logprob"].as_f64().unwrap()
+            "  port {}: {prompt:?} {extra} -> {token:?} (logprob {logprob:.4})",
+            self.port
         );
-        token
+        (token, logprob)
     }
 
     fn set_scale(&self, scale: f64) {
@@ -312,12 +316,30 @@ fn lora_adapter_hot_swaps_in_llama_server() {
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     assert_eq!(list[0]["id"], 0, "{list}");
 
+    // After POST /lora-adapters, llama-server reuses the prompt's KV cache computed at the old
+    // scale, so these requests re-evaluate the prompt (`cache_prompt: false`).
+    let fresh = || json!({"cache_prompt": false});
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-4;
     s.set_scale(0.0);
-    assert_eq!(s.top1(PROMPT), base_top1);
+    let (off, off_lp) = s.next_token(PROMPT, fresh());
+    assert_eq!(off, base_top1);
     s.set_scale(1.0);
-    assert_eq!(s.top1(PROMPT), " Paris");
+    let (on, on_lp) = s.next_token(PROMPT, fresh());
+    assert_eq!(on, " Paris");
     s.set_scale(0.0);
-    assert_eq!(s.top1(PROMPT), base_top1);
+    let (again, again_lp) = s.next_token(PROMPT, fresh());
+    assert_eq!(again, base_top1);
+    assert!(close(again_lp, off_lp), "{again_lp} vs {off_lp}");
+
+    // A per-request `lora` overrides the global scale for that request only.
+    let (req_on, req_on_lp) = s.next_token(PROMPT, json!({"lora": [{"id": 0, "scale": 1.0}]}));
+    assert_eq!(req_on, " Paris");
+    assert!(close(req_on_lp, on_lp), "{req_on_lp} vs {on_lp}");
+    let list = http(s.port, "GET", "/lora-adapters", None);
+    assert_eq!(list[0]["scale"].as_f64(), Some(0.0), "{list}");
+    let (req_off, req_off_lp) = s.next_token(PROMPT, json!({"lora": [{"id": 0, "scale": 0.0}]}));
+    assert_eq!(req_off, base_top1);
+    assert!(close(req_off_lp, off_lp), "{req_off_lp} vs {off_lp}");
     eprintln!("LoRA hot-swap test: {:.1} s", t.elapsed().as_secs_f64());
 }
 

@@ -204,7 +204,9 @@ fn announce(port: u16, model: &Path, adapters: &[PathBuf], prompt: &str) {
         }
         out.push_str(&format!(
             "\nswitch adapter 0 on / off:\n  curl -s {url}/lora-adapters -d '[{{\"id\": 0, \"scale\": 1.0}}]'\n  \
-             curl -s {url}/lora-adapters -d '[{{\"id\": 0, \"scale\": 0.0}}]'\nlist adapters:\n  curl -s {url}/lora-adapters\n"
+             curl -s {url}/lora-adapters -d '[{{\"id\": 0, \"scale\": 0.0}}]'\nlist adapters:\n  curl -s {url}/lora-adapters\n\
+             after a switch, send \"cache_prompt\": false with a repeated prompt (llama-server would reuse its KV cache \
+             computed at the old scale), or choose per request: \"lora\": [{{\"id\": 0, \"scale\": 1.0}}]\n"
         ));
     }
     out.push_str("\nCtrl-C stops the server.\n");

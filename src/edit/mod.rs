@@ -1,9 +1,11 @@
-//! Edits to FF2 (the down projection): forward-pass shifting ([`shift`]) and a one-step gradient
-//! edit ([`grad`]). Computing an edit ([`Delta`]) is kept apart from applying or writing it.
+//! Edits to FF2 (the down projection): forward-pass shifting ([`shift`]), FPS with a whitened
+//! key ([`whiten`]) and a one-step gradient edit ([`grad`]). Computing an edit ([`Delta`]) is
+//! kept apart from applying or writing it.
 
 pub mod grad;
 pub mod request;
 pub mod shift;
+pub mod whiten;
 
 use crate::model::Transformer;
 use crate::Result;
@@ -18,6 +20,10 @@ pub use request::EditRequest;
 pub enum Method {
     /// Forward-pass shifting: W += lr · e(target) xᵀ (no backward pass).
     Shift,
+    /// FPS with a ROME-style whitened key: W += lr·‖x‖² · e kᵀ, k = C⁻¹x / (xᵀC⁻¹x) with C the
+    /// second moment of FF2 inputs over generic text (needs key statistics, see [`whiten`]).
+    #[serde(rename = "shift-whitened")]
+    ShiftWhitened,
     /// One SGD step on the target's NLL: W -= lr · Σₜ δₜ aₜᵀ.
     Grad,
 }
@@ -127,12 +133,47 @@ fn first_target_token(tok: &crate::tokenizer::Tokenizer, req: &EditRequest) -> R
         .ok_or_else(|| crate::Error::Invalid("the target tokenizes to nothing".into()))
 }
 
-/// Computes one edit with `settings` on the current model (unchanged).
+impl Method {
+    /// Whether the method needs key statistics in its [`EditContext`].
+    pub fn needs_stats(self) -> bool {
+        matches!(self, Method::ShiftWhitened)
+    }
+
+    /// The method's command-line / provenance name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Shift => "shift",
+            Method::ShiftWhitened => "shift-whitened",
+            Method::Grad => "grad",
+        }
+    }
+}
+
+/// What an edit may need besides the model and the request.
+#[derive(Clone, Copy, Default)]
+pub struct EditContext<'a> {
+    /// Key statistics of the unedited model (required by [`Method::ShiftWhitened`]).
+    pub stats: Option<&'a whiten::StatsStore>,
+}
+
+/// Computes one edit with `settings` on the current model (unchanged); for methods without
+/// context ([`Method::needs_stats`] false).
 pub fn compute(
     model: &Transformer,
     tok: &crate::tokenizer::Tokenizer,
     req: &EditRequest,
     settings: &EditSettings,
+) -> Result<EditOutcome> {
+    compute_with(model, tok, req, settings, &EditContext::default())
+}
+
+/// Computes one edit with `settings` and `ctx` on the current model (unchanged).
+pub fn compute_with(
+    model: &Transformer,
+    tok: &crate::tokenizer::Tokenizer,
+    req: &EditRequest,
+    settings: &EditSettings,
+    ctx: &EditContext,
 ) -> Result<EditOutcome> {
     if settings.layer >= model.hp.n_layer {
         return Err(crate::Error::Invalid(format!(
@@ -151,6 +192,15 @@ pub fn compute(
     match settings.method {
         Method::Shift => shift::compute(model, tok, req, settings.layer, settings.lr),
         Method::Grad => grad::compute(model, tok, req, settings.layer, settings.lr),
+        Method::ShiftWhitened => {
+            let store = ctx.stats.ok_or_else(|| {
+                crate::Error::Invalid(
+                    "shift-whitened needs key statistics (EditContext::stats)".into(),
+                )
+            })?;
+            let stats = store.get(settings.layer)?;
+            whiten::compute(model, tok, req, settings.layer, settings.lr, &stats)
+        }
     }
 }
 
@@ -161,9 +211,20 @@ pub fn apply_sequence(
     requests: &[EditRequest],
     settings: &EditSettings,
 ) -> Result<Vec<EditOutcome>> {
+    apply_sequence_with(model, tok, requests, settings, &EditContext::default())
+}
+
+/// [`apply_sequence`] with a context (key statistics always come from the unedited model).
+pub fn apply_sequence_with(
+    model: &mut Transformer,
+    tok: &crate::tokenizer::Tokenizer,
+    requests: &[EditRequest],
+    settings: &EditSettings,
+    ctx: &EditContext,
+) -> Result<Vec<EditOutcome>> {
     let mut outcomes = Vec::with_capacity(requests.len());
     for req in requests {
-        let outcome = compute(model, tok, req, settings)?;
+        let outcome = compute_with(model, tok, req, settings, ctx)?;
         if let Some(d) = &outcome.delta {
             d.apply(model)?;
         }

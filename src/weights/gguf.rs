@@ -204,10 +204,26 @@ impl TensorInfo {
     }
 }
 
+/// The bytes behind a [`GgufFile`]: a read-only map of a file, or an owned buffer.
+enum Backing {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
 /// A parsed GGUF file; tensor bytes stay in the map.
 pub struct GgufFile {
     path: PathBuf,
-    map: Mmap,
+    map: Backing,
     /// Format version (2 or 3).
     pub version: u32,
     /// Metadata in file order.
@@ -338,10 +354,15 @@ impl GgufFile {
         // SAFETY: the map is read-only; like llama.cpp we assume the file is not truncated while
         // mapped (doing so would raise SIGBUS, not undefined reads).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        Self::parse(path, map)
+        Self::parse(path, Backing::Map(map))
     }
 
-    fn parse(path: PathBuf, map: Mmap) -> Result<Self> {
+    /// Parses GGUF bytes held in memory; `name` stands in for the path in messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(PathBuf::from(name), Backing::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, map: Backing) -> Result<Self> {
         let fail = |problem: String| Error::Gguf {
             path: path.clone(),
             problem,

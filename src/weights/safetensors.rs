@@ -10,11 +10,27 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+/// The bytes behind a [`Shard`]: a read-only map of a file, or an owned buffer.
+enum Backing {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
 /// One mapped `.safetensors` file and its parsed header.
 pub struct Shard {
     /// File path.
     pub path: PathBuf,
-    map: Mmap,
+    map: Backing,
     header_len: usize,
     /// Parsed header.
     pub metadata: Metadata,
@@ -26,6 +42,15 @@ impl Shard {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only map; see GgufFile::open.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::parse(path, Backing::Map(map))
+    }
+
+    /// Parses safetensors bytes held in memory; `name` stands in for the path in messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Shard> {
+        Self::parse(Path::new(name), Backing::Owned(bytes))
+    }
+
+    fn parse(path: &Path, map: Backing) -> Result<Shard> {
         let (header_len, metadata) =
             SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
                 path: path.to_path_buf(),

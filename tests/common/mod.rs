@@ -177,7 +177,21 @@ fn strings(items: &[String]) -> Value {
 
 /// Generates random weights for `arch` and writes the GGUF and HF forms into `dir`.
 pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
-    let (tokens, merges) = tiny_bpe(200);
+    let (gguf, hp) = write_gguf_fixture(arch, dir, 0);
+    let hf_dir = dir.join(format!("tiny-{}-hf", arch.name()));
+    write_hf(&gguf, &hf_dir, &hp);
+    Fixture {
+        gguf,
+        hf: hf_dir,
+        hp,
+    }
+}
+
+/// Writes the tiny GGUF of `arch` with `n_pad` extra (unreachable) vocabulary entries, which make
+/// the embedding as large as a test needs.
+pub fn write_gguf_fixture(arch: Arch, dir: &Path, n_pad: usize) -> (PathBuf, HParams) {
+    let (mut tokens, merges) = tiny_bpe(200);
+    tokens.extend((0..n_pad).map(|i| format!("<|pad{i}|>")));
     let hp = tiny_hparams(arch, tokens.len());
     let a = arch.name();
     let mut plan = GgufPlan::default();
@@ -270,13 +284,7 @@ pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
     }
     let gguf = dir.join(format!("tiny-{a}.gguf"));
     plan.write(&gguf).unwrap();
-    let hf_dir = dir.join(format!("tiny-{a}-hf"));
-    write_hf(&gguf, &hf_dir, &hp);
-    Fixture {
-        gguf,
-        hf: hf_dir,
-        hp,
-    }
+    (gguf, hp)
 }
 
 /// Writes an HF folder (config.json, model.safetensors, tokenizer.json) from a fixture GGUF.
