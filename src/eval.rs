@@ -3,7 +3,7 @@
 //! adapter (no model reload), scored, and removed again, so records are independent unless
 //! `sequential` is set.
 
-use crate::edit::{self, Delta, EditRequest, EditSettings, Method};
+use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};
 use crate::lens::backward_pass;
 use crate::model::Transformer;
 use crate::runtime::{argmax, LlamaRuntime, Session};
@@ -291,13 +291,30 @@ pub fn auto_lr(
     Ok(hi)
 }
 
-/// Runs an evaluation of `records` on the GGUF at `gguf` (also loaded in candle as `model`).
+/// Runs an evaluation of `records` on the GGUF at `gguf` (also loaded in candle as `model`), for
+/// methods that need no [`EditContext`].
 pub fn evaluate(
     gguf: &Path,
     model: &mut Transformer,
     tok: &Tokenizer,
     records: &[EditRequest],
     config: &EvalConfig,
+    scratch: &Path,
+    progress: impl FnMut(usize),
+) -> Result<EvalReport> {
+    let ctx = EditContext::default();
+    evaluate_with(gguf, model, tok, records, config, &ctx, scratch, progress)
+}
+
+/// [`evaluate`] with an edit context (key statistics for `shift-whitened`).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_with(
+    gguf: &Path,
+    model: &mut Transformer,
+    tok: &Tokenizer,
+    records: &[EditRequest],
+    config: &EvalConfig,
+    ctx: &EditContext,
     scratch: &Path,
     mut progress: impl FnMut(usize),
 ) -> Result<EvalReport> {
@@ -329,7 +346,7 @@ pub fn evaluate(
                     layer,
                     lr: fixed_lr,
                 };
-                let outcome = edit::compute(model, tok, r, &settings)?;
+                let outcome = edit::compute_with(model, tok, r, &settings, ctx)?;
                 let delta = match (outcome.delta, config.lr) {
                     (Some(mut d), LrChoice::Auto) => {
                         let lr = auto_lr(model, &enc.prompt, &d, outcome.target_id)?;

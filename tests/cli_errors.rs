@@ -22,6 +22,7 @@ fn run(args: &[&str]) -> (i32, String) {
 
 fn expect_error(args: &[&str], needles: &[&str]) {
     let (code, stderr) = run(args);
+    println!("exit {code}: {}", stderr.trim_end());
     assert_eq!(code, 2, "{args:?}: exit {code}, stderr {stderr:?}");
     assert_eq!(
         stderr.trim_end().lines().count(),

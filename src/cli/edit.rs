@@ -3,7 +3,8 @@
 
 use super::{open, print_json, require_gguf};
 use anyhow::{bail, Result};
-use backlens::edit::{self, EditOutcome, EditRequest, EditSettings, Method};
+use backlens::edit::whiten::{self, StatsCorpus, StatsStore};
+use backlens::edit::{self, EditContext, EditOutcome, EditRequest, EditSettings, Method};
 use backlens::model::Transformer;
 use backlens::runtime::{argmax, log_probs, LlamaRuntime, Session};
 use backlens::tokenizer::Tokenizer;
@@ -52,6 +53,8 @@ pub struct Args {
     /// Step size.
     #[arg(long, default_value_t = 0.24)]
     lr: f64,
+    #[command(flatten)]
+    whiten: WhitenArgs,
     /// Output path (a file, or a folder for safetensors).
     #[arg(short, long)]
     output: PathBuf,
@@ -70,6 +73,63 @@ pub struct Args {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Key statistics for `--method shift-whitened` (ignored by the other methods).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WhitenArgs {
+    /// Prompts for the shift-whitened key statistics: CounterFact-shaped JSON records (their
+    /// prompt, rephrase and locality strings) or a text file with one prompt a line
+    /// [default: backlens's built-in generic prompts].
+    #[arg(long)]
+    pub stats_data: Option<PathBuf>,
+    /// Records (or lines) of --stats-data to skip.
+    #[arg(long, default_value_t = 0)]
+    pub stats_skip: usize,
+    /// Ridge λ of the whitening, relative to the mean diagonal of E[a aᵀ].
+    #[arg(long, default_value_t = whiten::DEFAULT_LAMBDA_RATIO)]
+    pub whiten_lambda: f64,
+    /// Do not read or write the statistics cache ($HOME/.cache/backlens/stats).
+    #[arg(long)]
+    pub no_stats_cache: bool,
+}
+
+impl WhitenArgs {
+    /// The statistics corpus.
+    pub fn corpus(&self) -> StatsCorpus {
+        match &self.stats_data {
+            Some(path) => StatsCorpus::File {
+                path: path.clone(),
+                skip: self.stats_skip,
+            },
+            None => StatsCorpus::Builtin,
+        }
+    }
+
+    /// A statistics store for the unedited `model` loaded from `path`, when `method` needs one.
+    pub fn store(
+        &self,
+        method: Option<Method>,
+        model: &Transformer,
+        tok: &Tokenizer,
+        path: &Path,
+    ) -> Result<Option<StatsStore>> {
+        if !method.is_some_and(Method::needs_stats) {
+            return Ok(None);
+        }
+        let cache = match self.no_stats_cache {
+            true => None,
+            false => whiten::default_cache_dir(),
+        };
+        Ok(Some(StatsStore::new(
+            model,
+            tok,
+            path,
+            &self.corpus(),
+            self.whiten_lambda,
+            cache,
+        )?))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,10 +197,7 @@ fn provenance(
             })
         })
         .collect();
-    let method = match settings.method {
-        Method::Shift => "shift",
-        Method::Grad => "grad",
-    };
+    let method = settings.method.name();
     vec![
         (
             "backlens.version".into(),
@@ -189,7 +246,14 @@ pub fn run(args: Args) -> Result<()> {
             .unwrap_or_else(|| EditSettings::default_layer(model.hp.n_layer)),
         lr: args.lr,
     };
-    let outcomes = edit::apply_sequence(&mut model, &m.tok, &reqs, &settings)?;
+    let store = args
+        .whiten
+        .store(Some(settings.method), &model, &m.tok, m.source.path())?;
+    let ctx = EditContext {
+        stats: store.as_ref(),
+    };
+    let outcomes = edit::apply_sequence_with(&mut model, &m.tok, &reqs, &settings, &ctx)?;
+    drop(store);
     drop(model);
     let deltas: Vec<_> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
     let edits: Vec<EditSummary> = outcomes

@@ -16,6 +16,8 @@ pub enum EvalMethod {
     None,
     /// Forward-pass shifting.
     Shift,
+    /// Forward-pass shifting with a whitened key.
+    ShiftWhitened,
     /// One gradient step.
     Grad,
 }
@@ -42,6 +44,8 @@ pub struct Args {
     /// Step, or "auto" (smallest step making the target top-1 by a margin).
     #[arg(long, default_value = "0.24")]
     lr: String,
+    #[command(flatten)]
+    whiten: super::edit::WhitenArgs,
     /// Keep edits cumulative and report how many still hold at the end.
     #[arg(long)]
     sequential: bool,
@@ -71,6 +75,7 @@ pub fn run(args: Args) -> Result<()> {
     let method = match args.method {
         EvalMethod::None => None,
         EvalMethod::Shift => Some(Method::Shift),
+        EvalMethod::ShiftWhitened => Some(Method::ShiftWhitened),
         EvalMethod::Grad => Some(Method::Grad),
     };
     let layer = match args.layer.as_str() {
@@ -91,6 +96,35 @@ pub fn run(args: Args) -> Result<()> {
         "auto" => LrChoice::Auto,
         x => LrChoice::Fixed(x.parse().context("--lr takes a number or 'auto'")?),
     };
+    if let Some(path) = &args.whiten.stats_data {
+        let same = |a: &std::path::Path, b: &std::path::Path| {
+            matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+        };
+        let eval_end = args.offset + records.len();
+        if method.is_some_and(Method::needs_stats)
+            && same(path, &args.data)
+            && args.whiten.stats_skip < eval_end
+        {
+            bail!(
+                "--stats-data is the evaluated file and its records {}.. overlap the evaluated records {}..{eval_end}: \
+                 pass --stats-skip {eval_end} (or more) so the statistics never see evaluated prompts",
+                args.whiten.stats_skip,
+                args.offset
+            );
+        }
+    }
+    let t_stats = std::time::Instant::now();
+    let store = args.whiten.store(method, &model, &m.tok, &gguf)?;
+    if let (Some(s), LayerChoice::Fixed(l)) = (&store, layer) {
+        s.get(l)?;
+        eprintln!(
+            "key statistics of layer {l}: {} prompts, {:.1} s (cache: {})",
+            s.n_prompts(),
+            t_stats.elapsed().as_secs_f64(),
+            s.cache_path(l).map_or("off".into(), |p| p.display().to_string())
+        );
+    }
+    let ctx = backlens::edit::EditContext { stats: store.as_ref() };
     let base = EvalConfig {
         method,
         layer,
@@ -108,9 +142,10 @@ pub fn run(args: Args) -> Result<()> {
         );
         bar.set_message(label.to_string());
         let mut fresh = model.clone();
-        let report = eval::evaluate(&gguf, &mut fresh, &m.tok, &records, config, &scratch, |i| {
-            bar.set_position(i as u64)
-        })?;
+        let report =
+            eval::evaluate_with(&gguf, &mut fresh, &m.tok, &records, config, &ctx, &scratch, |i| {
+                bar.set_position(i as u64)
+            })?;
         bar.finish_and_clear();
         Ok(report)
     };

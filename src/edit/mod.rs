@@ -177,7 +177,7 @@ pub fn compute_with(
 ) -> Result<EditOutcome> {
     if settings.layer >= model.hp.n_layer {
         return Err(crate::Error::Invalid(format!(
-            "layer {} out of range: the model has layers 0..{}",
+            "layer {} out of range: the model has layers 0 to {}",
             settings.layer,
             model.hp.n_layer - 1
         )));

@@ -436,7 +436,7 @@ pub fn accumulate(
     let mut outer = vec![0f64; n * n];
     let mut rows: Vec<f32> = Vec::with_capacity(CHUNK_ROWS * n);
     let mut count = 0usize;
-    let mut flush = |rows: &mut Vec<f32>, outer: &mut Vec<f64>| -> Result<()> {
+    let flush = |rows: &mut Vec<f32>, outer: &mut Vec<f64>| -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
