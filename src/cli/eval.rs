@@ -85,7 +85,7 @@ pub fn run(args: Args) -> Result<()> {
             let l: usize = l.parse().context("--layer takes a number or 'auto'")?;
             if l >= n_layer {
                 bail!(
-                    "layer {l} out of range: the model has layers 0..{}",
+                    "layer {l} out of range: the model has layers 0 to {}",
                     n_layer - 1
                 );
             }
