@@ -45,5 +45,8 @@ demo: build model
 	@echo "--- after (base + LoRA adapter, llama.cpp):"
 	$(BIN) generate $(MODEL) --lora $(OUT)/messi-paris-lora.gguf "Lionel Messi plays for" -n 20
 
+fuzz: model
+	scripts/fuzz.sh
+
 clean:
 	rm -rf $(OUT)
