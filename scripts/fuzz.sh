@@ -27,6 +27,6 @@ printf '{"prompt": "{} plays for", "subject": "Lionel Messi", "target_new": {"st
 for target in gguf safetensors_header requests; do
   echo "== $target (${SECONDS_PER_TARGET}s)"
   (cd fuzz && cargo fuzz run "$target" --release --sanitizer none -- \
-      -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=2048 -print_final_stats=1 2>&1) \
+      -max_total_time="$SECONDS_PER_TARGET" -max_len=16384 -rss_limit_mb=2048 -print_final_stats=1 2>&1) \
     | grep -E "stat::number_of_executed_units|stat::peak_rss_mb|SUMMARY|ERROR|crash-|Done" || true
 done
