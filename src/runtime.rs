@@ -78,7 +78,7 @@ impl LlamaRuntime {
 
     /// Opens an evaluation session with an F32 KV cache.
     pub fn session(&self) -> Result<Session<'_>> {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as i32;
+        let threads = decode_threads();
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(SESSION_CTX))
             .with_n_batch(SESSION_CTX)
@@ -97,6 +97,17 @@ impl LlamaRuntime {
             eos: self.model.vocab().eos().0,
         })
     }
+}
+
+/// Threads for llama.cpp decodes: `BACKLENS_THREADS`, else half the cores (at least one).
+/// ggml's workers meet at spinning barriers after every graph node; when they share the cores
+/// with other busy threads (candle's, a parallel test, another process) a descheduled worker
+/// stalls the others, and on two cores a 10-token decode then takes seconds instead of tens of
+/// milliseconds. Leaving half the cores free avoids that at a small cost on an idle machine.
+fn decode_threads() -> i32 {
+    let from_env = std::env::var("BACKLENS_THREADS").ok().and_then(|v| v.parse().ok());
+    let half = std::thread::available_parallelism().map_or(1, |n| n.get() / 2);
+    from_env.unwrap_or(half).max(1) as i32
 }
 
 /// A llama.cpp context for repeated evaluations; each call starts from an empty KV cache.
