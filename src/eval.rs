@@ -176,7 +176,8 @@ pub fn ngram_entropy(text: &str) -> f64 {
         if words.len() < n {
             return 0.0;
         }
-        let mut counts: std::collections::HashMap<&[String], usize> = Default::default();
+        // Ordered, so that the floating-point sum is the same on every run.
+        let mut counts: std::collections::BTreeMap<&[String], usize> = Default::default();
         for g in words.windows(n) {
             *counts.entry(g).or_default() += 1;
         }

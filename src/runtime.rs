@@ -105,7 +105,9 @@ impl LlamaRuntime {
 /// stalls the others, and on two cores a 10-token decode then takes seconds instead of tens of
 /// milliseconds. Leaving half the cores free avoids that at a small cost on an idle machine.
 fn decode_threads() -> i32 {
-    let from_env = std::env::var("BACKLENS_THREADS").ok().and_then(|v| v.parse().ok());
+    let from_env = std::env::var("BACKLENS_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let half = std::thread::available_parallelism().map_or(1, |n| n.get() / 2);
     from_env.unwrap_or(half).max(1) as i32
 }
