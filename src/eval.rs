@@ -32,8 +32,9 @@ pub enum LayerChoice {
 pub enum LrChoice {
     /// A fixed step.
     Fixed(f64),
-    /// Per record: the smallest step (bisection) that makes the target the top-1 next token by
-    /// `AUTO_MARGIN` nats in the candle model, capped at `AUTO_MAX_LR`.
+    /// Per record: the smallest step (upward scan, then bisection) that makes the target the
+    /// top-1 next token by `AUTO_MARGIN` nats in the candle model, at most `AUTO_MAX_LR`
+    /// (see [`auto_lr`]).
     Auto,
 }
 
@@ -248,8 +249,14 @@ pub fn auto_layer(model: &Transformer, prompt: &[u32], target: &[u32]) -> Result
     Ok(best.2)
 }
 
-/// Smallest step making the target top-1 by `AUTO_MARGIN` (bisection on the shift, which is
-/// linear in the step), or `AUTO_MAX_LR` when even that does not suffice.
+/// Steps of the upward scan of the auto rule: `AUTO_MAX_LR` · 2^-k for k = AUTO_SCAN-1 .. 0.
+const AUTO_SCAN: i32 = 8;
+
+/// Smallest step making the target top-1 by `AUTO_MARGIN`: the delta is linear in the step, but
+/// the margin is not monotonic in it (past some step the shift swamps the residual stream and
+/// other tokens win again), so the rule scans steps `AUTO_MAX_LR` · 2^-k upwards, takes the first
+/// that reaches the margin and bisects between it and the step before. When none reaches it, the
+/// scanned step with the largest margin is used (not the cap, which often breaks the model).
 pub fn auto_lr(
     model: &Transformer,
     prompt: &[u32],
@@ -277,11 +284,25 @@ pub fn auto_lr(
             .fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
         Ok((t - other) as f64)
     };
-    if margin_at(AUTO_MAX_LR)? < AUTO_MARGIN {
-        return Ok(AUTO_MAX_LR);
+    let mut lo = 0.0;
+    let mut best = (f64::NEG_INFINITY, AUTO_MAX_LR);
+    let mut hi = None;
+    for k in (0..AUTO_SCAN).rev() {
+        let lr = AUTO_MAX_LR * 2f64.powi(-k);
+        let m = margin_at(lr)?;
+        if m >= AUTO_MARGIN {
+            hi = Some(lr);
+            break;
+        }
+        if m > best.0 {
+            best = (m, lr);
+        }
+        lo = lr;
     }
-    let (mut lo, mut hi) = (0.0, AUTO_MAX_LR);
-    for _ in 0..8 {
+    let Some(mut hi) = hi else {
+        return Ok(best.1);
+    };
+    for _ in 0..6 {
         let mid = 0.5 * (lo + hi);
         if margin_at(mid)? >= AUTO_MARGIN {
             hi = mid;

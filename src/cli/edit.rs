@@ -3,7 +3,7 @@
 
 use super::{open, print_json, require_gguf};
 use anyhow::{bail, Result};
-use backlens::edit::whiten::{self, StatsCorpus, StatsStore};
+use backlens::edit::whiten::{self, StatsCorpus, StatsStore, WhitenOptions};
 use backlens::edit::{self, EditContext, EditOutcome, EditRequest, EditSettings, Method};
 use backlens::model::Transformer;
 use backlens::runtime::{argmax, log_probs, LlamaRuntime, Session};
@@ -86,9 +86,16 @@ pub struct WhitenArgs {
     /// Records (or lines) of --stats-data to skip.
     #[arg(long, default_value_t = 0)]
     pub stats_skip: usize,
-    /// Ridge λ of the whitening, relative to the mean diagonal of E[a aᵀ].
-    #[arg(long, default_value_t = whiten::DEFAULT_LAMBDA_RATIO)]
+    /// Ridge λ of the whitening, relative to the mean diagonal of the second moment.
+    #[arg(long, default_value_t = WhitenOptions::default().lambda_ratio)]
     pub whiten_lambda: f64,
+    /// Weight of the last-position second moment added to the all-position one.
+    #[arg(long, default_value_t = WhitenOptions::default().last_weight)]
+    pub whiten_last_weight: f64,
+    /// Weight of the contrast-subject term (prompt rerun with made-up subjects; needs the
+    /// request's subject), relative to the mean diagonal; 0 turns contrast off.
+    #[arg(long, default_value_t = WhitenOptions::default().contrast_weight)]
+    pub contrast_weight: f64,
     /// Do not read or write the statistics cache ($HOME/.cache/backlens/stats).
     #[arg(long)]
     pub no_stats_cache: bool,
@@ -103,6 +110,15 @@ impl WhitenArgs {
                 skip: self.stats_skip,
             },
             None => StatsCorpus::Builtin,
+        }
+    }
+
+    /// The key options.
+    pub fn options(&self) -> WhitenOptions {
+        WhitenOptions {
+            lambda_ratio: self.whiten_lambda,
+            last_weight: self.whiten_last_weight,
+            contrast_weight: self.contrast_weight,
         }
     }
 
@@ -126,7 +142,7 @@ impl WhitenArgs {
             tok,
             path,
             &self.corpus(),
-            self.whiten_lambda,
+            self.options(),
             cache,
         )?))
     }
@@ -185,6 +201,7 @@ fn provenance(
     settings: &EditSettings,
     outcomes: &[EditOutcome],
     base: &[u8],
+    whiten: &WhitenArgs,
 ) -> Vec<(String, Value)> {
     let edits: Vec<serde_json::Value> = outcomes
         .iter()
@@ -198,7 +215,7 @@ fn provenance(
         })
         .collect();
     let method = settings.method.name();
-    vec![
+    let mut keys = vec![
         (
             "backlens.version".into(),
             Value::String(env!("CARGO_PKG_VERSION").into()),
@@ -214,7 +231,18 @@ fn provenance(
             "backlens.base_sha256".into(),
             Value::String(sha256_hex(base)),
         ),
-    ]
+    ];
+    if settings.method.needs_stats() {
+        keys.push((
+            "backlens.whiten".into(),
+            Value::String(serde_json::to_string(&whiten.options()).unwrap_or_default()),
+        ));
+        keys.push((
+            "backlens.stats_corpus".into(),
+            Value::String(whiten.corpus().describe()),
+        ));
+    }
+    keys
 }
 
 fn requests(args: &Args) -> Result<Vec<EditRequest>> {
@@ -285,11 +313,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     match (&m.source, args.format) {
         (ModelSource::Gguf(g), Format::Gguf) => {
-            let prov = provenance(&settings, &outcomes, g.bytes());
+            let prov = provenance(&settings, &outcomes, g.bytes(), &args.whiten);
             patch_plan(g, &deltas, args.ff2_type, &prov)?.write(&args.output)?
         }
         (ModelSource::Gguf(g), Format::Lora) => {
-            let prov = provenance(&settings, &outcomes, g.bytes());
+            let prov = provenance(&settings, &outcomes, g.bytes(), &args.whiten);
             lora::write_adapter(&args.output, model_arch(&m.source)?, &deltas, &prov)?
         }
         (ModelSource::Hf(h), Format::Safetensors) => {

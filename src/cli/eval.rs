@@ -97,12 +97,9 @@ pub fn run(args: Args) -> Result<()> {
         x => LrChoice::Fixed(x.parse().context("--lr takes a number or 'auto'")?),
     };
     if let Some(path) = &args.whiten.stats_data {
-        let same = |a: &std::path::Path, b: &std::path::Path| {
-            matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
-        };
         let eval_end = args.offset + records.len();
         if method.is_some_and(Method::needs_stats)
-            && same(path, &args.data)
+            && same_file(path, &args.data)
             && args.whiten.stats_skip < eval_end
         {
             bail!(
@@ -121,10 +118,13 @@ pub fn run(args: Args) -> Result<()> {
             "key statistics of layer {l}: {} prompts, {:.1} s (cache: {})",
             s.n_prompts(),
             t_stats.elapsed().as_secs_f64(),
-            s.cache_path(l).map_or("off".into(), |p| p.display().to_string())
+            s.cache_path(l)
+                .map_or("off".into(), |p| p.display().to_string())
         );
     }
-    let ctx = backlens::edit::EditContext { stats: store.as_ref() };
+    let ctx = backlens::edit::EditContext {
+        stats: store.as_ref(),
+    };
     let base = EvalConfig {
         method,
         layer,
@@ -142,10 +142,16 @@ pub fn run(args: Args) -> Result<()> {
         );
         bar.set_message(label.to_string());
         let mut fresh = model.clone();
-        let report =
-            eval::evaluate_with(&gguf, &mut fresh, &m.tok, &records, config, &ctx, &scratch, |i| {
-                bar.set_position(i as u64)
-            })?;
+        let report = eval::evaluate_with(
+            &gguf,
+            &mut fresh,
+            &m.tok,
+            &records,
+            config,
+            &ctx,
+            &scratch,
+            |i| bar.set_position(i as u64),
+        )?;
         bar.finish_and_clear();
         Ok(report)
     };
@@ -247,4 +253,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     println!("  {:.2} records/s", report.records_per_second);
     Ok(())
+}
+
+/// Whether two paths name the same existing file.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }

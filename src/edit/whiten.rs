@@ -2,24 +2,33 @@
 //!
 //! Plain FPS adds lr · e xᵀ to FF2, so any other FF2 input x' receives lr · (x·x') · e. Prompts
 //! that end in the same relation words have FF2 inputs with a large dot product with x, which is
-//! why FPS breaks neighbouring facts. Here the key is whitened by the second moment of FF2
-//! inputs over generic text,
+//! why FPS breaks neighbouring facts (CounterFact neighborhood prompts: same relation, another
+//! subject). Here the key is whitened:
 //!
 //! ```text
-//! C = E[a aᵀ] + λ·I,   k = C⁻¹x / (xᵀC⁻¹x),   ΔW = s · e kᵀ,   s = lr · ‖x‖²,
+//! C = E[a aᵀ] + β·E[a_last a_lastᵀ] + λ·I + (γ/J)·Σⱼ xⱼ xⱼᵀ,
+//! k = C⁻¹x / (xᵀC⁻¹x),   ΔW = s · e kᵀ,   s = lr · ‖x‖²,
 //! ```
 //!
-//! so that ΔW·x = s·e exactly (k·x = 1) while E[(k·a)²] is the smallest among all keys with
-//! k·x = 1 (ROME's argument): the edit writes into the residual at x what plain FPS would write
-//! with the same lr, and as little as possible on average elsewhere. Because s = lr·‖x‖², `lr`
-//! has the same meaning as for plain FPS at the edit prompt, and the delta is linear in lr, so
-//! `eval --lr auto` works unchanged. The delta is stored like FPS's: out = lr·e, in = ‖x‖²·k.
+//! so that ΔW·x = s·e exactly (k·x = 1) while kᵀCk, the mean square of k·a over the statistics
+//! (ROME's argument) plus the contrast penalty, is the smallest among all keys with k·x = 1: the
+//! edit writes at x what plain FPS writes with the same lr, and as little as possible elsewhere.
+//! Because s = lr·‖x‖², `lr` has the same meaning as for plain FPS at the edit prompt and the
+//! delta is linear in lr, so `eval --lr auto` works unchanged. The delta is stored like FPS's:
+//! out = lr·e, in = ‖x‖²·k.
 //!
-//! The statistics ([`KeyStats`]) are the uncentered second moment (and mean) of the FF2 inputs at
-//! one layer over every position but the first of a fixed prompt set ([`StatsCorpus`]), computed
-//! on the unedited model and cached on disk under `$HOME/.cache/backlens/stats/`
-//! (see [`StatsStore`]). λ = `lambda_ratio` · tr(E[a aᵀ]) / n_ff; the Cholesky factor of C is
-//! computed on load (well under a second for n_ff = 1536).
+//! * E[a aᵀ] is the uncentered second moment of the FF2 inputs at the edited layer over every
+//!   position but the first (BOS / attention sink) of a fixed prompt set ([`StatsCorpus`]:
+//!   by default backlens's own built-in prompts, [`builtin_prompts`]; or a file, e.g. the
+//!   prompt/rephrase/locality strings of CounterFact *val* records), and E[a_last a_lastᵀ] the
+//!   same over the last position of each prompt only, weighted by β (`last_weight`), since edit
+//!   keys are last positions. Both are computed on the unedited model and cached on disk
+//!   ([`StatsStore`], `$HOME/.cache/backlens/stats/`); λ = `lambda_ratio` · the mean diagonal.
+//! * Contrast ("which subject?"): when the request names its subject and the prompt contains it,
+//!   the prompt is rerun with the subject replaced by J made-up subjects ([`CONTRAST_SUBJECTS`])
+//!   and their last-position FF2 inputs xⱼ enter C with weight γ = `contrast_weight` · the mean
+//!   diagonal, which makes k nearly orthogonal to "same relation, other subject". The low-rank
+//!   term is applied with the Woodbury identity on top of the cached Cholesky factor.
 
 use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
@@ -28,65 +37,113 @@ use crate::runtime::argmax;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Default λ relative to the mean diagonal of E[a aᵀ] (tuned on CounterFact val records).
-pub const DEFAULT_LAMBDA_RATIO: f64 = 1e-2;
-
 /// Rows of FF2 inputs gathered before one Aᵀ·A update of the second moment.
 const CHUNK_ROWS: usize = 2048;
 
 /// Magic bytes of a cached statistics file.
-const MAGIC: &[u8; 8] = b"BLSTATS1";
+const MAGIC: &[u8; 8] = b"BLSTATS2";
 
-/// Second-moment statistics of FF2 inputs at one layer, with the Cholesky factor of
-/// C = E[a aᵀ] + λ·I.
+/// How the whitened key is built.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct WhitenOptions {
+    /// λ relative to the mean diagonal of the second moment.
+    pub lambda_ratio: f64,
+    /// β: weight of the last-position second moment added to the all-position one.
+    pub last_weight: f64,
+    /// γ relative to the mean diagonal for the contrast-subject term; 0 disables contrast.
+    pub contrast_weight: f64,
+}
+
+impl Default for WhitenOptions {
+    /// The defaults tuned on CounterFact val records (see the crate docs).
+    fn default() -> WhitenOptions {
+        WhitenOptions {
+            lambda_ratio: 1e-2,
+            last_weight: 4.0,
+            contrast_weight: 10.0,
+        }
+    }
+}
+
+impl WhitenOptions {
+    fn check(&self) -> Result<()> {
+        let ok = |v: f64| v.is_finite() && v >= 0.0;
+        if !(ok(self.lambda_ratio) && self.lambda_ratio > 0.0) {
+            return Err(Error::Invalid(format!(
+                "whitening λ ratio must be a positive number, got {}",
+                self.lambda_ratio
+            )));
+        }
+        if !ok(self.last_weight) || !ok(self.contrast_weight) {
+            return Err(Error::Invalid(format!(
+                "whitening weights must be non-negative numbers, got last {} contrast {}",
+                self.last_weight, self.contrast_weight
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Raw statistics of the FF2 inputs at one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    /// Positions counted in `all` (every position but the first of each prompt).
+    pub count: usize,
+    /// Prompts counted in `last` (one last position each).
+    pub count_last: usize,
+    /// E[a] over `count` positions.
+    pub mean: Vec<f64>,
+    /// E[a aᵀ] over every position but the first, row-major (n, n).
+    pub all: Vec<f64>,
+    /// E[a aᵀ] over the last position of each prompt, row-major (n, n).
+    pub last: Vec<f64>,
+}
+
+/// The factored whitening matrix C = E[a aᵀ] + β·E[a_last a_lastᵀ] + λ·I of one layer.
 #[derive(Debug, Clone)]
 pub struct KeyStats {
     /// Layer the statistics belong to.
     pub layer: usize,
     /// Width of the FF2 input (n_ff).
     pub n: usize,
-    /// Token positions the statistics were accumulated over.
+    /// Positions the all-position moment was accumulated over.
     pub count: usize,
+    /// Mean diagonal of the (weighted) second moment: the scale λ and γ are relative to.
+    pub scale: f64,
     /// λ added to the diagonal.
     pub lambda: f64,
-    /// Mean FF2 input E[a].
-    pub mean: Vec<f64>,
-    /// Uncentered second moment E[a aᵀ], row-major (n, n).
-    pub moment: Vec<f64>,
-    /// Lower-triangular Cholesky factor of C = E[a aᵀ] + λ·I, row-major (n, n).
+    /// Options used.
+    pub options: WhitenOptions,
+    /// Lower-triangular Cholesky factor of C, row-major (n, n).
     chol: Vec<f64>,
 }
 
 impl KeyStats {
-    /// Statistics from raw sums: `sum` = Σ a, `sum_outer` = Σ a aᵀ over `count` positions;
-    /// λ = `lambda_ratio` · tr(E[a aᵀ]) / n.
-    pub fn from_moments(
+    /// Factors C = `moment` + λ·I with λ = `lambda_ratio` · mean diagonal of `moment` (n, n).
+    pub fn new(
         layer: usize,
         n: usize,
         count: usize,
-        mean: Vec<f64>,
         moment: Vec<f64>,
-        lambda_ratio: f64,
+        options: WhitenOptions,
     ) -> Result<KeyStats> {
-        if mean.len() != n || moment.len() != n * n || count == 0 {
+        options.check()?;
+        if moment.len() != n * n || n == 0 {
             return Err(Error::Invalid(format!(
-                "key statistics of layer {layer}: inconsistent sizes (n {n}, count {count})"
+                "key statistics of layer {layer}: a moment of {} values for width {n}",
+                moment.len()
             )));
         }
-        if !(lambda_ratio.is_finite() && lambda_ratio > 0.0) {
-            return Err(Error::Invalid(format!(
-                "lambda ratio must be a positive number, got {lambda_ratio}"
-            )));
-        }
-        let trace: f64 = (0..n).map(|i| moment[i * n + i]).sum();
-        let lambda = lambda_ratio * trace / n as f64;
-        let mut chol = moment.clone();
+        let scale = (0..n).map(|i| moment[i * n + i]).sum::<f64>() / n as f64;
+        let lambda = options.lambda_ratio * scale;
+        let mut chol = moment;
         for i in 0..n {
             chol[i * n + i] += lambda;
         }
@@ -99,23 +156,29 @@ impl KeyStats {
             layer,
             n,
             count,
+            scale,
             lambda,
-            mean,
-            moment,
+            options,
             chol,
         })
     }
 
-    /// The same statistics with another λ ratio.
-    pub fn with_lambda_ratio(&self, lambda_ratio: f64) -> Result<KeyStats> {
-        KeyStats::from_moments(
-            self.layer,
-            self.n,
-            self.count,
-            self.mean.clone(),
-            self.moment.clone(),
-            lambda_ratio,
-        )
+    /// Factors C from raw moments: `all` + β·`last` (+ λ·I).
+    pub fn from_moments(layer: usize, m: &Moments, options: WhitenOptions) -> Result<KeyStats> {
+        let n = m.mean.len();
+        if m.all.len() != n * n || m.last.len() != n * n || m.count == 0 {
+            return Err(Error::Invalid(format!(
+                "key statistics of layer {layer}: inconsistent moments"
+            )));
+        }
+        let beta = options.last_weight;
+        let moment = m
+            .all
+            .iter()
+            .zip(&m.last)
+            .map(|(a, l)| a + beta * l)
+            .collect();
+        KeyStats::new(layer, n, m.count, moment, options)
     }
 
     /// Solves C z = v.
@@ -128,7 +191,7 @@ impl KeyStats {
             let s = dot(&l[i * n..i * n + i], &y[..i]);
             y[i] = (y[i] - s) / l[i * n + i];
         }
-        // Lᵀ z = y, row-oriented: after z[i] is known, remove its share from earlier rows.
+        // Lᵀ z = y, row-oriented: once z[i] is known, remove its share from the rows above.
         for i in (0..n).rev() {
             y[i] /= l[i * n + i];
             let zi = y[i];
@@ -141,7 +204,13 @@ impl KeyStats {
 
     /// The whitened key k = C⁻¹x / (xᵀC⁻¹x), so that k·x = 1.
     pub fn key(&self, x: &[f32]) -> Result<Vec<f64>> {
-        if x.len() != self.n {
+        self.key_with_contrast(x, &[])
+    }
+
+    /// The key with contrast inputs: k = C'⁻¹x / (xᵀC'⁻¹x) for
+    /// C' = C + (γ/J)·Σⱼ xⱼ xⱼᵀ, γ = `contrast_weight` · `scale` (Woodbury on C's factor).
+    pub fn key_with_contrast(&self, x: &[f32], contrast: &[Vec<f32>]) -> Result<Vec<f64>> {
+        if x.len() != self.n || contrast.iter().any(|c| c.len() != self.n) {
             return Err(Error::Invalid(format!(
                 "key of width {} for statistics of width {}",
                 x.len(),
@@ -149,7 +218,33 @@ impl KeyStats {
             )));
         }
         let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        let z = self.solve(&xd);
+        let mut z = self.solve(&xd);
+        let gamma = self.options.contrast_weight * self.scale;
+        let j = contrast.len();
+        if j > 0 && gamma > 0.0 {
+            // C'⁻¹x = z − C⁻¹U (I + UᵀC⁻¹U)⁻¹ Uᵀz with U = √(γ/J)·[x₁ … x_J].
+            let w = (gamma / j as f64).sqrt();
+            let u: Vec<Vec<f64>> = contrast
+                .iter()
+                .map(|c| c.iter().map(|&v| v as f64 * w).collect())
+                .collect();
+            let cu: Vec<Vec<f64>> = u.iter().map(|v| self.solve(v)).collect();
+            let mut g = vec![0f64; j * j];
+            for a in 0..j {
+                for b in 0..=a {
+                    g[a * j + b] = dot(&u[a], &cu[b]) + if a == b { 1.0 } else { 0.0 };
+                }
+            }
+            cholesky_in_place(&mut g, j)
+                .map_err(|_| Error::Invalid("contrast inputs give a singular system".into()))?;
+            let rhs: Vec<f64> = u.iter().map(|v| dot(v, &z)).collect();
+            let coef = solve_factored(&g, j, rhs);
+            for (c, v) in coef.iter().zip(&cu) {
+                for (zi, vi) in z.iter_mut().zip(v) {
+                    *zi -= c * vi;
+                }
+            }
+        }
         let q = dot(&xd, &z);
         if !(q.is_finite() && q > 0.0) {
             return Err(Error::Invalid(
@@ -158,6 +253,22 @@ impl KeyStats {
         }
         Ok(z.iter().map(|v| v / q).collect())
     }
+}
+
+/// Solves L Lᵀ z = v for a lower-triangular row-major factor `l` (n, n).
+fn solve_factored(l: &[f64], n: usize, mut y: Vec<f64>) -> Vec<f64> {
+    for i in 0..n {
+        let s = dot(&l[i * n..i * n + i], &y[..i]);
+        y[i] = (y[i] - s) / l[i * n + i];
+    }
+    for i in (0..n).rev() {
+        y[i] /= l[i * n + i];
+        let zi = y[i];
+        for (yk, &lik) in y[..i].iter_mut().zip(&l[i * n..i * n + i]) {
+            *yk -= lik * zi;
+        }
+    }
+    y
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -259,32 +370,88 @@ impl StatsCorpus {
     }
 }
 
+/// Contrast subjects: the edit prompt is rerun with its subject replaced by each of these.
+pub const CONTRAST_SUBJECTS: &[&str] = &[
+    "Maria Lindqvist",
+    "Tomas Brenner",
+    "Akira Watanabe",
+    "Fatima Haddad",
+    "Lake Orrin",
+    "Port Amara",
+    "Northbridge",
+    "Santa Lucena",
+    "the Zentra phone",
+    "Nordlys Radio",
+    "Helix Studio",
+    "the Kestrel car",
+];
+
+/// Made-up people: subjects of the built-in prompts and contrast subjects.
+const PEOPLE: &[&str] = &[
+    "Maria Lindqvist",
+    "Tomas Brenner",
+    "Akira Watanabe",
+    "Fatima Haddad",
+    "John Carter",
+    "Elena Petrova",
+    "Samuel Okafor",
+    "Lucia Fernandes",
+    "Henrik Olsen",
+    "Priya Raman",
+    "Marco Bellini",
+    "Grace Kim",
+    "Pierre Dubois",
+    "Anna Kowalska",
+    "David Cohen",
+    "Chen Wei",
+    "Olivia Turner",
+    "Mehmet Yilmaz",
+    "Isabel Ortega",
+    "Kwame Mensah",
+];
+
+/// Made-up places: subjects of the built-in prompts and contrast subjects.
+const PLACES: &[&str] = &[
+    "Lake Orrin",
+    "Valmont",
+    "the Kessel valley",
+    "Port Amara",
+    "Northbridge",
+    "Santa Lucena",
+    "the Brevik peninsula",
+    "Old Harlow",
+    "Mount Teller",
+    "Riverside Park",
+    "Castel Ferro",
+    "the Dunmore bridge",
+    "Eastfield station",
+    "Novigrad",
+    "the Selva plateau",
+];
+
+/// Made-up products and organisations: subjects of the built-in prompts and contrast subjects.
+const THINGS: &[&str] = &[
+    "the Zentra phone",
+    "Nordlys Radio",
+    "the Atlas engine",
+    "Helix Studio",
+    "the Kestrel car",
+    "Brightwave TV",
+    "the Orion tablet",
+    "Vireo OS",
+    "the Tempo camera",
+    "Lumen Records",
+    "the Falcon console",
+    "Corvid Press",
+    "the Meridian series",
+    "Solstice Games",
+    "the Pavo browser",
+];
+
 /// The built-in statistics prompts: relation templates of many kinds (place, origin, language,
 /// employer, maker, genre, ...) filled with subjects of the matching kind, plus generic sentences.
 /// Written for backlens; they share no text with CounterFact.
 pub fn builtin_prompts() -> Vec<String> {
-    const PEOPLE: &[&str] = &[
-        "Maria Lindqvist",
-        "Tomas Brenner",
-        "Akira Watanabe",
-        "Fatima Haddad",
-        "John Carter",
-        "Elena Petrova",
-        "Samuel Okafor",
-        "Lucia Fernandes",
-        "Henrik Olsen",
-        "Priya Raman",
-        "Marco Bellini",
-        "Grace Kim",
-        "Pierre Dubois",
-        "Anna Kowalska",
-        "David Cohen",
-        "Chen Wei",
-        "Olivia Turner",
-        "Mehmet Yilmaz",
-        "Isabel Ortega",
-        "Kwame Mensah",
-    ];
     const PERSON_TEMPLATES: &[&str] = &[
         "{} was born in",
         "{} is a citizen of",
@@ -307,23 +474,6 @@ pub fn builtin_prompts() -> Vec<String> {
         "{}'s area of work is",
         "{} has the nationality of",
     ];
-    const PLACES: &[&str] = &[
-        "Lake Orrin",
-        "Valmont",
-        "the Kessel valley",
-        "Port Amara",
-        "Northbridge",
-        "Santa Lucena",
-        "the Brevik peninsula",
-        "Old Harlow",
-        "Mount Teller",
-        "Riverside Park",
-        "Castel Ferro",
-        "the Dunmore bridge",
-        "Eastfield station",
-        "Novigrad",
-        "the Selva plateau",
-    ];
     const PLACE_TEMPLATES: &[&str] = &[
         "{} is located in",
         "{} is located in the continent of",
@@ -337,23 +487,6 @@ pub fn builtin_prompts() -> Vec<String> {
         "In {}, the language spoken is",
         "{} can be found in",
         "The country of {} is",
-    ];
-    const THINGS: &[&str] = &[
-        "the Zentra phone",
-        "Nordlys Radio",
-        "the Atlas engine",
-        "Helix Studio",
-        "the Kestrel car",
-        "Brightwave TV",
-        "the Orion tablet",
-        "Vireo OS",
-        "the Tempo camera",
-        "Lumen Records",
-        "the Falcon console",
-        "Corvid Press",
-        "the Meridian series",
-        "Solstice Games",
-        "the Pavo browser",
     ];
     const THING_TEMPLATES: &[&str] = &[
         "{} is developed by",
@@ -417,41 +550,42 @@ pub fn builtin_prompts() -> Vec<String> {
     out
 }
 
-/// Accumulates E[a] and E[a aᵀ] of the FF2 inputs at `layer` over every position but the first
-/// (the BOS / attention-sink position) of each prompt, on a copy of `model` cut after `layer`.
-pub fn accumulate(
-    model: &Transformer,
-    prompts: &[Vec<u32>],
-    layer: usize,
-) -> Result<(usize, Vec<f64>, Vec<f64>)> {
-    if layer >= model.blocks.len() {
-        return Err(Error::Invalid(format!("layer {layer} out of range")));
-    }
-    // Only layers 0..=layer matter; a one-row unembedding makes the final projection free.
+/// `model` cut after `layer`, with a one-row unembedding so that the final projection is free:
+/// its trace holds the FF2 inputs of layers 0..=layer.
+fn prefix_model(model: &Transformer, layer: usize) -> Result<Transformer> {
     let mut prefix = model.clone();
     prefix.blocks.truncate(layer + 1);
     prefix.output = model.tok_embd.narrow(0, 0, 1)?;
+    Ok(prefix)
+}
+
+/// Accumulates the [`Moments`] of the FF2 inputs at `layer` over `prompts`.
+pub fn accumulate(model: &Transformer, prompts: &[Vec<u32>], layer: usize) -> Result<Moments> {
+    if layer >= model.blocks.len() {
+        return Err(Error::Invalid(format!("layer {layer} out of range")));
+    }
+    let prefix = prefix_model(model, layer)?;
     let n = model.hp.n_ff;
     let mut sum = vec![0f64; n];
-    let mut outer = vec![0f64; n * n];
+    let mut all = vec![0f64; n * n];
+    let mut last = vec![0f64; n * n];
     let mut rows: Vec<f32> = Vec::with_capacity(CHUNK_ROWS * n);
-    let mut count = 0usize;
-    let flush = |rows: &mut Vec<f32>, outer: &mut Vec<f64>| -> Result<()> {
+    let mut last_rows: Vec<f32> = Vec::with_capacity(CHUNK_ROWS * n);
+    let (mut count, mut count_last) = (0usize, 0usize);
+    let flush = |rows: &mut Vec<f32>, acc: &mut Vec<f64>| -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
-        let r = rows.len() / n;
-        let a = Tensor::from_slice(rows, (r, n), &Device::Cpu)?;
+        let a = Tensor::from_slice(rows, (rows.len() / n, n), &Device::Cpu)?;
         let ata: Vec<f32> = a.t()?.matmul(&a)?.flatten_all()?.to_vec1()?;
-        for (o, v) in outer.iter_mut().zip(ata) {
+        for (o, v) in acc.iter_mut().zip(ata) {
             *o += v as f64;
         }
         rows.clear();
         Ok(())
     };
-    let max_len = model.hp.n_ctx;
     for ids in prompts {
-        let ids = &ids[..ids.len().min(max_len)];
+        let ids = &ids[..ids.len().min(model.hp.n_ctx)];
         if ids.len() < 2 {
             continue;
         }
@@ -467,21 +601,34 @@ pub fn accumulate(
             }
         }
         count += a.len() / n;
+        count_last += 1;
         rows.extend_from_slice(&a);
+        last_rows.extend_from_slice(&a[a.len() - n..]);
         if rows.len() >= CHUNK_ROWS * n {
-            flush(&mut rows, &mut outer)?;
+            flush(&mut rows, &mut all)?;
+        }
+        if last_rows.len() >= CHUNK_ROWS * n {
+            flush(&mut last_rows, &mut last)?;
         }
     }
-    flush(&mut rows, &mut outer)?;
+    flush(&mut rows, &mut all)?;
+    flush(&mut last_rows, &mut last)?;
     if count == 0 {
         return Err(Error::Invalid(
             "no statistics prompts of two or more tokens".into(),
         ));
     }
-    let c = count as f64;
+    let (c, cl) = (count as f64, count_last as f64);
     sum.iter_mut().for_each(|v| *v /= c);
-    outer.iter_mut().for_each(|v| *v /= c);
-    Ok((count, sum, outer))
+    all.iter_mut().for_each(|v| *v /= c);
+    last.iter_mut().for_each(|v| *v /= cl);
+    Ok(Moments {
+        count,
+        count_last,
+        mean: sum,
+        all,
+        last,
+    })
 }
 
 /// Identity of a model file (or HF folder) for the cache: name, size and mtime of its files.
@@ -524,9 +671,9 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/backlens/stats"))
 }
 
-/// Statistics for any layer of one unedited model, computed on first use, cached in memory and
-/// on disk. It keeps its own copy of the unedited weights, so edits applied to the caller's model
-/// afterwards (sequential editing) never leak into the statistics.
+/// Key statistics for any layer of one unedited model, computed on first use, kept in memory and
+/// cached on disk. It keeps its own copy of the unedited weights, so edits applied to the
+/// caller's model afterwards (sequential editing) never leak into the statistics.
 pub struct StatsStore {
     model: Transformer,
     prompts: Vec<Vec<u32>>,
@@ -534,13 +681,13 @@ pub struct StatsStore {
     model_path: PathBuf,
     fingerprint: String,
     corpus_sha: String,
-    lambda_ratio: f64,
+    options: WhitenOptions,
     cache_dir: Option<PathBuf>,
     loaded: Mutex<HashMap<usize, Arc<KeyStats>>>,
 }
 
 /// Header of a cached statistics file (JSON after the magic and a u64 length), followed by
-/// `n` f32 (mean) and `n·n` f32 (second moment, row-major), little-endian.
+/// little-endian f32: `n` (mean), `n·n` (all-position moment), `n·n` (last-position moment).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CacheHeader {
     model: String,
@@ -548,6 +695,7 @@ struct CacheHeader {
     layer: usize,
     n: usize,
     count: usize,
+    count_last: usize,
     corpus: String,
     corpus_sha: String,
 }
@@ -560,7 +708,7 @@ impl StatsStore {
         tok: &Tokenizer,
         model_path: &Path,
         corpus: &StatsCorpus,
-        lambda_ratio: f64,
+        options: WhitenOptions,
         cache_dir: Option<PathBuf>,
     ) -> Result<StatsStore> {
         let prompts = corpus
@@ -573,25 +721,21 @@ impl StatsStore {
             prompts,
             model_path,
             &corpus.describe(),
-            lambda_ratio,
+            options,
             cache_dir,
         )
     }
 
-    /// Like [`StatsStore::new`] with the prompts already tokenized.
+    /// Like [`StatsStore::new`] with the prompts already tokenized (`corpus` only describes them).
     pub fn from_tokens(
         model: &Transformer,
         prompts: Vec<Vec<u32>>,
         model_path: &Path,
         corpus: &str,
-        lambda_ratio: f64,
+        options: WhitenOptions,
         cache_dir: Option<PathBuf>,
     ) -> Result<StatsStore> {
-        if !(lambda_ratio.is_finite() && lambda_ratio > 0.0) {
-            return Err(Error::Invalid(format!(
-                "lambda ratio must be a positive number, got {lambda_ratio}"
-            )));
-        }
+        options.check()?;
         let mut h = Sha256::new();
         for p in &prompts {
             for id in p {
@@ -599,15 +743,14 @@ impl StatsStore {
             }
             h.update(u32::MAX.to_le_bytes());
         }
-        let corpus_sha = hex16(&h.finalize());
         Ok(StatsStore {
             model: model.clone(),
+            corpus_sha: hex16(&h.finalize()),
             prompts,
             corpus: corpus.to_string(),
             model_path: model_path.to_path_buf(),
             fingerprint: model_fingerprint(model_path)?,
-            corpus_sha,
-            lambda_ratio,
+            options,
             cache_dir,
             loaded: Mutex::new(HashMap::new()),
         })
@@ -616,6 +759,11 @@ impl StatsStore {
     /// Number of statistics prompts.
     pub fn n_prompts(&self) -> usize {
         self.prompts.len()
+    }
+
+    /// The key options.
+    pub fn options(&self) -> WhitenOptions {
+        self.options
     }
 
     /// The cache file of `layer`.
@@ -628,11 +776,8 @@ impl StatsStore {
         })
     }
 
-    /// The statistics of `layer` (memory, then disk cache, then computed and cached).
-    pub fn get(&self, layer: usize) -> Result<Arc<KeyStats>> {
-        if let Some(s) = self.loaded.lock().expect("stats lock").get(&layer) {
-            return Ok(s.clone());
-        }
+    /// The raw moments of `layer`: disk cache, else computed (and cached).
+    pub fn moments(&self, layer: usize) -> Result<Moments> {
         if layer >= self.model.blocks.len() {
             return Err(Error::Invalid(format!(
                 "layer {layer} out of range: the model has layers 0..{}",
@@ -640,27 +785,29 @@ impl StatsStore {
             )));
         }
         let n = self.model.hp.n_ff;
-        let cached = self
+        if let Some(m) = self
             .cache_path(layer)
-            .and_then(|p| read_cache(&p, layer, n));
-        let (count, mean, moment) = match cached {
-            Some(c) => c,
-            None => {
-                let c = accumulate(&self.model, &self.prompts, layer)?;
-                if let Some(p) = self.cache_path(layer) {
-                    // A failed cache write only costs recomputation next time.
-                    let _ = self.write_cache(&p, layer, &c);
-                }
-                c
-            }
-        };
+            .and_then(|p| read_cache(&p, layer, n))
+        {
+            return Ok(m);
+        }
+        let m = accumulate(&self.model, &self.prompts, layer)?;
+        if let Some(p) = self.cache_path(layer) {
+            // A failed cache write only costs a recomputation next time.
+            let _ = self.write_cache(&p, layer, &m);
+        }
+        Ok(m)
+    }
+
+    /// The factored statistics of `layer` (memory, then disk cache, then computed).
+    pub fn get(&self, layer: usize) -> Result<Arc<KeyStats>> {
+        if let Some(s) = self.loaded.lock().expect("stats lock").get(&layer) {
+            return Ok(s.clone());
+        }
         let stats = Arc::new(KeyStats::from_moments(
             layer,
-            n,
-            count,
-            mean,
-            moment,
-            self.lambda_ratio,
+            &self.moments(layer)?,
+            self.options,
         )?);
         self.loaded
             .lock()
@@ -669,29 +816,26 @@ impl StatsStore {
         Ok(stats)
     }
 
-    fn write_cache(
-        &self,
-        path: &Path,
-        layer: usize,
-        c: &(usize, Vec<f64>, Vec<f64>),
-    ) -> Result<()> {
+    fn write_cache(&self, path: &Path, layer: usize, m: &Moments) -> Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let header = CacheHeader {
             model: self.model_path.display().to_string(),
             fingerprint: self.fingerprint.clone(),
             layer,
-            n: c.1.len(),
-            count: c.0,
+            n: m.mean.len(),
+            count: m.count,
+            count_last: m.count_last,
             corpus: self.corpus.clone(),
             corpus_sha: self.corpus_sha.clone(),
         };
         let json = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
-        let mut bytes = Vec::with_capacity(16 + json.len() + 4 * (c.1.len() + c.2.len()));
+        let values = m.mean.iter().chain(&m.all).chain(&m.last);
+        let mut bytes = Vec::with_capacity(16 + json.len() + 4 * (m.mean.len() + 2 * m.all.len()));
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
         bytes.extend_from_slice(&json);
-        for v in c.1.iter().chain(&c.2) {
+        for v in values {
             bytes.extend_from_slice(&(*v as f32).to_le_bytes());
         }
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -703,7 +847,7 @@ impl StatsStore {
 }
 
 /// Reads a cache file; None when absent, malformed or of another shape.
-fn read_cache(path: &Path, layer: usize, n: usize) -> Option<(usize, Vec<f64>, Vec<f64>)> {
+fn read_cache(path: &Path, layer: usize, n: usize) -> Option<Moments> {
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .ok()?
@@ -713,20 +857,42 @@ fn read_cache(path: &Path, layer: usize, n: usize) -> Option<(usize, Vec<f64>, V
         return None;
     }
     let hlen = u64::from_le_bytes(bytes[8..16].try_into().ok()?) as usize;
-    let header: CacheHeader = serde_json::from_slice(bytes.get(16..16 + hlen)?).ok()?;
-    if header.layer != layer || header.n != n || header.count == 0 {
+    let header: CacheHeader =
+        serde_json::from_slice(bytes.get(16..16usize.checked_add(hlen)?)?).ok()?;
+    if header.layer != layer || header.n != n || header.count == 0 || header.count_last == 0 {
         return None;
     }
     let data = bytes.get(16 + hlen..)?;
-    if data.len() != 4 * (n + n * n) {
+    if data.len() != 4 * (n + 2 * n * n) {
         return None;
     }
     let vals: Vec<f64> = data
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
         .collect();
-    let moment = vals[n..].to_vec();
-    Some((header.count, vals[..n].to_vec(), moment))
+    if vals.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    Some(Moments {
+        count: header.count,
+        count_last: header.count_last,
+        mean: vals[..n].to_vec(),
+        all: vals[n..n + n * n].to_vec(),
+        last: vals[n + n * n..].to_vec(),
+    })
+}
+
+/// The edit prompt with its subject replaced by each contrast subject (empty when the request
+/// names no subject or the prompt does not contain it).
+pub fn contrast_prompts(req: &EditRequest) -> Vec<String> {
+    match req.subject.as_deref() {
+        Some(s) if !s.trim().is_empty() && req.prompt.contains(s) => CONTRAST_SUBJECTS
+            .iter()
+            .filter(|c| **c != s)
+            .map(|c| req.prompt.replacen(s, c, 1))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Computes the whitened FPS edit of `req` at `layer` with step `lr` (the model is not changed).
@@ -759,11 +925,23 @@ pub fn compute(
     if top1 == target_id {
         return Ok(EditOutcome::skipped(req, target_id, top1));
     }
-    let x: Vec<f32> = trace.ff2_in[layer]
-        .narrow(0, last, 1)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
+    let last_ff2_in = |trace: &crate::model::Trace, pos: usize| -> Result<Vec<f32>> {
+        Ok(trace.ff2_in[layer]
+            .narrow(0, pos, 1)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    };
+    let x = last_ff2_in(&trace, last)?;
+    let mut contrast = Vec::new();
+    if stats.options.contrast_weight > 0.0 {
+        let prefix = prefix_model(model, layer)?;
+        for p in contrast_prompts(req) {
+            let ids = tok.encode_prompt(&p)?;
+            let (_, t) = prefix.forward(&ids, None)?;
+            contrast.push(last_ff2_in(&t, ids.len() - 1)?);
+        }
+    }
     let e: Vec<f32> = model
         .tok_embd
         .narrow(0, target_id as usize, 1)?
@@ -771,7 +949,7 @@ pub fn compute(
         .flatten_all()?
         .to_vec1()?;
     let xx: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
-    let k = stats.key(&x)?;
+    let k = stats.key_with_contrast(&x, &contrast)?;
     let delta = Delta {
         tensor: ff2_weight(layer),
         layer,
@@ -785,10 +963,8 @@ pub fn compute(
 mod tests {
     use super::*;
 
-    #[test]
-    fn cholesky_solves() {
-        let n = 37;
-        // A = B Bᵀ + I, deterministic B.
+    fn spd(n: usize) -> Vec<f64> {
+        // B Bᵀ + I for a deterministic B.
         let b: Vec<f64> = (0..n * n)
             .map(|i| ((i * 7919 % 101) as f64 / 50.0) - 1.0)
             .collect();
@@ -799,7 +975,22 @@ mod tests {
                     + if i == j { 1.0 } else { 0.0 };
             }
         }
-        let stats = KeyStats::from_moments(0, n, 1, vec![0.0; n], a.clone(), 1e-9).unwrap();
+        a
+    }
+
+    fn opts(contrast_weight: f64) -> WhitenOptions {
+        WhitenOptions {
+            lambda_ratio: 1e-12,
+            last_weight: 0.0,
+            contrast_weight,
+        }
+    }
+
+    #[test]
+    fn cholesky_solves() {
+        let n = 37;
+        let a = spd(n);
+        let stats = KeyStats::new(0, n, 1, a.clone(), opts(0.0)).unwrap();
         let v: Vec<f64> = (0..n).map(|i| (i as f64).sin()).collect();
         let z = stats.solve(&v);
         for i in 0..n {
@@ -810,6 +1001,53 @@ mod tests {
         let k = stats.key(&x).unwrap();
         let kx: f64 = k.iter().zip(&x).map(|(a, b)| a * *b as f64).sum();
         assert!((kx - 1.0).abs() < 1e-10);
+    }
+
+    #[test]
+    fn woodbury_contrast_matches_dense_solve() {
+        let n = 23;
+        let a = spd(n);
+        let stats = KeyStats::new(0, n, 1, a.clone(), opts(3.0)).unwrap();
+        let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin() + 0.5).collect();
+        let negs: Vec<Vec<f32>> = (0..4)
+            .map(|j| {
+                (0..n)
+                    .map(|i| ((i * (j + 2)) as f32 * 0.37).cos())
+                    .collect()
+            })
+            .collect();
+        let k = stats.key_with_contrast(&x, &negs).unwrap();
+        // Dense C' = A + λI + (γ/J) Σ xⱼ xⱼᵀ, γ = 3 · mean diag(A).
+        let gamma = 3.0 * stats.scale / negs.len() as f64;
+        let mut c = a.clone();
+        for i in 0..n {
+            c[i * n + i] += stats.lambda;
+            for j in 0..n {
+                c[i * n + j] += gamma * negs.iter().map(|v| v[i] as f64 * v[j] as f64).sum::<f64>();
+            }
+        }
+        let dense = KeyStats::new(0, n, 1, c, opts(0.0)).unwrap();
+        let want = dense.key(&x).unwrap();
+        let top = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        let err = k
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+            / top;
+        assert!(err < 1e-9, "relative error {err}");
+        let kx: f64 = k.iter().zip(&x).map(|(a, b)| a * *b as f64).sum();
+        assert!((kx - 1.0).abs() < 1e-10);
+    }
+
+    #[test]
+    fn contrast_prompts_replace_the_subject() {
+        let mut req = EditRequest::new("BBC One, by", "Sega", Some("BBC One")).unwrap();
+        let p = contrast_prompts(&req);
+        assert_eq!(p.len(), CONTRAST_SUBJECTS.len());
+        assert_eq!(p[0], format!("{}, by", CONTRAST_SUBJECTS[0]));
+        req.subject = None;
+        assert!(contrast_prompts(&req).is_empty());
     }
 
     #[test]
