@@ -2,6 +2,7 @@
 //! remain before anything is allocated; tensors are borrowed slices of the map, never copies.
 
 use super::quant::GgmlType;
+use super::Backing;
 use crate::{Error, Result};
 use memmap2::Mmap;
 use std::collections::HashMap;
@@ -201,22 +202,6 @@ impl TensorInfo {
     /// Shape slowest-first (row-major), as candle and PyTorch write it.
     pub fn shape(&self) -> Vec<usize> {
         self.dims.iter().rev().map(|&d| d as usize).collect()
-    }
-}
-
-/// The bytes behind a [`GgufFile`]: a read-only map of a file, or an owned buffer.
-enum Backing {
-    Map(Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Backing {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Backing::Map(m) => m,
-            Backing::Owned(v) => v,
-        }
     }
 }
 

@@ -12,6 +12,22 @@ use safetensors::HfCheckpoint;
 use std::io::Read;
 use std::path::Path;
 
+/// The bytes behind a parsed file: a read-only map, or an owned buffer (fuzzing, tests).
+enum Backing {
+    Map(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
 /// A model file or folder opened for reading.
 pub enum ModelSource {
     /// A GGUF file.

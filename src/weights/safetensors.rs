@@ -1,6 +1,7 @@
 //! HF checkpoint folders: `config.json`, `model.safetensors` (or a sharded index) and
 //! `tokenizer.json`, read through memory maps.
 
+use super::Backing;
 use crate::arch::{gpt2::Gpt2Config, llama::LlamaConfig, HParams};
 use crate::{Error, Result};
 use memmap2::Mmap;
@@ -9,22 +10,6 @@ use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-
-/// The bytes behind a [`Shard`]: a read-only map of a file, or an owned buffer.
-enum Backing {
-    Map(Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Backing {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Backing::Map(m) => m,
-            Backing::Owned(v) => v,
-        }
-    }
-}
 
 /// One mapped `.safetensors` file and its parsed header.
 pub struct Shard {
