@@ -96,6 +96,10 @@ pub struct WhitenArgs {
     /// request's subject), relative to the mean diagonal; 0 turns contrast off.
     #[arg(long, default_value_t = WhitenOptions::default().contrast_weight)]
     pub contrast_weight: f64,
+    /// Key direction averaged over the prompt behind a few unrelated sentences (ROME's context
+    /// templates): better paraphrase reach, weaker specificity.
+    #[arg(long)]
+    pub whiten_context: bool,
     /// Do not read or write the statistics cache ($HOME/.cache/backlens/stats).
     #[arg(long)]
     pub no_stats_cache: bool,
@@ -119,6 +123,7 @@ impl WhitenArgs {
             lambda_ratio: self.whiten_lambda,
             last_weight: self.whiten_last_weight,
             contrast_weight: self.contrast_weight,
+            context: self.whiten_context,
         }
     }
 

@@ -20,8 +20,9 @@ pub use request::EditRequest;
 pub enum Method {
     /// Forward-pass shifting: W += lr · e(target) xᵀ (no backward pass).
     Shift,
-    /// FPS with a ROME-style whitened key: W += lr·‖x‖² · e kᵀ, k = C⁻¹x / (xᵀC⁻¹x) with C the
-    /// second moment of FF2 inputs over generic text (needs key statistics, see [`whiten`]).
+    /// FPS with a ROME-style whitened key: W += lr·‖x‖² · e kᵀ, k = C⁻¹x / (xᵀC⁻¹x), C = second
+    /// moment of FF2 inputs over generic text plus the prompt's with its subject swapped for
+    /// made-up ones: the same write as shift at x, much less elsewhere (module edit::whiten).
     #[serde(rename = "shift-whitened")]
     ShiftWhitened,
     /// One SGD step on the target's NLL: W -= lr · Σₜ δₜ aₜᵀ.

@@ -59,6 +59,9 @@ pub struct WhitenOptions {
     pub last_weight: f64,
     /// γ relative to the mean diagonal for the contrast-subject term; 0 disables contrast.
     pub contrast_weight: f64,
+    /// Key direction from the FF2 input averaged over the prompt and the prompt behind each of
+    /// [`CONTEXT_PREFIXES`] (ROME's context templates): more paraphrase reach, less specificity.
+    pub context: bool,
 }
 
 impl Default for WhitenOptions {
@@ -68,6 +71,7 @@ impl Default for WhitenOptions {
             lambda_ratio: 1e-2,
             last_weight: 4.0,
             contrast_weight: 10.0,
+            context: false,
         }
     }
 }
@@ -210,7 +214,13 @@ impl KeyStats {
     /// The key with contrast inputs: k = C'⁻¹x / (xᵀC'⁻¹x) for
     /// C' = C + (γ/J)·Σⱼ xⱼ xⱼᵀ, γ = `contrast_weight` · `scale` (Woodbury on C's factor).
     pub fn key_with_contrast(&self, x: &[f32], contrast: &[Vec<f32>]) -> Result<Vec<f64>> {
-        if x.len() != self.n || contrast.iter().any(|c| c.len() != self.n) {
+        self.key_toward(x, x, contrast)
+    }
+
+    /// The key along C'⁻¹·`dir` scaled so that k·x = 1 (`dir` = x gives
+    /// [`KeyStats::key_with_contrast`]).
+    pub fn key_toward(&self, dir: &[f32], x: &[f32], contrast: &[Vec<f32>]) -> Result<Vec<f64>> {
+        if x.len() != self.n || dir.len() != self.n || contrast.iter().any(|c| c.len() != self.n) {
             return Err(Error::Invalid(format!(
                 "key of width {} for statistics of width {}",
                 x.len(),
@@ -218,7 +228,8 @@ impl KeyStats {
             )));
         }
         let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        let mut z = self.solve(&xd);
+        let dd: Vec<f64> = dir.iter().map(|&v| v as f64).collect();
+        let mut z = self.solve(&dd);
         let gamma = self.options.contrast_weight * self.scale;
         let j = contrast.len();
         if j > 0 && gamma > 0.0 {
@@ -248,7 +259,8 @@ impl KeyStats {
         let q = dot(&xd, &z);
         if !(q.is_finite() && q > 0.0) {
             return Err(Error::Invalid(
-                "the FF2 input at the edit prompt is zero: nothing to key on".into(),
+                "the whitened key is orthogonal to the FF2 input at the edit prompt: nothing to key on"
+                    .into(),
             ));
         }
         Ok(z.iter().map(|v| v / q).collect())
@@ -369,6 +381,15 @@ impl StatsCorpus {
         }
     }
 }
+
+/// Unrelated sentences put before the edit prompt for [`WhitenOptions::context`].
+pub const CONTEXT_PREFIXES: &[&str] = &[
+    "The weather was cold that morning. ",
+    "She closed the book and smiled. ",
+    "Prices went up again last month. ",
+    "It was a long day at work. ",
+    "The children were playing outside. ",
+];
 
 /// Contrast subjects: the edit prompt is rerun with its subject replaced by each of these.
 pub const CONTRAST_SUBJECTS: &[&str] = &[
@@ -933,13 +954,23 @@ pub fn compute(
             .to_vec1()?)
     };
     let x = last_ff2_in(&trace, last)?;
+    let prefix = prefix_model(model, layer)?;
+    let run = |p: &str| -> Result<Vec<f32>> {
+        let ids = tok.encode_prompt(p)?;
+        let (_, t) = prefix.forward(&ids, None)?;
+        last_ff2_in(&t, ids.len() - 1)
+    };
     let mut contrast = Vec::new();
     if stats.options.contrast_weight > 0.0 {
-        let prefix = prefix_model(model, layer)?;
         for p in contrast_prompts(req) {
-            let ids = tok.encode_prompt(&p)?;
-            let (_, t) = prefix.forward(&ids, None)?;
-            contrast.push(last_ff2_in(&t, ids.len() - 1)?);
+            contrast.push(run(&p)?);
+        }
+    }
+    let mut dir = x.clone();
+    if stats.options.context {
+        for c in CONTEXT_PREFIXES {
+            let xc = run(&format!("{c}{}", req.prompt))?;
+            dir.iter_mut().zip(&xc).for_each(|(d, v)| *d += v);
         }
     }
     let e: Vec<f32> = model
@@ -949,7 +980,7 @@ pub fn compute(
         .flatten_all()?
         .to_vec1()?;
     let xx: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
-    let k = stats.key_with_contrast(&x, &contrast)?;
+    let k = stats.key_toward(&dir, &x, &contrast)?;
     let delta = Delta {
         tensor: ff2_weight(layer),
         layer,
@@ -983,6 +1014,7 @@ mod tests {
             lambda_ratio: 1e-12,
             last_weight: 0.0,
             contrast_weight,
+            context: false,
         }
     }
 
