@@ -19,25 +19,11 @@ pub fn compute(
     layer: usize,
     lr: f64,
 ) -> Result<EditOutcome> {
-    let prompt = tok.encode_prompt(&req.prompt)?;
-    let target_id = super::first_target_token(tok, req)?;
-    let (logits, trace) = model.forward(&prompt, None)?;
-    let last = prompt.len() - 1;
-    let top1 = argmax(
-        &logits
-            .narrow(0, last, 1)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?,
-    ) as u32;
-    if top1 == target_id {
-        return Ok(EditOutcome::skipped(req, target_id, top1));
+    let key = prompt_key(model, tok, req, layer)?;
+    if key.top1 == key.target_id {
+        return Ok(EditOutcome::skipped(req, key.target_id, key.top1));
     }
-    let x: Vec<f32> = trace.ff2_in[layer]
-        .narrow(0, last, 1)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
+    let (x, target_id, top1) = (key.x, key.target_id, key.top1);
     let e: Vec<f32> = model
         .tok_embd
         .narrow(0, target_id as usize, 1)?
@@ -51,4 +37,38 @@ pub fn compute(
         in_vecs: vec![x],
     };
     Ok(EditOutcome::edited(req, target_id, top1, delta))
+}
+
+/// What both shift variants take from one forward pass over the edit prompt.
+pub(super) struct PromptKey {
+    /// First token of " " + target.
+    pub target_id: u32,
+    /// The model's top-1 next token.
+    pub top1: u32,
+    /// FF2 input at the last prompt token of the edited layer.
+    pub x: Vec<f32>,
+}
+
+/// Runs the prompt once and reads the target id, the top-1 next token and the key x.
+pub(super) fn prompt_key(
+    model: &Transformer,
+    tok: &Tokenizer,
+    req: &EditRequest,
+    layer: usize,
+) -> Result<PromptKey> {
+    let prompt = tok.encode_prompt(&req.prompt)?;
+    let target_id = super::first_target_token(tok, req)?;
+    let (logits, trace) = model.forward(&prompt, None)?;
+    let last = prompt.len() - 1;
+    let row = |t: &candle_core::Tensor| -> Result<Vec<f32>> {
+        Ok(t.narrow(0, last, 1)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    };
+    Ok(PromptKey {
+        target_id,
+        top1: argmax(&row(&logits)?) as u32,
+        x: row(&trace.ff2_in[layer])?,
+    })
 }

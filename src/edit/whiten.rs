@@ -33,7 +33,6 @@
 use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
 use crate::model::Transformer;
-use crate::runtime::argmax;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -932,20 +931,11 @@ pub fn compute(
             stats.layer, stats.n, model.hp.n_ff
         )));
     }
-    let prompt = tok.encode_prompt(&req.prompt)?;
-    let target_id = super::first_target_token(tok, req)?;
-    let (logits, trace) = model.forward(&prompt, None)?;
-    let last = prompt.len() - 1;
-    let top1 = argmax(
-        &logits
-            .narrow(0, last, 1)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?,
-    ) as u32;
-    if top1 == target_id {
-        return Ok(EditOutcome::skipped(req, target_id, top1));
+    let key = super::shift::prompt_key(model, tok, req, layer)?;
+    if key.top1 == key.target_id {
+        return Ok(EditOutcome::skipped(req, key.target_id, key.top1));
     }
+    let (x, target_id, top1) = (key.x, key.target_id, key.top1);
     let last_ff2_in = |trace: &crate::model::Trace, pos: usize| -> Result<Vec<f32>> {
         Ok(trace.ff2_in[layer]
             .narrow(0, pos, 1)?
@@ -953,7 +943,6 @@ pub fn compute(
             .flatten_all()?
             .to_vec1()?)
     };
-    let x = last_ff2_in(&trace, last)?;
     let prefix = prefix_model(model, layer)?;
     let run = |p: &str| -> Result<Vec<f32>> {
         let ids = tok.encode_prompt(p)?;
