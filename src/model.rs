@@ -3,6 +3,7 @@
 //! and optional zero-valued [`Probes`] at the FF1/FF2 outputs expose ∂L/∂(output) after backward.
 
 use crate::arch::{block_tensor, Arch, HParams};
+use crate::weights::quant::{self, GgmlType};
 use crate::weights::ModelSource;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -14,16 +15,71 @@ pub struct Linear {
     pub w: Tensor,
     /// Optional bias, shape (out).
     pub b: Option<Tensor>,
+    /// Under [`Numerics::LlamaCpp`], how ggml rounds this layer's input.
+    pub rounding: Option<GgmlRounding>,
+}
+
+/// How ggml's CPU matmul treats the input of one weight ([`Numerics::LlamaCpp`]).
+#[derive(Debug, Clone)]
+pub struct GgmlRounding {
+    /// The type the input is quantized to.
+    pub act: GgmlType,
+    /// For Q4_1/Q5_1 weights, the block minimums (out, blocks): ggml multiplies them with
+    /// the input's f16-rounded block sums rather than with the sums of the rounded values.
+    pub block_min: Option<Tensor>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let y = match &self.rounding {
+            Some(r) => {
+                let (xr, sum_fix) = round_like_ggml(x, r.act)?;
+                let y = xr.matmul(&self.w.t()?)?;
+                match (&r.block_min, sum_fix) {
+                    (Some(m), Some(fix)) => (y + fix.matmul(&m.t()?)?.detach())?,
+                    _ => y,
+                }
+            }
+            None => x.matmul(&self.w.t()?)?,
+        };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+/// Rounds each row of `x` as ggml's CPU matmul does before multiplying (see
+/// [`quant::round_activations`]); also returns the block-sum corrections (rows, blocks) where
+/// the type has them. The rounding is a straight-through step: gradients pass as if it were
+/// the identity.
+fn round_like_ggml(x: &Tensor, act: GgmlType) -> Result<(Tensor, Option<Tensor>)> {
+    let (rows, cols) = x.dims2()?;
+    let mut values: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut fixes = Vec::new();
+    for row in values.chunks_exact_mut(cols) {
+        fixes.extend(quant::round_activations(act, row)?);
+    }
+    let rounded = Tensor::from_vec(values, (rows, cols), x.device())?.to_dtype(x.dtype())?;
+    let fix = match fixes.is_empty() {
+        true => None,
+        false => {
+            let blocks = fixes.len() / rows;
+            Some(Tensor::from_vec(fixes, (rows, blocks), x.device())?.to_dtype(x.dtype())?)
+        }
+    };
+    Ok(((x + (rounded - x)?.detach())?, fix))
+}
+
+/// How a forward pass does its arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Numerics {
+    /// Exact f32 (or f64) arithmetic on the dequantized weights: what the lens and edits use.
+    #[default]
+    Exact,
+    /// Also round each matmul's input the way llama.cpp's CPU backend does for the weight's
+    /// stored type (8-bit blocks for quantized weights, f16 for f16), to reproduce its logits.
+    LlamaCpp,
 }
 
 /// LayerNorm (GPT-2) or RMSNorm (Llama) over the last dimension.
@@ -153,11 +209,14 @@ pub struct Transformer {
     pub out_norm: Norm,
     /// Unembedding (n_vocab, n_embd).
     pub output: Tensor,
+    /// Under [`Numerics::LlamaCpp`], the rounding of the unembedding's input.
+    pub output_rounding: Option<GgmlRounding>,
 }
 
 struct Loader<'a> {
     src: &'a ModelSource,
     dtype: DType,
+    numerics: Numerics,
 }
 
 impl Loader<'_> {
@@ -178,9 +237,33 @@ impl Loader<'_> {
             .ok_or_else(|| Error::MissingTensor(name.to_string()))
     }
 
+    /// The input rounding for a matmul with the stored weight `name`.
+    fn rounding(&self, name: &str) -> Result<Option<GgmlRounding>> {
+        let (Numerics::LlamaCpp, ModelSource::Gguf(g)) = (self.numerics, self.src) else {
+            return Ok(None);
+        };
+        let Some(info) = g.tensor(name) else {
+            return Ok(None);
+        };
+        let Some(act) = info.ggml_type.activation_type() else {
+            return Ok(None);
+        };
+        let block_min = match quant::block_minimums(info.ggml_type, g.tensor_bytes(info)) {
+            Some(m) if act == GgmlType::Q8_1 => {
+                let rows = info.shape()[0];
+                let blocks = m.len() / rows;
+                Some(Tensor::from_vec(m, (rows, blocks), &Device::Cpu)?.to_dtype(self.dtype)?)
+            }
+            _ => None,
+        };
+        Ok(Some(GgmlRounding { act, block_min }))
+    }
+
     fn linear(&self, layer: usize, role: &str, bias: bool) -> Result<Linear> {
+        let name = block_tensor(layer, &format!("{role}.weight"));
         Ok(Linear {
-            w: self.req(&block_tensor(layer, &format!("{role}.weight")))?,
+            rounding: self.rounding(&name)?,
+            w: self.req(&name)?,
             b: match bias {
                 true => Some(self.req(&block_tensor(layer, &format!("{role}.bias")))?),
                 false => None,
@@ -205,8 +288,17 @@ impl Loader<'_> {
 impl Transformer {
     /// Loads and dequantizes every weight of `src` into `dtype` (F32 or F64).
     pub fn load(src: &ModelSource, dtype: DType) -> Result<Transformer> {
+        Self::load_with(src, dtype, Numerics::Exact)
+    }
+
+    /// Like [`Self::load`], with the chosen arithmetic.
+    pub fn load_with(src: &ModelSource, dtype: DType, numerics: Numerics) -> Result<Transformer> {
         let hp = src.hparams()?;
-        let ld = Loader { src, dtype };
+        let ld = Loader {
+            src,
+            dtype,
+            numerics,
+        };
         let gpt2 = hp.arch == Arch::Gpt2;
         let mut blocks = Vec::with_capacity(hp.n_layer);
         for l in 0..hp.n_layer {
@@ -236,9 +328,9 @@ impl Transformer {
             });
         }
         let tok_embd = ld.req("token_embd.weight")?;
-        let output = match ld.opt("output.weight")? {
-            Some(o) => o,
-            None => tok_embd.clone(),
+        let (output, output_rounding) = match ld.opt("output.weight")? {
+            Some(o) => (o, ld.rounding("output.weight")?),
+            None => (tok_embd.clone(), ld.rounding("token_embd.weight")?),
         };
         Ok(Transformer {
             pos_embd: match gpt2 {
@@ -250,6 +342,7 @@ impl Transformer {
             tok_embd,
             blocks,
             output,
+            output_rounding,
         })
     }
 
@@ -316,7 +409,13 @@ impl Transformer {
 
     /// Final norm + unembedding of residual vectors (rows of `h`).
     pub fn unembed(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.out_norm.forward(h)?.matmul(&self.output.t()?)?)
+        let x = self.out_norm.forward(h)?;
+        let unembedding = Linear {
+            w: self.output.clone(),
+            b: None,
+            rounding: self.output_rounding.clone(),
+        };
+        unembedding.forward(&x)
     }
 
     fn attention(

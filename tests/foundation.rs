@@ -3,11 +3,12 @@
 mod common;
 
 use backlens::arch::Arch;
-use backlens::model::{log_softmax_last, Transformer};
+use backlens::model::{log_softmax_last, Numerics, Transformer};
 use backlens::runtime::{argmax, log_probs, LlamaRuntime};
 use backlens::tokenizer::Tokenizer;
 use backlens::weights::quant::{self, GgmlType};
 use backlens::weights::ModelSource;
+use backlens::write::gguf::{GgufPlan, OutTensor};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{DType, Device};
 
@@ -123,78 +124,166 @@ fn val_records() -> Vec<Record> {
     serde_json::from_str(&text).unwrap()
 }
 
-#[test]
-fn smollm2_candle_top1_agrees_with_llama_cpp() {
+/// Top-1 agreement, llama.cpp top-1 margins where the two disagree, and mean KL(llama.cpp ‖ candle)
+/// over the first 200 val prompts.
+struct Agreement {
+    agree: usize,
+    /// (prompt, llama.cpp's margin, candle's margin for its own choice over llama.cpp's).
+    flips: Vec<(String, f64, f64)>,
+    mean_kl: f64,
+}
+
+fn agreement_with_llama_cpp(numerics: Numerics) -> Agreement {
     let path = common::smollm2();
     let src = ModelSource::open(&path).unwrap();
     let tok = Tokenizer::from_source(&src).unwrap();
-    let model = Transformer::load(&src, DType::F32).unwrap();
+    let model = Transformer::load_with(&src, DType::F32, numerics).unwrap();
     let rt = LlamaRuntime::load(&path).unwrap();
     let mut session = rt.session().unwrap();
-    let records = val_records();
-    let (mut agree, mut kl_sum) = (0, 0f64);
-    let mut confident_misses = Vec::new();
-    for r in records.iter().take(200) {
+    let mut out = Agreement {
+        agree: 0,
+        flips: Vec::new(),
+        mean_kl: 0.0,
+    };
+    for r in val_records().iter().take(200) {
         let ids = tok.encode_prompt(&r.prompt).unwrap();
         let theirs = log_probs(&session.logits_last(&ids).unwrap());
         let (logits, _) = model.forward(&ids, None).unwrap();
-        let ours: Vec<f64> = log_softmax_last(
-            &logits
-                .narrow(0, ids.len() - 1, 1)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap(),
-        )
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-        let our_top = ours
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
+        let last = logits.narrow(0, ids.len() - 1, 1).unwrap();
+        let ours: Vec<f64> = log_softmax_last(&last.to_dtype(DType::F64).unwrap())
             .unwrap()
-            .0;
-        let mut sorted = theirs.clone();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        let their_top = theirs
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
+            .flatten_all()
             .unwrap()
-            .0;
-        kl_sum += theirs
+            .to_vec1()
+            .unwrap();
+        out.mean_kl += theirs
             .iter()
             .zip(&ours)
             .map(|(p, q)| p.exp() * (p - q))
-            .sum::<f64>();
-        if our_top == their_top {
-            agree += 1;
+            .sum::<f64>()
+            / 200.0;
+        let top = |v: &[f64]| {
+            v.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0
+        };
+        if top(&ours) == top(&theirs) {
+            out.agree += 1;
         } else {
-            // llama.cpp multiplies Q4_1 weights with 8-bit-quantized activations, so a flip is
-            // only acceptable where candle itself sees llama.cpp's choice as a near-tie.
-            let candle_margin = ours[our_top] - ours[their_top];
-            println!(
-                "disagreement on {:?}: llama.cpp margin {:.3} nats, candle margin {:.3} nats",
-                r.prompt,
-                sorted[0] - sorted[1],
-                candle_margin
-            );
-            if candle_margin > 0.1 {
-                confident_misses.push(r.prompt.clone());
-            }
+            let mut sorted = theirs.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let candle_margin = ours[top(&ours)] - ours[top(&theirs)];
+            out.flips
+                .push((r.prompt.clone(), sorted[0] - sorted[1], candle_margin));
         }
     }
     println!(
-        "SmolLM2 top-1 agreement {agree}/200, mean KL(llama.cpp || candle) = {:.3e}",
-        kl_sum / 200.0
+        "{numerics:?}: top-1 agreement {}/200, mean KL(llama.cpp || candle) = {:.3e}, flips (prompt, llama.cpp margin in nats): {:?}",
+        out.agree, out.mean_kl, out.flips
     );
-    assert!(agree >= 196, "top-1 agreement {agree}/200 < 98%");
+    out
+}
+
+/// Issue 3's criterion for the exact f32 forward (what the lens and edits use): ≥ 98% top-1
+/// agreement; llama.cpp multiplies Q4_1 weights with 8-bit activations, so a flip is accepted
+/// only where candle itself sees llama.cpp's choice as a near-tie (< 0.1 nats). The forward
+/// that rounds activations like llama.cpp is measured beside it and must lower the KL.
+#[test]
+fn smollm2_candle_top1_agrees_with_llama_cpp() {
+    let exact = agreement_with_llama_cpp(Numerics::Exact);
     assert!(
-        confident_misses.is_empty(),
-        "disagreements where candle leads by > 0.1 nats: {confident_misses:?}"
+        exact.agree >= 196,
+        "top-1 agreement {}/200 < 98%",
+        exact.agree
     );
+    let confident: Vec<_> = exact.flips.iter().filter(|f| f.2 > 0.1).collect();
+    assert!(
+        confident.is_empty(),
+        "disagreements where candle leads by > 0.1 nats: {confident:?}"
+    );
+    let emulated = agreement_with_llama_cpp(Numerics::LlamaCpp);
+    assert!(
+        emulated.mean_kl < exact.mean_kl,
+        "rounding like llama.cpp should lower the KL: {:.3e} vs {:.3e}",
+        emulated.mean_kl,
+        exact.mean_kl
+    );
+}
+
+/// The tiny Llama with every matrix stored as `ty`.
+fn tiny_llama_as(ty: GgmlType) -> std::path::PathBuf {
+    let fx = common::tiny(Arch::Llama);
+    let src = backlens::weights::gguf::GgufFile::open(&fx.gguf).unwrap();
+    let mut plan = GgufPlan::copy_of(&src);
+    for info in &src.tensors {
+        if info.dims.len() != 2 {
+            continue;
+        }
+        let values = quant::dequantize(info.ggml_type, src.tensor_bytes(info), &info.name).unwrap();
+        let data = quant::quantize(ty, &values, info.dims[0] as usize, &info.name).unwrap();
+        plan.replace(OutTensor {
+            name: info.name.clone(),
+            dims: info.dims.clone(),
+            ggml_type: ty,
+            data: std::borrow::Cow::Owned(data),
+        })
+        .unwrap();
+    }
+    let path = common::temp_dir("tiny-quantized").join(format!("tiny-llama-{}.gguf", ty.name()));
+    plan.write(&path).unwrap();
+    path
+}
+
+/// Largest |candle − llama.cpp| logit over the test prompts, relative to the largest |logit|.
+fn tiny_gap(path: &std::path::Path, numerics: Numerics) -> f32 {
+    let src = ModelSource::open(path).unwrap();
+    let tok = Tokenizer::from_source(&src).unwrap();
+    let model = Transformer::load_with(&src, DType::F32, numerics).unwrap();
+    let rt = LlamaRuntime::load(path).unwrap();
+    let mut session = rt.session().unwrap();
+    let mut worst = 0f32;
+    for prompt in PROMPTS {
+        let ids = tok.encode_prompt(prompt).unwrap();
+        let ours = candle_logits(&model, &ids);
+        let all: Vec<usize> = (0..ids.len()).collect();
+        let theirs = session.logits_at(&ids, &all).unwrap();
+        let max_logit = theirs.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = ours
+            .iter()
+            .flatten()
+            .zip(theirs.iter().flatten())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        worst = worst.max(diff / max_logit);
+    }
+    worst
+}
+
+/// With Q8_0 or Q4_1 weights, rounding each matmul input as ggml does (8-bit blocks, f16 block
+/// sums) reproduces llama.cpp's logits to float noise, while the exact forward is off by the
+/// activation rounding. (F16 weights are not emulated exactly: ggml's F16 path is not covered.)
+#[test]
+fn ggml_rounding_reproduces_llama_cpp_on_quantized_weights() {
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        let path = tiny_llama_as(ty);
+        let exact = tiny_gap(&path, Numerics::Exact);
+        let emulated = tiny_gap(&path, Numerics::LlamaCpp);
+        println!(
+            "{}: max |Δlogit| / max |logit|: exact {exact:.2e}, ggml rounding {emulated:.2e}",
+            ty.name()
+        );
+        assert!(
+            emulated < 1e-5,
+            "{}: emulated gap {emulated:.2e}",
+            ty.name()
+        );
+        assert!(
+            exact > 100.0 * emulated,
+            "{}: exact gap {exact:.2e}",
+            ty.name()
+        );
+    }
 }
 
 #[test]
@@ -296,4 +385,25 @@ fn dequantization_matches_between_ggml_and_candle() {
             / scale;
         assert!(err < 0.2, "{}: quantization error {err}", ty.name());
     }
+}
+
+/// ggml's Q8_1 activation rounding, decoded: each block of 32 becomes q·d with d = amax/127
+/// stored as f16 and q = round(x / d), so every value moves by at most half a step.
+#[test]
+fn activation_rounding_is_blockwise_8_bit() {
+    let mut row: Vec<f32> = (0..64)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.173)
+        .collect();
+    let original = row.clone();
+    quant::round_activations(GgmlType::Q4_1.activation_type().unwrap(), &mut row).unwrap();
+    assert_eq!(GgmlType::Q4_1.activation_type(), Some(GgmlType::Q8_1));
+    for (block, orig) in row.chunks(32).zip(original.chunks(32)) {
+        let amax = orig.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = half::f16::from_f32(amax / 127.0).to_f32();
+        for (r, o) in block.iter().zip(orig) {
+            let q = (o / (amax / 127.0)).round();
+            assert!((r - q * d).abs() <= 1e-6 * amax, "{r} vs {}", q * d);
+        }
+    }
+    assert_ne!(row, original);
 }

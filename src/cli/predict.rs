@@ -2,7 +2,7 @@
 
 use super::{open, print_json, require_gguf};
 use anyhow::Result;
-use backlens::model::{log_softmax_last, Transformer};
+use backlens::model::{log_softmax_last, Numerics, Transformer};
 use backlens::runtime::LlamaRuntime;
 use candle_core::DType;
 use serde::Serialize;
@@ -10,10 +10,12 @@ use std::path::PathBuf;
 
 /// Which engine computes the logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Engine {
-    /// backlens's own candle forward (f32).
+    /// backlens's own candle forward (exact f32).
     Candle,
+    /// The candle forward with each matmul's input rounded as llama.cpp's CPU backend does.
+    CandleGgml,
     /// llama.cpp in process.
     Llama,
 }
@@ -57,8 +59,12 @@ pub fn run(args: Args) -> Result<()> {
         anyhow::bail!("the prompt tokenizes to nothing");
     }
     let logp: Vec<f64> = match args.runtime {
-        Engine::Candle => {
-            let model = Transformer::load(&m.source, DType::F32)?;
+        Engine::Candle | Engine::CandleGgml => {
+            let numerics = match args.runtime {
+                Engine::CandleGgml => Numerics::LlamaCpp,
+                _ => Numerics::Exact,
+            };
+            let model = Transformer::load_with(&m.source, DType::F32, numerics)?;
             let (logits, _) = model.forward(&tokens, None)?;
             let last = logits.narrow(0, tokens.len() - 1, 1)?;
             log_softmax_last(&last.to_dtype(DType::F64)?)?

@@ -100,6 +100,14 @@ impl ModelSource {
         }
     }
 
+    /// The stored type of a GGUF tensor (None for HF checkpoints and absent tensors).
+    pub fn ggml_type(&self, name: &str) -> Option<quant::GgmlType> {
+        match self {
+            ModelSource::Gguf(g) => g.tensor(name).map(|t| t.ggml_type),
+            ModelSource::Hf(_) => None,
+        }
+    }
+
     /// A tensor as f32 in the GGUF layout with its row-major shape, or None when absent.
     pub fn tensor_f32(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
         match self {

@@ -18,6 +18,10 @@ impl GgmlType {
     pub const BF16: GgmlType = GgmlType(sys::GGML_TYPE_BF16);
     /// 8-bit blocks of 32 with an f16 scale.
     pub const Q8_0: GgmlType = GgmlType(sys::GGML_TYPE_Q8_0);
+    /// 8-bit blocks of 32 with f16 scale and scaled sum (ggml's activation type for Q4_1/Q5_1).
+    pub const Q8_1: GgmlType = GgmlType(sys::GGML_TYPE_Q8_1);
+    /// 8-bit super-blocks of 256 with an f32 scale (ggml's activation type for k-quants).
+    pub const Q8_K: GgmlType = GgmlType(sys::GGML_TYPE_Q8_K);
     /// 4-bit blocks of 32 with an f16 scale.
     pub const Q4_0: GgmlType = GgmlType(sys::GGML_TYPE_Q4_0);
     /// 4-bit blocks of 32 with f16 scale and minimum.
@@ -88,6 +92,19 @@ impl GgmlType {
     /// Bytes per block.
     pub fn block_bytes(self) -> u64 {
         self.traits().map_or(0, |t| t.type_size as u64)
+    }
+
+    /// The type ggml's CPU backend converts activations to before it multiplies them with weights
+    /// of this type (Q8_1 for Q4_1, Q8_0 for Q4_0/Q8_0, Q8_K for k-quants, F16 for F16).
+    pub fn activation_type(self) -> Option<GgmlType> {
+        self.traits()?;
+        // SAFETY: ggml_cpu_init only fills static lookup tables (idempotent); the CPU traits
+        // table has an entry for every known type code.
+        let traits = unsafe {
+            sys::ggml_cpu_init();
+            sys::ggml_get_type_traits_cpu(self.0).as_ref()?
+        };
+        Some(GgmlType(traits.vec_dot_type))
     }
 
     /// Bytes taken by `n` elements, or None on overflow or when `n` is not a whole number of blocks.
@@ -165,4 +182,90 @@ pub fn quantize(ty: GgmlType, values: &[f32], row_len: usize, name: &str) -> Res
     };
     debug_assert_eq!(written, out.len());
     Ok(out)
+}
+
+/// Rounds `row` in place to the values ggml's CPU matmul actually multiplies when activations
+/// meet weights of a type whose activation type is `act` (see [`GgmlType::activation_type`]):
+/// the row goes through ggml's own SIMD converter and is decoded back to f32. F32 is a no-op.
+///
+/// For Q8_1 it returns, per block of 32, how much the block sum ggml stores (rounded to f16)
+/// differs from the sum of the decoded values: ggml multiplies that stored sum with the
+/// weight's block minimum (see [`block_minimums`]). For other types the result is empty.
+pub fn round_activations(act: GgmlType, row: &mut [f32]) -> Result<Vec<f32>> {
+    if act == GgmlType::F32 {
+        return Ok(Vec::new());
+    }
+    let unsupported = || Error::UnsupportedType {
+        name: "activations".into(),
+        type_name: act.name(),
+    };
+    let Some(bytes) = act.bytes_for(row.len() as u64) else {
+        return Err(unsupported());
+    };
+    // SAFETY: known type; the CPU traits table has an entry for each.
+    let cpu = unsafe {
+        sys::ggml_cpu_init();
+        sys::ggml_get_type_traits_cpu(act.0).as_ref()
+    };
+    let from_float = cpu.and_then(|t| t.from_float).ok_or_else(unsupported)?;
+    let mut packed = vec![0u8; bytes as usize];
+    // SAFETY: `packed` holds exactly the bytes of row.len() values of type `act`.
+    unsafe { from_float(row.as_ptr(), packed.as_mut_ptr().cast(), row.len() as i64) };
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    match act {
+        // Blocks of 32: f16 scale, f16 scaled sum, 32 signed bytes.
+        GgmlType::Q8_1 => {
+            decode_q8(&packed, row, 32, 4, |b| f16(b));
+            Ok(row
+                .chunks_exact(32)
+                .zip(packed.chunks_exact(36))
+                .map(|(values, b)| f16(&b[2..4]) - values.iter().sum::<f32>())
+                .collect())
+        }
+        // Super-blocks of 256: f32 scale, 256 signed bytes, 16 partial sums (unused here).
+        GgmlType::Q8_K => {
+            decode_q8(&packed, row, 256, 4, |b| {
+                f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+            });
+            Ok(Vec::new())
+        }
+        _ => {
+            let decoded = dequantize(act, &packed, "activations")?;
+            row.copy_from_slice(&decoded);
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// The per-block minimum `m` of weights stored as Q4_1 or Q5_1 (blocks of 32 whose values are
+/// d·q + m), row-major (rows, blocks per row); None for other types.
+pub fn block_minimums(ty: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
+    if ty != GgmlType::Q4_1 && ty != GgmlType::Q5_1 {
+        return None;
+    }
+    let stride = ty.block_bytes() as usize;
+    Some(
+        bytes
+            .chunks_exact(stride)
+            .map(|b| half::f16::from_le_bytes([b[2], b[3]]).to_f32())
+            .collect(),
+    )
+}
+
+/// Decodes 8-bit blocks of `block` values whose scale sits at the block's start and whose
+/// signed bytes start `header` bytes in.
+fn decode_q8(
+    packed: &[u8],
+    row: &mut [f32],
+    block: usize,
+    header: usize,
+    scale: impl Fn(&[u8]) -> f32,
+) {
+    let stride = packed.len() / (row.len() / block);
+    for (out, b) in row.chunks_exact_mut(block).zip(packed.chunks_exact(stride)) {
+        let d = scale(b);
+        for (o, &q) in out.iter_mut().zip(&b[header..header + block]) {
+            *o = d * q as i8 as f32;
+        }
+    }
 }
