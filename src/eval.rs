@@ -6,11 +6,14 @@
 use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};
 use crate::lens::backward_pass;
 use crate::model::Transformer;
-use crate::runtime::{argmax, LlamaRuntime, Session};
+use crate::runtime::{argmax, LlamaRuntime, PromptQuery, Session};
 use crate::tokenizer::Tokenizer;
+use crate::weights::gguf::GgufFile;
+use crate::write::gguf::{stored_deltas, Ff2Type};
 use crate::write::lora;
 use crate::{Error, Result};
 use candle_core::DType;
+use llama_cpp_2::model::LlamaLoraAdapter;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -56,6 +59,9 @@ pub struct EvalConfig {
     pub sequential: bool,
     /// Compute the generation-entropy fluency score.
     pub fluency: bool,
+    /// How the edited FF2 is stored: F32 (the edit exactly) or requantized to its type; the
+    /// adapter carries exactly the change such a patched file makes.
+    pub ff2_type: Ff2Type,
 }
 
 /// Scores of one record.
@@ -328,6 +334,10 @@ pub fn evaluate(
     evaluate_with(gguf, model, tok, records, config, &ctx, scratch, progress)
 }
 
+/// Records whose adapters are loaded together before one llama.cpp session scores them (an
+/// adapter can only be loaded while no session borrows the model).
+const CHUNK: usize = 16;
+
 /// [`evaluate`] with an edit context (key statistics for `shift-whitened`).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_with(
@@ -342,86 +352,85 @@ pub fn evaluate_with(
 ) -> Result<EvalReport> {
     let start = std::time::Instant::now();
     let mut rt = LlamaRuntime::load(gguf)?;
+    let file = GgufFile::open(gguf)?;
     let arch = model.hp.arch;
+    let encoded = records
+        .iter()
+        .map(|r| encode(tok, r))
+        .collect::<Result<Vec<_>>>()?;
+    let base_top1 = locality_top1(&mut rt.session()?, &encoded)?;
     let mut all_deltas: Vec<Delta> = Vec::new();
     let mut scores = Vec::with_capacity(records.len());
-    let mut encoded_all = Vec::with_capacity(records.len());
-    for (i, r) in records.iter().enumerate() {
-        let enc = encode(tok, r)?;
-        let base_locality_top1 = match &enc.locality {
-            Some(loc) => Some(argmax(&rt.session()?.logits_last(loc)?)),
-            None => None,
-        };
-        let (layer, lr, delta, skipped) = match config.method {
-            None => (None, None, None, false),
-            Some(method) => {
-                let layer = match config.layer {
-                    LayerChoice::Fixed(l) => l,
-                    LayerChoice::Auto => auto_layer(model, &enc.prompt, &enc.new)?,
-                };
-                let fixed_lr = match config.lr {
-                    LrChoice::Fixed(lr) => lr,
-                    LrChoice::Auto => 1.0,
-                };
-                let settings = EditSettings {
-                    method,
-                    layer,
-                    lr: fixed_lr,
-                };
-                let outcome = edit::compute_with(model, tok, r, &settings, ctx)?;
-                let delta = match (outcome.delta, config.lr) {
-                    (Some(mut d), LrChoice::Auto) => {
-                        let lr = auto_lr(model, &enc.prompt, &d, outcome.target_id)?;
-                        d.out_vecs
-                            .iter_mut()
-                            .flatten()
-                            .for_each(|v| *v *= lr as f32);
-                        Some((d, lr))
-                    }
-                    (d, _) => d.map(|d| (d, fixed_lr)),
-                };
-                let skipped = delta.is_none();
-                match delta {
-                    Some((d, lr)) => (Some(layer), Some(lr), Some(d), skipped),
-                    None => (Some(layer), None, None, skipped),
+    for (chunk, (recs, encs)) in records.chunks(CHUNK).zip(encoded.chunks(CHUNK)).enumerate() {
+        let mut edits = Vec::with_capacity(recs.len());
+        let mut adapters = Vec::with_capacity(recs.len());
+        for (i, (r, enc)) in recs.iter().zip(encs).enumerate() {
+            let edit = edit_record(model, tok, r, enc, config, ctx)?;
+            let active: Vec<Delta> = match (&edit.delta, config.sequential) {
+                (Some(d), true) => {
+                    all_deltas.push(d.clone());
+                    d.apply(model)?;
+                    all_deltas.clone()
                 }
+                (Some(d), false) => vec![d.clone()],
+                (None, true) => all_deltas.clone(),
+                (None, false) => Vec::new(),
+            };
+            let stored = stored_deltas(&file, &active, config.ff2_type)?;
+            adapters.push(match stored.is_empty() {
+                true => None,
+                false => Some(load_adapter(
+                    &mut rt,
+                    arch,
+                    &stored,
+                    scratch,
+                    chunk * CHUNK + i,
+                )?),
+            });
+            edits.push(edit);
+        }
+        let mut session = rt.session()?;
+        let mut applied: Option<usize> = None;
+        for (i, (edit, enc)) in edits.into_iter().zip(encs).enumerate() {
+            let index = chunk * CHUNK + i;
+            match (adapters[i].is_some(), applied) {
+                (true, _) => {
+                    session.set_lora(adapters[i].as_mut().expect("adapter"), 1.0)?;
+                    applied = Some(i);
+                }
+                (false, Some(a)) => {
+                    session.clear_lora(adapters[a].as_mut().expect("adapter"))?;
+                    applied = None;
+                }
+                (false, None) => {}
             }
-        };
-        let active: Vec<Delta> = match (&delta, config.sequential) {
-            (Some(d), true) => {
-                all_deltas.push(d.clone());
-                d.apply(model)?;
-                all_deltas.clone()
-            }
-            (Some(d), false) => vec![d.clone()],
-            (None, true) => all_deltas.clone(),
-            (None, false) => Vec::new(),
-        };
-        let mut record = with_deltas(&mut rt, arch, &active, scratch, |s| {
-            score(s, tok, &enc, base_locality_top1, config.fluency)
-        })?;
-        record.case_id = r.case_id;
-        record.layer = layer;
-        record.lr = lr;
-        record.skipped = skipped;
-        scores.push(record);
-        encoded_all.push(enc);
-        progress(i + 1);
+            let mut record = score(&mut session, tok, enc, base_top1[index], config.fluency)?;
+            record.case_id = records[index].case_id;
+            record.layer = edit.layer;
+            record.lr = edit.lr;
+            record.skipped = edit.skipped;
+            scores.push(record);
+            progress(index + 1);
+        }
     }
     let retained = match (config.sequential, all_deltas.is_empty()) {
         (true, false) => {
-            let held = with_deltas(&mut rt, arch, &all_deltas, scratch, |s| {
-                encoded_all
-                    .iter()
-                    .map(|e| {
-                        Ok(if prefers_new(s, &e.prompt, &e.new, &e.truth)? {
-                            1.0
-                        } else {
-                            0.0
-                        })
-                    })
-                    .collect::<Result<Vec<f64>>>()
-            })?;
+            let stored = stored_deltas(&file, &all_deltas, config.ff2_type)?;
+            let mut adapter = load_adapter(&mut rt, arch, &stored, scratch, records.len())?;
+            let mut session = rt.session()?;
+            session.set_lora(&mut adapter, 1.0)?;
+            let queries: Vec<PromptQuery> = encoded
+                .iter()
+                .map(|e| PromptQuery {
+                    prompt: &e.prompt,
+                    continuations: vec![&e.new, &e.truth],
+                })
+                .collect();
+            let held: Vec<f64> = session
+                .score(&queries)?
+                .iter()
+                .map(|s| f64::from(u8::from(s.logprobs[0] > s.logprobs[1])))
+                .collect();
             Some(Stat::of(&held))
         }
         _ => None,
@@ -436,33 +445,101 @@ pub fn evaluate_with(
     })
 }
 
-/// Runs `f` on a session with `deltas` applied as one adapter (or none when empty).
-fn with_deltas<T>(
+/// The edit made for one record.
+struct RecordEdit {
+    layer: Option<usize>,
+    lr: Option<f64>,
+    delta: Option<Delta>,
+    skipped: bool,
+}
+
+/// Computes the record's edit in candle with the configured method, layer and step rules.
+fn edit_record(
+    model: &Transformer,
+    tok: &Tokenizer,
+    r: &EditRequest,
+    enc: &Encoded,
+    config: &EvalConfig,
+    ctx: &EditContext,
+) -> Result<RecordEdit> {
+    let Some(method) = config.method else {
+        return Ok(RecordEdit {
+            layer: None,
+            lr: None,
+            delta: None,
+            skipped: false,
+        });
+    };
+    let layer = match config.layer {
+        LayerChoice::Fixed(l) => l,
+        LayerChoice::Auto => auto_layer(model, &enc.prompt, &enc.new)?,
+    };
+    let fixed_lr = match config.lr {
+        LrChoice::Fixed(lr) => lr,
+        LrChoice::Auto => 1.0,
+    };
+    let settings = EditSettings {
+        method,
+        layer,
+        lr: fixed_lr,
+    };
+    let outcome = edit::compute_with(model, tok, r, &settings, ctx)?;
+    let delta = match (outcome.delta, config.lr) {
+        (Some(mut d), LrChoice::Auto) => {
+            let lr = auto_lr(model, &enc.prompt, &d, outcome.target_id)?;
+            d.out_vecs
+                .iter_mut()
+                .flatten()
+                .for_each(|v| *v *= lr as f32);
+            Some((d, lr))
+        }
+        (d, _) => d.map(|d| (d, fixed_lr)),
+    };
+    Ok(RecordEdit {
+        layer: Some(layer),
+        lr: delta.as_ref().map(|d| d.1),
+        skipped: delta.is_none(),
+        delta: delta.map(|d| d.0),
+    })
+}
+
+/// The unedited model's top-1 token after each record's locality prompt (batched decodes).
+fn locality_top1(session: &mut Session, encoded: &[Encoded]) -> Result<Vec<Option<usize>>> {
+    let queries: Vec<PromptQuery> = encoded
+        .iter()
+        .filter_map(|e| e.locality.as_deref())
+        .map(|prompt| PromptQuery {
+            prompt,
+            continuations: Vec::new(),
+        })
+        .collect();
+    let mut tops = session
+        .score(&queries)?
+        .into_iter()
+        .map(|s| argmax(&s.next_logits));
+    Ok(encoded
+        .iter()
+        .map(|e| e.locality.as_ref().and_then(|_| tops.next()))
+        .collect())
+}
+
+/// Writes `deltas` as one adapter in `scratch` and loads it into llama.cpp.
+fn load_adapter(
     rt: &mut LlamaRuntime,
     arch: crate::arch::Arch,
     deltas: &[Delta],
     scratch: &Path,
-    f: impl FnOnce(&mut Session) -> Result<T>,
-) -> Result<T> {
-    if deltas.is_empty() {
-        return f(&mut rt.session()?);
-    }
-    let path: PathBuf = scratch.join(format!("eval-adapter-{}.gguf", std::process::id()));
+    index: usize,
+) -> Result<LlamaLoraAdapter> {
+    let path: PathBuf = scratch.join(format!("eval-adapter-{}-{index}.gguf", std::process::id()));
     lora::write_adapter(&path, arch, deltas, &[])?;
-    let mut adapter = rt.load_lora(&path)?;
-    let result = {
-        let mut s = rt.session()?;
-        s.set_lora(&mut adapter, 1.0)?;
-        f(&mut s)
-    };
+    let adapter = rt.load_lora(&path);
     let _ = std::fs::remove_file(&path);
-    result
+    adapter
 }
 
-fn prefers_new(s: &mut Session, prompt: &[u32], new: &[u32], truth: &[u32]) -> Result<bool> {
-    Ok(s.sequence_logprob(prompt, new)? > s.sequence_logprob(prompt, truth)?)
-}
-
+/// Scores one record on a session that has its edit applied: prompt, paraphrase and locality
+/// are scored in one batched decode; fluency adds a greedy generation.
 fn score(
     s: &mut Session,
     tok: &Tokenizer,
@@ -470,19 +547,36 @@ fn score(
     base_locality_top1: Option<usize>,
     fluency: bool,
 ) -> Result<RecordScores> {
-    let (p_new, p_true) = (
-        s.sequence_logprob(&e.prompt, &e.new)?,
-        s.sequence_logprob(&e.prompt, &e.truth)?,
-    );
-    let paraphrase = match &e.rephrase {
-        Some(p) => Some(prefers_new(s, p, &e.new, &e.truth)?),
-        None => None,
-    };
+    let mut queries = vec![PromptQuery {
+        prompt: &e.prompt,
+        continuations: vec![&e.new, &e.truth],
+    }];
+    if let Some(p) = &e.rephrase {
+        queries.push(PromptQuery {
+            prompt: p,
+            continuations: vec![&e.new, &e.truth],
+        });
+    }
+    if let Some(p) = &e.locality {
+        queries.push(PromptQuery {
+            prompt: p,
+            continuations: vec![&e.new, &e.locality_truth],
+        });
+    }
+    let scored = s.score(&queries)?;
+    let (p_new, p_true) = (scored[0].logprobs[0], scored[0].logprobs[1]);
+    let paraphrase = e
+        .rephrase
+        .as_ref()
+        .map(|_| scored[1].logprobs[0] > scored[1].logprobs[1]);
     let (neighborhood, neighborhood_top1) = match &e.locality {
-        Some(p) => (
-            Some(!prefers_new(s, p, &e.new, &e.locality_truth)?),
-            Some(Some(argmax(&s.logits_last(p)?)) == base_locality_top1),
-        ),
+        Some(_) => {
+            let loc = scored.last().expect("locality query");
+            (
+                Some(loc.logprobs[1] >= loc.logprobs[0]),
+                Some(Some(argmax(&loc.next_logits)) == base_locality_top1),
+            )
+        }
         None => (None, None),
     };
     let fluency = match fluency {

@@ -58,3 +58,52 @@ fn ten_record_eval_reports_every_metric_and_is_reproducible() {
     assert_eq!(again["records"], shift["records"], "two runs differ");
     assert_eq!(again["summary"], shift["summary"]);
 }
+
+/// Scoring a prompt once for all its continuations gives the same log-probabilities and
+/// next-token logits as scoring each continuation in a decode of its own.
+#[test]
+fn shared_prompt_scoring_matches_separate_decodes() {
+    use backlens::edit::EditRequest;
+    use backlens::runtime::{LlamaRuntime, PromptQuery};
+    use backlens::tokenizer::Tokenizer;
+    use backlens::weights::ModelSource;
+    let path = common::smollm2();
+    let tok = Tokenizer::from_source(&ModelSource::open(&path).unwrap()).unwrap();
+    let records = EditRequest::load_file(&common::counterfact("counterfact-val.json")).unwrap();
+    let rt = LlamaRuntime::load(&path).unwrap();
+    let mut session = rt.session().unwrap();
+    let encoded: Vec<[Vec<u32>; 4]> = records[..6]
+        .iter()
+        .map(|r| {
+            [
+                tok.encode_prompt(r.rephrase_prompt.as_deref().unwrap_or(&r.prompt))
+                    .unwrap(),
+                tok.encode_target(&r.target_new).unwrap(),
+                tok.encode_target(r.ground_truth.as_deref().unwrap())
+                    .unwrap(),
+                tok.encode_target(&format!("{} and more", r.target_new))
+                    .unwrap(),
+            ]
+        })
+        .collect();
+    let queries: Vec<PromptQuery> = encoded
+        .iter()
+        .map(|[p, a, b, c]| PromptQuery {
+            prompt: p,
+            continuations: vec![a, b, c],
+        })
+        .collect();
+    let scored = session.score(&queries).unwrap();
+    let mut worst = 0f64;
+    for (q, s) in queries.iter().zip(&scored) {
+        let alone = session.logits_last(q.prompt).unwrap();
+        for (x, y) in alone.iter().zip(&s.next_logits) {
+            worst = worst.max((x - y).abs() as f64);
+        }
+        for (c, lp) in q.continuations.iter().zip(&s.logprobs) {
+            worst = worst.max((session.sequence_logprob(q.prompt, c).unwrap() - lp).abs());
+        }
+    }
+    println!("shared-prompt vs separate scoring: max difference {worst:.2e}");
+    assert!(worst < 1e-4, "shared-prompt scoring differs by {worst}");
+}

@@ -126,6 +126,7 @@ pub fn run(args: Args) -> Result<()> {
         lr: LrChoice::Fixed(0.24),
         sequential: false,
         fluency: false,
+        ff2_type: Ff2Type::F32,
     };
     let mut m2 = model.clone();
     let report = eval::evaluate(&gguf, &mut m2, &tok, &records, &config, &scratch, |_| {})?;

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use backlens::edit::Method;
 use backlens::eval::{self, EvalConfig, EvalReport, LayerChoice, LrChoice};
 use backlens::model::Transformer;
+use backlens::write::gguf::Ff2Type;
 use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -52,6 +53,10 @@ pub struct Args {
     /// Skip the generation-entropy fluency score (faster).
     #[arg(long)]
     no_fluency: bool,
+    /// Storage of the edited FF2 being evaluated: f32 (exact) or keep (requantized to its
+    /// original type, as `edit --ff2-type keep` writes it).
+    #[arg(long, value_enum, default_value_t = Ff2Type::F32)]
+    ff2_type: Ff2Type,
     /// Sweep layers A..B (end exclusive) and write an SVG plot of the scores.
     #[arg(long)]
     sweep_layers: Option<String>,
@@ -131,6 +136,7 @@ pub fn run(args: Args) -> Result<()> {
         lr,
         sequential: args.sequential,
         fluency: !args.no_fluency,
+        ff2_type: args.ff2_type,
     };
     let scratch = std::env::temp_dir();
     let run_one = |config: &EvalConfig, label: &str| -> Result<EvalReport> {

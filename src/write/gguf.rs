@@ -2,8 +2,8 @@
 //! that are either borrowed from the input map (untouched tensors, byte-identical) or new.
 
 use super::AtomicOutput;
-use crate::weights::gguf::{GgufFile, Value, MAGIC};
-use crate::weights::quant::GgmlType;
+use crate::weights::gguf::{GgufFile, TensorInfo, Value, MAGIC};
+use crate::weights::quant::{self, GgmlType};
 use crate::{Error, Result};
 use std::borrow::Cow;
 use std::path::Path;
@@ -189,24 +189,8 @@ pub fn patch_plan<'a>(
     provenance: &[(String, Value)],
 ) -> Result<GgufPlan<'a>> {
     let mut plan = GgufPlan::copy_of(src);
-    let mut names: Vec<&str> = deltas.iter().map(|d| d.tensor.as_str()).collect();
-    names.sort_unstable();
-    names.dedup();
-    for name in names {
-        let info = src
-            .tensor(name)
-            .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
-        let mut values =
-            crate::weights::quant::dequantize(info.ggml_type, src.tensor_bytes(info), name)?;
-        for d in deltas.iter().filter(|d| d.tensor == name) {
-            d.add_to(&mut values);
-        }
-        let ggml_type = match ff2_type {
-            Ff2Type::F32 => GgmlType::F32,
-            Ff2Type::Keep => info.ggml_type,
-        };
-        let data =
-            crate::weights::quant::quantize(ggml_type, &values, info.dims[0] as usize, name)?;
+    for name in edited_tensors(deltas) {
+        let (info, data, ggml_type) = stored_ff2(src, name, deltas, ff2_type)?;
         plan.replace(OutTensor {
             name: name.to_string(),
             dims: info.dims.clone(),
@@ -218,4 +202,83 @@ pub fn patch_plan<'a>(
         plan.set(k, v.clone());
     }
     Ok(plan)
+}
+
+/// The distinct tensor names the deltas edit, sorted.
+fn edited_tensors(deltas: &[crate::edit::Delta]) -> Vec<&str> {
+    let mut names: Vec<&str> = deltas.iter().map(|d| d.tensor.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Tensor `name` of `src` with every delta on it added, encoded as `ff2_type` would store it:
+/// its info, bytes and type.
+fn stored_ff2<'f>(
+    src: &'f GgufFile,
+    name: &str,
+    deltas: &[crate::edit::Delta],
+    ff2_type: Ff2Type,
+) -> Result<(&'f TensorInfo, Vec<u8>, GgmlType)> {
+    let info = src
+        .tensor(name)
+        .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+    let mut values = quant::dequantize(info.ggml_type, src.tensor_bytes(info), name)?;
+    for d in deltas.iter().filter(|d| d.tensor == name) {
+        d.add_to(&mut values);
+    }
+    let ggml_type = match ff2_type {
+        Ff2Type::F32 => GgmlType::F32,
+        Ff2Type::Keep => info.ggml_type,
+    };
+    let data = quant::quantize(ggml_type, &values, info.dims[0] as usize, name)?;
+    Ok((info, data, ggml_type))
+}
+
+/// The change a patched file written with `ff2_type` really makes, as deltas: for F32 the
+/// deltas themselves; for `Keep`, the requantized tensor minus the original, one rank-one term
+/// per changed row (so that a LoRA adapter can carry a requantized edit exactly).
+pub fn stored_deltas(
+    src: &GgufFile,
+    deltas: &[crate::edit::Delta],
+    ff2_type: Ff2Type,
+) -> Result<Vec<crate::edit::Delta>> {
+    if ff2_type == Ff2Type::F32 {
+        return Ok(deltas.to_vec());
+    }
+    let mut out = Vec::new();
+    for name in edited_tensors(deltas) {
+        let (info, data, ggml_type) = stored_ff2(src, name, deltas, ff2_type)?;
+        let before = quant::dequantize(info.ggml_type, src.tensor_bytes(info), name)?;
+        let after = quant::dequantize(ggml_type, &data, name)?;
+        let n_in = info.dims[0] as usize;
+        let n_out = before.len() / n_in;
+        let mut delta = crate::edit::Delta {
+            tensor: name.to_string(),
+            layer: deltas
+                .iter()
+                .find(|d| d.tensor == name)
+                .map_or(0, |d| d.layer),
+            out_vecs: Vec::new(),
+            in_vecs: Vec::new(),
+        };
+        for row in 0..n_out {
+            let span = row * n_in..(row + 1) * n_in;
+            let diff: Vec<f32> = after[span.clone()]
+                .iter()
+                .zip(&before[span])
+                .map(|(a, b)| a - b)
+                .collect();
+            if diff.iter().any(|&v| v != 0.0) {
+                let mut unit = vec![0f32; n_out];
+                unit[row] = 1.0;
+                delta.out_vecs.push(unit);
+                delta.in_vecs.push(diff);
+            }
+        }
+        if !delta.out_vecs.is_empty() {
+            out.push(delta);
+        }
+    }
+    Ok(out)
 }
