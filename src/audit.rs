@@ -466,7 +466,7 @@ pub fn audit(base: &Path, patch: &Path, opts: &AuditOptions) -> Result<AuditRepo
         notes: Vec::new(),
     };
     if let Some(want) = patch_g.get("backlens.base_sha256").and_then(Value::as_str) {
-        report.base_sha256_matches = Some(crate::write::sha256_hex(base_g.bytes()) == want);
+        report.base_sha256_matches = Some(base_g.sha256_hex() == want);
     }
     let found = match kind {
         PatchKind::Full => compare_full(base_g, &patch_g, &mut report)?,
@@ -676,7 +676,7 @@ fn compare_full(base: &GgufFile, patch: &GgufFile, report: &mut AuditReport) -> 
         };
         report.compared_tensors += 1;
         let (bb, pb) = (base.tensor_bytes(bt), patch.tensor_bytes(pt));
-        if bt.ggml_type == pt.ggml_type && bb == pb {
+        if bt.ggml_type == pt.ggml_type && same_bytes(base, bb, patch, pb) {
             continue;
         }
         match dense_diff(bt, bb, pt, pb)? {
@@ -705,6 +705,21 @@ fn compare_full(base: &GgufFile, patch: &GgufFile, report: &mut AuditReport) -> 
         }
     }
     Ok(found)
+}
+
+/// Whether two tensors' bytes are equal, compared a chunk at a time with each chunk's pages
+/// released afterwards (so that comparing two big files keeps little resident).
+fn same_bytes(base: &GgufFile, a: &[u8], patch: &GgufFile, b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let chunk = crate::weights::gguf::RELEASE_CHUNK;
+    a.chunks(chunk).zip(b.chunks(chunk)).all(|(x, y)| {
+        let same = x == y;
+        base.release(x);
+        patch.release(y);
+        same
+    })
 }
 
 /// patch − base as f64, row-major, when any value differs: (ΔW, changed elements, max |ΔW|).

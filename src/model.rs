@@ -271,6 +271,34 @@ impl Loader<'_> {
         })
     }
 
+    fn block(&self, l: usize, hp: &HParams) -> Result<Block> {
+        let gpt2 = hp.arch == Arch::Gpt2;
+        let attn = match hp.arch {
+            Arch::Gpt2 => Attention::Fused {
+                qkv: self.linear(l, "attn_qkv", true)?,
+            },
+            Arch::Llama => Attention::Split {
+                q: self.linear(l, "attn_q", false)?,
+                k: self.linear(l, "attn_k", false)?,
+                v: self.linear(l, "attn_v", false)?,
+            },
+        };
+        Ok(Block {
+            attn_norm: self.norm(&block_tensor(l, "attn_norm"), hp)?,
+            attn,
+            attn_out: self.linear(l, "attn_output", gpt2)?,
+            ffn_norm: self.norm(&block_tensor(l, "ffn_norm"), hp)?,
+            ffn: FeedForward {
+                up: self.linear(l, "ffn_up", gpt2)?,
+                gate: match gpt2 {
+                    true => None,
+                    false => Some(self.linear(l, "ffn_gate", false)?),
+                },
+                down: self.linear(l, "ffn_down", gpt2)?,
+            },
+        })
+    }
+
     fn norm(&self, prefix: &str, hp: &HParams) -> Result<Norm> {
         let rms = hp.arch == Arch::Llama;
         Ok(Norm {
@@ -300,33 +328,9 @@ impl Transformer {
             numerics,
         };
         let gpt2 = hp.arch == Arch::Gpt2;
-        let mut blocks = Vec::with_capacity(hp.n_layer);
-        for l in 0..hp.n_layer {
-            let attn = match hp.arch {
-                Arch::Gpt2 => Attention::Fused {
-                    qkv: ld.linear(l, "attn_qkv", true)?,
-                },
-                Arch::Llama => Attention::Split {
-                    q: ld.linear(l, "attn_q", false)?,
-                    k: ld.linear(l, "attn_k", false)?,
-                    v: ld.linear(l, "attn_v", false)?,
-                },
-            };
-            blocks.push(Block {
-                attn_norm: ld.norm(&block_tensor(l, "attn_norm"), &hp)?,
-                attn,
-                attn_out: ld.linear(l, "attn_output", gpt2)?,
-                ffn_norm: ld.norm(&block_tensor(l, "ffn_norm"), &hp)?,
-                ffn: FeedForward {
-                    up: ld.linear(l, "ffn_up", gpt2)?,
-                    gate: match gpt2 {
-                        true => None,
-                        false => Some(ld.linear(l, "ffn_gate", false)?),
-                    },
-                    down: ld.linear(l, "ffn_down", gpt2)?,
-                },
-            });
-        }
+        let blocks = (0..hp.n_layer)
+            .map(|l| ld.block(l, &hp))
+            .collect::<Result<Vec<_>>>()?;
         let tok_embd = ld.req("token_embd.weight")?;
         let (output, output_rounding) = match ld.opt("output.weight")? {
             Some(o) => (o, ld.rounding("output.weight")?),
@@ -354,54 +358,21 @@ impl Transformer {
     /// Runs the model on `tokens`; returns logits (tokens, n_vocab) and the per-layer trace.
     pub fn forward(&self, tokens: &[u32], probes: Option<&Probes>) -> Result<(Tensor, Trace)> {
         let n = tokens.len();
-        if n == 0 {
-            return Err(Error::Invalid("the prompt tokenizes to nothing".into()));
-        }
-        if n > self.hp.n_ctx {
-            return Err(Error::Invalid(format!(
-                "{n} tokens exceed the model's context of {}",
-                self.hp.n_ctx
-            )));
-        }
+        check_length(&self.hp, n)?;
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let mut h = self.tok_embd.index_select(&ids, 0)?;
         if let Some(pos) = &self.pos_embd {
             h = (h + pos.narrow(0, 0, n)?)?;
         }
-        let mask = causal_mask(n, self.dtype())?;
-        let rope = match self.hp.arch {
-            Arch::Llama => Some(RopeTables::new(&self.hp, n, self.dtype())?),
-            Arch::Gpt2 => None,
-        };
+        let (mask, rope) = position_tables(&self.hp, n, self.dtype())?;
         let mut trace = Trace::default();
         for (l, block) in self.blocks.iter().enumerate() {
             trace.resid_in.push(h.clone());
-            let x = block.attn_norm.forward(&h)?;
-            let attn = self.attention(block, &x, &mask, rope.as_ref())?;
-            h = (h + block.attn_out.forward(&attn)?)?;
-            let x1 = block.ffn_norm.forward(&h)?;
-            let mut up = block.ffn.up.forward(&x1)?;
-            if let Some(p) = probes {
-                up = (up + p.ff1_up[l].as_tensor())?;
-            }
-            let a = match &block.ffn.gate {
-                Some(gate) => {
-                    let mut g = gate.forward(&x1)?;
-                    if let Some(Some(pg)) = probes.map(|p| &p.ff1_gate[l]) {
-                        g = (g + pg.as_tensor())?;
-                    }
-                    (g.silu()? * up)?
-                }
-                None => up.gelu()?,
-            };
-            let mut out = block.ffn.down.forward(&a)?;
-            if let Some(p) = probes {
-                out = (out + p.ff2_out[l].as_tensor())?;
-            }
-            h = (h + &out)?;
-            trace.ff1_in.push(x1);
-            trace.ff2_in.push(a);
-            trace.ff2_out.push(out);
+            let step = block.step(&self.hp, &h, &mask, rope.as_ref(), probes.map(|p| (p, l)))?;
+            h = step.resid_out;
+            trace.ff1_in.push(step.ff1_in);
+            trace.ff2_in.push(step.ff2_in);
+            trace.ff2_out.push(step.ff2_out);
         }
         let logits = self.unembed(&h)?;
         Ok((logits, trace))
@@ -417,15 +388,145 @@ impl Transformer {
         };
         unembedding.forward(&x)
     }
+}
+
+/// The last position of a forward pass: what an FPS edit needs.
+#[derive(Debug, Clone)]
+pub struct LastPosition {
+    /// Next-token logits.
+    pub logits: Vec<f32>,
+    /// FF2 input at the last position of each requested layer (in the order asked).
+    pub ff2_in: Vec<Vec<f32>>,
+}
+
+/// A forward pass over `tokens` that dequantizes one block at a time straight from `src`
+/// (exact f32), for models whose f32 weights would not fit in memory: peak memory is one
+/// block's weights plus a chunk of the unembedding. Each delta is added to its block's FF2
+/// before the block runs. Returns the last position's logits and its FF2 inputs at `layers`.
+/// Gives the same values as [`Transformer::forward`] on the same weights.
+pub fn streamed_last_position(
+    src: &ModelSource,
+    tokens: &[u32],
+    deltas: &[crate::edit::Delta],
+    layers: &[usize],
+) -> Result<LastPosition> {
+    let hp = src.hparams()?;
+    let n = tokens.len();
+    check_length(&hp, n)?;
+    let ld = Loader {
+        src,
+        dtype: DType::F32,
+        numerics: Numerics::Exact,
+    };
+    let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
+    let rows = |name: &str, which: &[usize]| -> Result<Tensor> {
+        let values: Vec<f32> = src.rows_f32(name, which)?.concat();
+        Ok(Tensor::from_vec(
+            values,
+            (which.len(), hp.n_embd),
+            &Device::Cpu,
+        )?)
+    };
+    let mut h = rows("token_embd.weight", &ids)?;
+    if hp.arch == Arch::Gpt2 {
+        h = (h + rows("position_embd.weight", &(0..n).collect::<Vec<_>>())?)?;
+    }
+    let (mask, rope) = position_tables(&hp, n, DType::F32)?;
+    let mut ff2_in = vec![Vec::new(); layers.len()];
+    for l in 0..hp.n_layer {
+        let mut block = ld.block(l, &hp)?;
+        for d in deltas.iter().filter(|d| d.layer == l) {
+            d.apply_to_block(&mut block)?;
+        }
+        let step = block.step(&hp, &h, &mask, rope.as_ref(), None)?;
+        for (slot, _) in layers.iter().enumerate().filter(|(_, &want)| want == l) {
+            ff2_in[slot] = step.ff2_in.narrow(0, n - 1, 1)?.flatten_all()?.to_vec1()?;
+        }
+        h = step.resid_out;
+    }
+    let last = ld
+        .norm("output_norm", &hp)?
+        .forward(&h.narrow(0, n - 1, 1)?)?;
+    let last: Vec<f32> = last.flatten_all()?.to_vec1()?;
+    let unembedding = match src.shape("output.weight") {
+        Some(_) => "output.weight",
+        None => "token_embd.weight",
+    };
+    let mut logits = Vec::with_capacity(hp.n_vocab);
+    src.for_row_chunks(unembedding, 4096, |_, values| {
+        logits.extend(
+            values
+                .chunks_exact(hp.n_embd)
+                .map(|row| row.iter().zip(&last).map(|(w, x)| w * x).sum::<f32>()),
+        );
+        Ok(())
+    })?;
+    Ok(LastPosition { logits, ff2_in })
+}
+
+/// What one block computes for a sequence (each of shape (tokens, width)).
+struct BlockStep {
+    /// Residual stream after the block.
+    resid_out: Tensor,
+    /// FF1 input (normed residual).
+    ff1_in: Tensor,
+    /// FF2 input (ff dim).
+    ff2_in: Tensor,
+    /// FF2 output.
+    ff2_out: Tensor,
+}
+
+impl Block {
+    /// Runs the block on residual stream `h`; `probes` (with this block's layer) are added to
+    /// the FF1/FF2 outputs.
+    fn step(
+        &self,
+        hp: &HParams,
+        h: &Tensor,
+        mask: &Tensor,
+        rope: Option<&RopeTables>,
+        probes: Option<(&Probes, usize)>,
+    ) -> Result<BlockStep> {
+        let x = self.attn_norm.forward(h)?;
+        let attn = self.attention(hp, &x, mask, rope)?;
+        let h = (h + self.attn_out.forward(&attn)?)?;
+        let x1 = self.ffn_norm.forward(&h)?;
+        let mut up = self.ffn.up.forward(&x1)?;
+        if let Some((p, l)) = probes {
+            up = (up + p.ff1_up[l].as_tensor())?;
+        }
+        let a = match &self.ffn.gate {
+            Some(gate) => {
+                let mut g = gate.forward(&x1)?;
+                if let Some((p, l)) = probes {
+                    if let Some(pg) = &p.ff1_gate[l] {
+                        g = (g + pg.as_tensor())?;
+                    }
+                }
+                (g.silu()? * up)?
+            }
+            None => up.gelu()?,
+        };
+        let mut out = self.ffn.down.forward(&a)?;
+        if let Some((p, l)) = probes {
+            out = (out + p.ff2_out[l].as_tensor())?;
+        }
+        Ok(BlockStep {
+            resid_out: (h + &out)?,
+            ff1_in: x1,
+            ff2_in: a,
+            ff2_out: out,
+        })
+    }
 
     fn attention(
         &self,
-        block: &Block,
+        hp: &HParams,
         x: &Tensor,
         mask: &Tensor,
         rope: Option<&RopeTables>,
     ) -> Result<Tensor> {
-        let hp = &self.hp;
+        let block = self;
         let (n, hd) = (x.dim(0)?, hp.head_dim());
         let d = hp.n_embd;
         let (q, k, v) = match &block.attn {
@@ -463,6 +564,29 @@ impl Transformer {
         let out = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, d))?;
         Ok(out)
     }
+}
+
+/// Fails for empty or over-long token sequences.
+fn check_length(hp: &HParams, n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::Invalid("the prompt tokenizes to nothing".into()));
+    }
+    if n > hp.n_ctx {
+        return Err(Error::Invalid(format!(
+            "{n} tokens exceed the model's context of {}",
+            hp.n_ctx
+        )));
+    }
+    Ok(())
+}
+
+/// The causal mask and (Llama) RoPE tables for `n` positions.
+fn position_tables(hp: &HParams, n: usize, dtype: DType) -> Result<(Tensor, Option<RopeTables>)> {
+    let rope = match hp.arch {
+        Arch::Llama => Some(RopeTables::new(hp, n, dtype)?),
+        Arch::Gpt2 => None,
+    };
+    Ok((causal_mask(n, dtype)?, rope))
 }
 
 /// Softmax over the last dimension from primitive ops (the max shift is a constant).

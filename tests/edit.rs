@@ -343,3 +343,48 @@ fn default_shift_flips_most_of_20_val_records_in_llama_cpp() {
     println!("efficacy (P(new) > P(true)) on 20 val records, layer 22, lr 0.24: {wins}/20");
     assert!(wins >= 16, "{wins}/20");
 }
+
+/// The streamed FPS edit (one block in memory at a time, what `edit` runs for shift on GGUF)
+/// computes the same deltas and skip decisions as the in-memory one, also for a sequence of
+/// edits where the second is computed on the model carrying the first.
+#[test]
+fn streamed_shift_matches_in_memory() {
+    let cases: Vec<(std::path::PathBuf, usize)> = vec![
+        (common::tiny(Arch::Llama).gguf.clone(), 1),
+        (common::tiny(Arch::Gpt2).gguf.clone(), 2),
+        (common::smollm2(), 22),
+    ];
+    for (path, layer) in cases {
+        let src = ModelSource::open(&path).unwrap();
+        let tok = Tokenizer::from_source(&src).unwrap();
+        let mut model = Transformer::load(&src, DType::F32).unwrap();
+        let settings = EditSettings {
+            method: Method::Shift,
+            layer,
+            lr: 0.5,
+        };
+        let reqs = vec![
+            EditRequest::new(PROMPT, "Paris", None).unwrap(),
+            EditRequest::new("The Eiffel Tower is located in", "Rome", None).unwrap(),
+        ];
+        let in_memory = edit::apply_sequence(&mut model, &tok, &reqs, &settings).unwrap();
+        let streamed = edit::apply_sequence_streamed(&src, &tok, &reqs, &settings).unwrap();
+        let mut worst = 0f32;
+        for (a, b) in in_memory.iter().zip(&streamed) {
+            assert_eq!(a.top1_before, b.top1_before, "{}", path.display());
+            assert_eq!(a.delta.is_some(), b.delta.is_some(), "{}", path.display());
+            if let (Some(da), Some(db)) = (&a.delta, &b.delta) {
+                let scale = da.in_vecs[0].iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (x, y) in da.in_vecs[0].iter().zip(&db.in_vecs[0]) {
+                    worst = worst.max((x - y).abs() / scale);
+                }
+                assert_eq!(da.out_vecs, db.out_vecs);
+            }
+        }
+        println!(
+            "{}: streamed vs in-memory x, max rel diff {worst:.2e}",
+            path.display()
+        );
+        assert!(worst < 1e-5, "{}: {worst}", path.display());
+    }
+}

@@ -11,7 +11,7 @@ use backlens::tokenizer::Tokenizer;
 use backlens::weights::gguf::Value;
 use backlens::weights::ModelSource;
 use backlens::write::gguf::{patch_plan, Ff2Type};
-use backlens::write::{check_output, lora, safetensors, sha256_hex};
+use backlens::write::{check_output, lora, safetensors};
 use candle_core::DType;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -205,7 +205,7 @@ struct EditSummary {
 fn provenance(
     settings: &EditSettings,
     outcomes: &[EditOutcome],
-    base: &[u8],
+    base_sha256: &str,
     whiten: &WhitenArgs,
 ) -> Vec<(String, Value)> {
     let edits: Vec<serde_json::Value> = outcomes
@@ -234,7 +234,7 @@ fn provenance(
         ),
         (
             "backlens.base_sha256".into(),
-            Value::String(sha256_hex(base)),
+            Value::String(base_sha256.to_string()),
         ),
     ];
     if settings.method.needs_stats() {
@@ -271,23 +271,30 @@ pub fn run(args: Args) -> Result<()> {
         ),
         _ => {}
     }
-    let mut model = Transformer::load(&m.source, DType::F32)?;
     let settings = EditSettings {
         method: args.method,
         layer: args
             .layer
-            .unwrap_or_else(|| EditSettings::default_layer(model.hp.n_layer)),
+            .unwrap_or_else(|| EditSettings::default_layer(m.hp.n_layer)),
         lr: args.lr,
     };
-    let store = args
-        .whiten
-        .store(Some(settings.method), &model, &m.tok, m.source.path())?;
-    let ctx = EditContext {
-        stats: store.as_ref(),
+    // Plain FPS on a GGUF needs only one block in memory at a time; the other methods (and
+    // safetensors inputs, which are small here) load the whole model in f32.
+    let outcomes = match (&m.source, settings.method) {
+        (ModelSource::Gguf(_), Method::Shift) => {
+            edit::apply_sequence_streamed(&m.source, &m.tok, &reqs, &settings)?
+        }
+        _ => {
+            let mut model = Transformer::load(&m.source, DType::F32)?;
+            let store =
+                args.whiten
+                    .store(Some(settings.method), &model, &m.tok, m.source.path())?;
+            let ctx = EditContext {
+                stats: store.as_ref(),
+            };
+            edit::apply_sequence_with(&mut model, &m.tok, &reqs, &settings, &ctx)?
+        }
     };
-    let outcomes = edit::apply_sequence_with(&mut model, &m.tok, &reqs, &settings, &ctx)?;
-    drop(store);
-    drop(model);
     let deltas: Vec<_> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
     let edits: Vec<EditSummary> = outcomes
         .iter()
@@ -318,11 +325,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     match (&m.source, args.format) {
         (ModelSource::Gguf(g), Format::Gguf) => {
-            let prov = provenance(&settings, &outcomes, g.bytes(), &args.whiten);
+            let prov = provenance(&settings, &outcomes, &g.sha256_hex(), &args.whiten);
             patch_plan(g, &deltas, args.ff2_type, &prov)?.write(&args.output)?
         }
         (ModelSource::Gguf(g), Format::Lora) => {
-            let prov = provenance(&settings, &outcomes, g.bytes(), &args.whiten);
+            let prov = provenance(&settings, &outcomes, &g.sha256_hex(), &args.whiten);
             lora::write_adapter(&args.output, model_arch(&m.source)?, &deltas, &prov)?
         }
         (ModelSource::Hf(h), Format::Safetensors) => {

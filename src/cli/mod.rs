@@ -75,6 +75,7 @@ pub fn run() -> Result<()> {
 /// A model opened with its tokenizer.
 struct Opened {
     source: ModelSource,
+    hp: backlens::arch::HParams,
     tok: Tokenizer,
 }
 
@@ -85,9 +86,9 @@ fn open(path: &Path) -> Result<Opened> {
         msg => anyhow::anyhow!("{shown}: {msg}"),
     };
     let source = ModelSource::open(path).map_err(named)?;
-    source.hparams().map_err(named)?;
+    let hp = source.hparams().map_err(named)?;
     let tok = Tokenizer::from_source(&source).map_err(named)?;
-    Ok(Opened { source, tok })
+    Ok(Opened { source, hp, tok })
 }
 
 /// Prints `value` as pretty JSON.

@@ -7,7 +7,7 @@ pub mod request;
 pub mod shift;
 pub mod whiten;
 
-use crate::model::Transformer;
+use crate::model::{Block, Transformer};
 use crate::Result;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -41,6 +41,24 @@ pub struct EditSettings {
 }
 
 impl EditSettings {
+    /// Fails for a layer outside the model or a step that is not a positive number.
+    pub fn check(&self, n_layer: usize) -> Result<()> {
+        if self.layer >= n_layer {
+            return Err(crate::Error::Invalid(format!(
+                "layer {} out of range: the model has layers 0 to {}",
+                self.layer,
+                n_layer - 1
+            )));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(crate::Error::Invalid(format!(
+                "lr must be a positive number, got {}",
+                self.lr
+            )));
+        }
+        Ok(())
+    }
+
     /// The paper's defaults scaled to the model depth: layer round(0.73 · n_layer) (35 of 48 in
     /// GPT-2 XL), lr 0.24.
     pub fn default_layer(n_layer: usize) -> usize {
@@ -86,7 +104,12 @@ impl Delta {
 
     /// Adds ΔW to the model's FF2 weight of the delta's layer (in the model's dtype).
     pub fn apply(&self, model: &mut Transformer) -> Result<()> {
-        let down = &mut model.blocks[self.layer].ffn.down;
+        self.apply_to_block(&mut model.blocks[self.layer])
+    }
+
+    /// Adds ΔW to a block's FF2 weight (the block of the delta's layer).
+    pub fn apply_to_block(&self, block: &mut Block) -> Result<()> {
+        let down = &mut block.ffn.down;
         let shape = down.w.dims().to_vec();
         let dw = Tensor::from_vec(self.dense(), shape, &Device::Cpu)?.to_dtype(down.w.dtype())?;
         down.w = (&down.w + dw)?;
@@ -176,19 +199,7 @@ pub fn compute_with(
     settings: &EditSettings,
     ctx: &EditContext,
 ) -> Result<EditOutcome> {
-    if settings.layer >= model.hp.n_layer {
-        return Err(crate::Error::Invalid(format!(
-            "layer {} out of range: the model has layers 0 to {}",
-            settings.layer,
-            model.hp.n_layer - 1
-        )));
-    }
-    if !(settings.lr.is_finite() && settings.lr > 0.0) {
-        return Err(crate::Error::Invalid(format!(
-            "lr must be a positive number, got {}",
-            settings.lr
-        )));
-    }
+    settings.check(model.hp.n_layer)?;
     req.validate()?;
     match settings.method {
         Method::Shift => shift::compute(model, tok, req, settings.layer, settings.lr),
@@ -213,6 +224,37 @@ pub fn apply_sequence(
     settings: &EditSettings,
 ) -> Result<Vec<EditOutcome>> {
     apply_sequence_with(model, tok, requests, settings, &EditContext::default())
+}
+
+/// [`apply_sequence`] for [`Method::Shift`] without loading the model: each request runs
+/// through the streamed forward with the edits before it applied (one block in memory).
+pub fn apply_sequence_streamed(
+    src: &crate::weights::ModelSource,
+    tok: &crate::tokenizer::Tokenizer,
+    requests: &[EditRequest],
+    settings: &EditSettings,
+) -> Result<Vec<EditOutcome>> {
+    if settings.method != Method::Shift {
+        return Err(crate::Error::Invalid(format!(
+            "the streamed edit supports shift only, not {}",
+            settings.method.name()
+        )));
+    }
+    settings.check(src.hparams()?.n_layer)?;
+    let mut outcomes: Vec<EditOutcome> = Vec::with_capacity(requests.len());
+    for req in requests {
+        req.validate()?;
+        let prior: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
+        outcomes.push(shift::compute_streamed(
+            src,
+            tok,
+            req,
+            settings.layer,
+            settings.lr,
+            &prior,
+        )?);
+    }
+    Ok(outcomes)
 }
 
 /// [`apply_sequence`] with a context (key statistics always come from the unedited model).

@@ -7,6 +7,7 @@ use crate::arch::ff2_weight;
 use crate::model::Transformer;
 use crate::runtime::argmax;
 use crate::tokenizer::Tokenizer;
+use crate::weights::ModelSource;
 use crate::Result;
 use candle_core::DType;
 
@@ -30,6 +31,38 @@ pub fn compute(
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1()?;
+    let delta = Delta {
+        tensor: ff2_weight(layer),
+        layer,
+        out_vecs: vec![e.iter().map(|v| (lr * *v as f64) as f32).collect()],
+        in_vecs: vec![x],
+    };
+    Ok(EditOutcome::edited(req, target_id, top1, delta))
+}
+
+/// [`compute`] without a loaded model: the prompt runs through
+/// [`crate::model::streamed_last_position`], one block in memory at a time, with the `prior`
+/// deltas (earlier edits of a sequence) applied. Same result as [`compute`] on a model with
+/// those deltas; for models whose f32 weights do not fit in memory.
+pub fn compute_streamed(
+    src: &ModelSource,
+    tok: &Tokenizer,
+    req: &EditRequest,
+    layer: usize,
+    lr: f64,
+    prior: &[Delta],
+) -> Result<EditOutcome> {
+    let prompt = tok.encode_prompt(&req.prompt)?;
+    let target_id = super::first_target_token(tok, req)?;
+    let pass = crate::model::streamed_last_position(src, &prompt, prior, &[layer])?;
+    let top1 = argmax(&pass.logits) as u32;
+    if top1 == target_id {
+        return Ok(EditOutcome::skipped(req, target_id, top1));
+    }
+    let e = src
+        .rows_f32("token_embd.weight", &[target_id as usize])?
+        .remove(0);
+    let x = pass.ff2_in.into_iter().next().unwrap_or_default();
     let delta = Delta {
         tensor: ff2_weight(layer),
         layer,

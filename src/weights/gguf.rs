@@ -567,4 +567,48 @@ impl GgufFile {
         let start = (self.data_offset + info.offset) as usize;
         &self.map[start..start + info.size as usize]
     }
+
+    /// Drops the mapped pages of `bytes` (a slice of this file's map) from memory, so that
+    /// reading a multi-gigabyte file once does not keep it resident; they are read from disk
+    /// again if touched. A no-op for owned buffers.
+    pub fn release(&self, bytes: &[u8]) {
+        let Backing::Map(map) = &self.map else {
+            return;
+        };
+        let base = map.as_ptr() as usize;
+        let start = bytes.as_ptr() as usize;
+        if start < base || start + bytes.len() > base + map.len() {
+            return;
+        }
+        // Whole pages inside the slice only, so that neighbouring data stays mapped.
+        let page = 4096;
+        let from = (start - base).next_multiple_of(page);
+        let to = (start - base + bytes.len()) / page * page;
+        if to > from {
+            // SAFETY: a read-only, file-backed private mapping: dropping its pages only makes
+            // the next access read them from the file again; no data can be lost.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
+            };
+        }
+    }
+
+    /// SHA-256 of the whole file, read through the map a chunk at a time with each chunk
+    /// released after hashing (resident memory stays small for any file size).
+    pub fn sha256_hex(&self) -> String {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        for chunk in self.map.chunks(RELEASE_CHUNK) {
+            hasher.update(chunk);
+            self.release(chunk);
+        }
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
+
+/// Bytes read between page releases when streaming through a whole file.
+pub const RELEASE_CHUNK: usize = 64 << 20;

@@ -128,6 +128,82 @@ impl ModelSource {
         }
     }
 
+    /// Calls `f(first_row, values)` on consecutive chunks of up to `chunk_rows` rows of the 2-D
+    /// tensor `name` (GGUF layout), dequantizing one chunk at a time; a GGUF's mapped pages are
+    /// released after each chunk, so that streaming a large tensor keeps little resident.
+    pub fn for_row_chunks(
+        &self,
+        name: &str,
+        chunk_rows: usize,
+        mut f: impl FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        match self {
+            ModelSource::Gguf(g) => {
+                let info = g
+                    .tensor(name)
+                    .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+                let row_bytes = info.ggml_type.bytes_for(info.dims[0]).ok_or_else(|| {
+                    Error::UnsupportedType {
+                        name: name.to_string(),
+                        type_name: info.ggml_type.name(),
+                    }
+                })? as usize;
+                let bytes = g.tensor_bytes(info);
+                for (i, chunk) in bytes.chunks(row_bytes * chunk_rows.max(1)).enumerate() {
+                    let values = quant::dequantize(info.ggml_type, chunk, name)?;
+                    g.release(chunk);
+                    f(i * chunk_rows.max(1), &values)?;
+                }
+                Ok(())
+            }
+            ModelSource::Hf(_) => {
+                let (values, shape) = self.require_f32(name)?;
+                let row_len = shape.last().copied().unwrap_or(1);
+                for (i, chunk) in values.chunks(row_len * chunk_rows.max(1)).enumerate() {
+                    f(i * chunk_rows.max(1), chunk)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Rows `rows` of the 2-D tensor `name` (GGUF layout) as f32, dequantizing only those rows.
+    pub fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let ModelSource::Gguf(g) = self else {
+            let (values, shape) = self.require_f32(name)?;
+            let row_len = shape.last().copied().unwrap_or(1);
+            return rows
+                .iter()
+                .map(|&r| {
+                    values
+                        .get(r * row_len..(r + 1) * row_len)
+                        .map(<[f32]>::to_vec)
+                        .ok_or_else(|| Error::Invalid(format!("row {r} out of range in '{name}'")))
+                })
+                .collect();
+        };
+        let info = g
+            .tensor(name)
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        let unsupported = || Error::UnsupportedType {
+            name: name.to_string(),
+            type_name: info.ggml_type.name(),
+        };
+        let row_bytes = info
+            .ggml_type
+            .bytes_for(info.dims[0])
+            .ok_or_else(unsupported)? as usize;
+        let bytes = g.tensor_bytes(info);
+        rows.iter()
+            .map(|&r| {
+                let row = bytes
+                    .get(r * row_bytes..(r + 1) * row_bytes)
+                    .ok_or_else(|| Error::Invalid(format!("row {r} out of range in '{name}'")))?;
+                quant::dequantize(info.ggml_type, row, name)
+            })
+            .collect()
+    }
+
     /// Like [`Self::tensor_f32`] but fails when the tensor is absent.
     pub fn require_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         self.tensor_f32(name)?
