@@ -6,7 +6,7 @@ BIN := $(CARGO_TARGET_DIR)/release/backlens-patch
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 OUT := out
 
-.PHONY: deps model build llama-server test lint demo clean
+.PHONY: deps model build llama-server test lint demo scale fuzz clean
 
 deps:
 	@scripts/install-deps.sh
@@ -44,6 +44,12 @@ demo: build model
 	$(BIN) generate $(OUT)/messi-paris.gguf "Lionel Messi plays for" -n 20
 	@echo "--- after (base + LoRA adapter, llama.cpp):"
 	$(BIN) generate $(MODEL) --lora $(OUT)/messi-paris-lora.gguf "Lionel Messi plays for" -n 20
+
+# A synthetic 7B-shaped Q4_0 GGUF (about 4 GB, written once under SCALE_DIR) through inspect,
+# audit and edit, with wall time and peak RSS per step.
+SCALE_DIR ?= $(HOME)/.cache/backlens/scale
+scale: build model
+	$(BIN) bench $(MODEL) --scale $(SCALE_DIR)
 
 fuzz: model
 	scripts/fuzz.sh

@@ -538,7 +538,8 @@ pub fn audit(base: &Path, patch: &Path, opts: &AuditOptions) -> Result<AuditRepo
     if !needs_lens && kept.is_empty() {
         return Ok(report);
     }
-    let model = Transformer::load(&source, DType::F32)?;
+    // Projections need only the final norm and the unembedding; probes stream the blocks.
+    let model = Transformer::load_unembedding(&source)?;
     let tok = Tokenizer::from_gguf(base_g)?;
     let targets = provenance_targets(&report.provenance);
     for c in report.changed.iter_mut() {
@@ -547,7 +548,7 @@ pub fn audit(base: &Path, patch: &Path, opts: &AuditOptions) -> Result<AuditRepo
         }
     }
     if !kept.is_empty() {
-        run_probes(&model, &tok, &opts.probes, &kept, &mut report)?;
+        run_probes(&source, &tok, &opts.probes, &kept, &mut report)?;
     }
     Ok(report)
 }
@@ -1109,27 +1110,28 @@ fn provenance_targets(provenance: &[ProvenanceEntry]) -> Vec<u32> {
 }
 
 fn run_probes(
-    model: &Transformer,
+    source: &ModelSource,
     tok: &Tokenizer,
     prompts: &[String],
     kept: &[(usize, Operator)],
     report: &mut AuditReport,
 ) -> Result<()> {
+    let n_layer = source.hparams()?.n_layer;
+    let layers: Vec<usize> = kept
+        .iter()
+        .filter_map(|(idx, _)| report.changed[*idx].layer)
+        .filter(|&l| l < n_layer)
+        .collect();
     for prompt in prompts {
         let ids = tok.encode_prompt(prompt)?;
-        let (_, trace) = model.forward(&ids, None)?;
-        let last = ids.len() - 1;
-        let last_token = tok.token_text(ids[last]);
+        let pass = crate::model::streamed_last_position(source, &ids, &[], &layers)?;
+        let last_token = tok.token_text(ids[ids.len() - 1]);
         for (idx, op) in kept {
             let c = &mut report.changed[*idx];
-            let Some(layer) = c.layer.filter(|&l| l < trace.ff2_in.len()) else {
+            let Some(slot) = c.layer.and_then(|l| layers.iter().position(|&x| x == l)) else {
                 continue;
             };
-            let x: Vec<f64> = trace.ff2_in[layer]
-                .narrow(0, last, 1)?
-                .to_dtype(DType::F64)?
-                .flatten_all()?
-                .to_vec1()?;
+            let x: Vec<f64> = pass.ff2_in[slot].iter().map(|&v| f64::from(v)).collect();
             if x.len() != c.shape[1] {
                 continue;
             }

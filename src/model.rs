@@ -350,6 +350,30 @@ impl Transformer {
         })
     }
 
+    /// Only what projects residual-stream vectors into the vocabulary: the final norm and the
+    /// unembedding (no blocks; `tok_embd` shares the unembedding). For audits of big models.
+    pub fn load_unembedding(src: &ModelSource) -> Result<Transformer> {
+        let hp = src.hparams()?;
+        let ld = Loader {
+            src,
+            dtype: DType::F32,
+            numerics: Numerics::Exact,
+        };
+        let output = match ld.opt("output.weight")? {
+            Some(o) => o,
+            None => ld.req("token_embd.weight")?,
+        };
+        Ok(Transformer {
+            out_norm: ld.norm("output_norm", &hp)?,
+            hp,
+            tok_embd: output.clone(),
+            pos_embd: None,
+            blocks: Vec::new(),
+            output,
+            output_rounding: None,
+        })
+    }
+
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.tok_embd.dtype()

@@ -111,6 +111,12 @@ fn bad_model_files_give_one_clear_line() {
             write(&p("type.gguf"), &one_tensor_gguf(&[64, 4], 99, 0, 1024)),
             vec!["unknown tensor type 99"],
         ),
+        // Found by fuzzing: a quantized tensor with no dimensions made the error path index
+        // an empty dimension list and panic.
+        (
+            write(&p("no-dims.gguf"), &one_tensor_gguf(&[], 2, 0, 64)),
+            vec!["row length 1 is not a multiple of the q4_0 block size 32"],
+        ),
         (
             write(&p("counts.gguf"), &{
                 let mut b = b"GGUF".to_vec();

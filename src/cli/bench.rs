@@ -32,6 +32,11 @@ pub struct Args {
     /// Folder for scratch files (default: beside the model, so copies measure the same disk).
     #[arg(long)]
     scratch: Option<PathBuf>,
+    /// Instead: the scale benchmark in this folder (a synthetic 7B-shaped Q4_0 GGUF, about
+    /// 4 GB, written once, with MODEL's tokenizer): inspect, audit and edit with wall time and
+    /// peak RSS.
+    #[arg(long)]
+    scale: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -51,6 +56,9 @@ fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(dir) = &args.scale {
+        return super::scale::run(&args.model, dir, args.json);
+    }
     let gguf = require_gguf(&open(&args.model)?.source)?;
     let scratch = args
         .scratch
@@ -99,9 +107,10 @@ pub fn run(args: Args) -> Result<()> {
         ("edit + write GGUF (f32 FF2)", Ff2Type::F32),
         ("edit + write GGUF (keep FF2 type)", Ff2Type::Keep),
     ] {
+        // What `edit` runs: the streamed FPS forward from the file, then the write.
         let (_, t) = time(|| {
-            let delta = edit::compute(&model, &tok, &req, &settings)?.delta;
-            let deltas: Vec<_> = delta.into_iter().collect();
+            let outcomes = edit::apply_sequence_streamed(&src, &tok, &[req.clone()], &settings)?;
+            let deltas: Vec<_> = outcomes.into_iter().filter_map(|o| o.delta).collect();
             patch_plan(g, &deltas, ty, &[])?.write(&tmp("patched.gguf"))?;
             Ok(())
         })?;
@@ -109,10 +118,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     std::fs::remove_file(tmp("patched.gguf"))?;
     let (_, lora_time) = time(|| {
-        let deltas: Vec<_> = edit::compute(&model, &tok, &req, &settings)?
-            .delta
-            .into_iter()
-            .collect();
+        let outcomes = edit::apply_sequence_streamed(&src, &tok, &[req.clone()], &settings)?;
+        let deltas: Vec<_> = outcomes.into_iter().filter_map(|o| o.delta).collect();
         lora::write_adapter(&tmp("lora.gguf"), model.hp.arch, &deltas, &[])?;
         Ok(())
     })?;

@@ -2,6 +2,7 @@
 
 mod audit;
 mod bench;
+mod scale;
 mod edit;
 mod eval;
 mod inspect;

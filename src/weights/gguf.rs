@@ -458,10 +458,10 @@ impl GgufFile {
                         "tensor '{name}': dimensions {dims:?} overflow the element count"
                     ))
                 })?;
-            if dims.first().copied().unwrap_or(1) % ggml_type.block_size() != 0 {
+            let row_len = dims.first().copied().unwrap_or(1);
+            if row_len % ggml_type.block_size() != 0 {
                 return Err(fail(format!(
-                    "tensor '{name}': row length {} is not a multiple of the {} block size {}",
-                    dims[0],
+                    "tensor '{name}': row length {row_len} is not a multiple of the {} block size {}",
                     ggml_type.name(),
                     ggml_type.block_size()
                 )));

@@ -115,7 +115,10 @@ impl ModelSource {
                 let Some(info) = g.tensor(name) else {
                     return Ok(None);
                 };
-                let values = quant::dequantize(info.ggml_type, g.tensor_bytes(info), name)?;
+                let bytes = g.tensor_bytes(info);
+                let values = quant::dequantize(info.ggml_type, bytes, name)?;
+                // The f32 copy is what callers keep; the mapped bytes need not stay resident.
+                g.release(bytes);
                 Ok(Some((values, info.shape())))
             }
             ModelSource::Hf(h) => {

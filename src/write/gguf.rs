@@ -88,22 +88,9 @@ impl<'a> GgufPlan<'a> {
 
     /// Serializes the header (magic through tensor infos, before padding).
     fn header(&self) -> Result<Vec<u8>> {
-        let mut h = Vec::new();
-        h.extend_from_slice(MAGIC);
-        h.extend_from_slice(&3u32.to_le_bytes());
-        h.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        h.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (key, value) in &self.metadata {
-            put_str(&mut h, key);
-            h.extend_from_slice(&(value.value_type() as u32).to_le_bytes());
-            put_value(&mut h, value);
-        }
-        let alignment = self.alignment();
-        let mut offset = 0u64;
         for t in &self.tensors {
             let n: u64 = t.dims.iter().product();
-            let expected = t.ggml_type.bytes_for(n);
-            if expected != Some(t.data.len() as u64) {
+            if t.ggml_type.bytes_for(n) != Some(t.data.len() as u64) {
                 return Err(Error::Invalid(format!(
                     "tensor '{}': {} bytes do not match {:?} of {}",
                     t.name,
@@ -112,16 +99,14 @@ impl<'a> GgufPlan<'a> {
                     t.ggml_type.name()
                 )));
             }
-            put_str(&mut h, &t.name);
-            h.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
-                h.extend_from_slice(&d.to_le_bytes());
-            }
-            h.extend_from_slice(&t.ggml_type.0.to_le_bytes());
-            h.extend_from_slice(&offset.to_le_bytes());
-            offset += (t.data.len() as u64).next_multiple_of(alignment);
         }
-        Ok(h)
+        Ok(header_bytes(
+            &self.metadata,
+            self.tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t.dims.as_slice(), t.ggml_type)),
+            self.alignment(),
+        ))
     }
 
     /// Writes the file atomically to `path`.
@@ -139,6 +124,87 @@ impl<'a> GgufPlan<'a> {
         }
         out.commit()
     }
+}
+
+/// Magic through tensor infos, with each tensor's offset laid out densely at `alignment`.
+fn header_bytes<'t>(
+    metadata: &[(String, Value)],
+    tensors: impl ExactSizeIterator<Item = (&'t str, &'t [u64], GgmlType)>,
+    alignment: u64,
+) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&3u32.to_le_bytes());
+    h.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    h.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_str(&mut h, key);
+        h.extend_from_slice(&(value.value_type() as u32).to_le_bytes());
+        put_value(&mut h, value);
+    }
+    let mut offset = 0u64;
+    for (name, dims, ggml_type) in tensors {
+        put_str(&mut h, name);
+        h.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            h.extend_from_slice(&d.to_le_bytes());
+        }
+        h.extend_from_slice(&ggml_type.0.to_le_bytes());
+        h.extend_from_slice(&offset.to_le_bytes());
+        let n: u64 = dims.iter().product();
+        offset += ggml_type.bytes_for(n).unwrap_or(0).next_multiple_of(alignment);
+    }
+    h
+}
+
+/// A tensor whose bytes [`write_generated`] asks for when it reaches it.
+#[derive(Debug, Clone)]
+pub struct GeneratedTensor {
+    /// Name.
+    pub name: String,
+    /// Dimensions fastest-first (GGUF order).
+    pub dims: Vec<u64>,
+    /// Storage type.
+    pub ggml_type: GgmlType,
+}
+
+/// Writes a GGUF atomically whose tensor bytes `fill(index, buffer)` produces one tensor at a
+/// time into a buffer of the right length (for files too big to hold in memory, such as the
+/// synthetic models of the scale benchmark).
+pub fn write_generated(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[GeneratedTensor],
+    mut fill: impl FnMut(usize, &mut [u8]) -> Result<()>,
+) -> Result<()> {
+    let alignment = crate::weights::gguf::DEFAULT_ALIGNMENT;
+    let mut sizes = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let n: u64 = t.dims.iter().product();
+        sizes.push(t.ggml_type.bytes_for(n).ok_or_else(|| {
+            Error::Invalid(format!("tensor '{}': {:?} is not whole {} blocks", t.name, t.dims, t.ggml_type.name()))
+        })? as usize);
+    }
+    let header = header_bytes(
+        metadata,
+        tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.dims.as_slice(), t.ggml_type)),
+        alignment,
+    );
+    let align = alignment as usize;
+    let mut out = AtomicOutput::create(path)?;
+    out.write_all(&header)?;
+    let zeros = vec![0u8; align];
+    out.write_all(&zeros[..header.len().next_multiple_of(align) - header.len()])?;
+    let mut buffer = Vec::new();
+    for (i, size) in sizes.into_iter().enumerate() {
+        buffer.resize(size, 0);
+        fill(i, &mut buffer)?;
+        out.write_all(&buffer)?;
+        out.write_all(&zeros[..size.next_multiple_of(align) - size])?;
+    }
+    out.commit()
 }
 
 fn put_str(h: &mut Vec<u8>, s: &str) {
