@@ -109,7 +109,8 @@ pub fn run(args: Args) -> Result<()> {
     ] {
         // What `edit` runs: the streamed FPS forward from the file, then the write.
         let (_, t) = time(|| {
-            let outcomes = edit::apply_sequence_streamed(&src, &tok, &[req.clone()], &settings)?;
+            let outcomes =
+                edit::apply_sequence_streamed(&src, &tok, std::slice::from_ref(&req), &settings)?;
             let deltas: Vec<_> = outcomes.into_iter().filter_map(|o| o.delta).collect();
             patch_plan(g, &deltas, ty, &[])?.write(&tmp("patched.gguf"))?;
             Ok(())
@@ -118,7 +119,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     std::fs::remove_file(tmp("patched.gguf"))?;
     let (_, lora_time) = time(|| {
-        let outcomes = edit::apply_sequence_streamed(&src, &tok, &[req.clone()], &settings)?;
+        let outcomes =
+            edit::apply_sequence_streamed(&src, &tok, std::slice::from_ref(&req), &settings)?;
         let deltas: Vec<_> = outcomes.into_iter().filter_map(|o| o.delta).collect();
         lora::write_adapter(&tmp("lora.gguf"), model.hp.arch, &deltas, &[])?;
         Ok(())

@@ -2,12 +2,12 @@
 
 mod audit;
 mod bench;
-mod scale;
 mod edit;
 mod eval;
 mod inspect;
 mod lens;
 mod predict;
+mod scale;
 mod serve;
 
 use anyhow::Result;

@@ -9,7 +9,7 @@ use backlens::weights::gguf::{GgufFile, Value};
 use backlens::weights::quant::GgmlType;
 use backlens::write::gguf::{write_generated, GeneratedTensor};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// Llama-2-7B's shape.
@@ -85,8 +85,16 @@ pub fn run(tokenizer_model: &Path, dir: &Path, json: bool) -> Result<()> {
     let runs: Vec<(&str, Vec<String>, f64)> = vec![
         ("inspect", vec!["inspect".into(), s.into()], 300.0),
         ("audit vs copy", vec!["audit".into(), s.into(), c], 300.0),
-        ("edit to LoRA", edit("lora", out("edit-lora.gguf")), size_mb + 2000.0),
-        ("edit to GGUF", edit("gguf", out("edit.gguf")), size_mb + 2000.0),
+        (
+            "edit to LoRA",
+            edit("lora", out("edit-lora.gguf")),
+            size_mb + 2000.0,
+        ),
+        (
+            "edit to GGUF",
+            edit("gguf", out("edit.gguf")),
+            size_mb + 2000.0,
+        ),
         (
             "audit vs edited GGUF",
             vec!["audit".into(), s.into(), out("edit.gguf")],
@@ -169,7 +177,7 @@ fn measure(argv: &[String]) -> Result<(f64, f64, Option<String>)> {
 
 /// Writes the synthetic model: Llama-2-7B's shape, random Q4_0 weights, unit norms, and the
 /// tokenizer (and so the vocabulary size) of `tokenizer_model`.
-fn write_synthetic(tokenizer_model: &Path, path: &PathBuf) -> Result<()> {
+fn write_synthetic(tokenizer_model: &Path, path: &Path) -> Result<()> {
     let tok = GgufFile::open(tokenizer_model)?;
     let n_vocab = tok
         .get("tokenizer.ggml.tokens")
@@ -178,7 +186,10 @@ fn write_synthetic(tokenizer_model: &Path, path: &PathBuf) -> Result<()> {
         .context("the tokenizer model has no tokenizer.ggml.tokens")? as u64;
     let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("llama".into())),
-        ("general.name".into(), Value::String("backlens synthetic 7B".into())),
+        (
+            "general.name".into(),
+            Value::String("backlens synthetic 7B".into()),
+        ),
         ("general.file_type".into(), Value::U32(2)),
         ("llama.block_count".into(), Value::U32(N_LAYER as u32)),
         ("llama.context_length".into(), Value::U32(4096)),
@@ -204,7 +215,11 @@ fn write_synthetic(tokenizer_model: &Path, path: &PathBuf) -> Result<()> {
         dims,
         ggml_type,
     };
-    let mut tensors = vec![tensor("token_embd.weight".into(), vec![N_EMBD, n_vocab], q4)];
+    let mut tensors = vec![tensor(
+        "token_embd.weight".into(),
+        vec![N_EMBD, n_vocab],
+        q4,
+    )];
     for l in 0..N_LAYER {
         let b = |role: &str| format!("blk.{l}.{role}.weight");
         tensors.extend([
@@ -219,7 +234,11 @@ fn write_synthetic(tokenizer_model: &Path, path: &PathBuf) -> Result<()> {
             tensor(b("ffn_down"), vec![N_FF, N_EMBD], q4),
         ]);
     }
-    tensors.push(tensor("output_norm.weight".into(), vec![N_EMBD], GgmlType::F32));
+    tensors.push(tensor(
+        "output_norm.weight".into(),
+        vec![N_EMBD],
+        GgmlType::F32,
+    ));
     tensors.push(tensor("output.weight".into(), vec![N_EMBD, n_vocab], q4));
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let scale = half::f16::from_f32(BLOCK_SCALE).to_le_bytes();

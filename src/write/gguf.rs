@@ -152,7 +152,10 @@ fn header_bytes<'t>(
         h.extend_from_slice(&ggml_type.0.to_le_bytes());
         h.extend_from_slice(&offset.to_le_bytes());
         let n: u64 = dims.iter().product();
-        offset += ggml_type.bytes_for(n).unwrap_or(0).next_multiple_of(alignment);
+        offset += ggml_type
+            .bytes_for(n)
+            .unwrap_or(0)
+            .next_multiple_of(alignment);
     }
     h
 }
@@ -182,7 +185,12 @@ pub fn write_generated(
     for t in tensors {
         let n: u64 = t.dims.iter().product();
         sizes.push(t.ggml_type.bytes_for(n).ok_or_else(|| {
-            Error::Invalid(format!("tensor '{}': {:?} is not whole {} blocks", t.name, t.dims, t.ggml_type.name()))
+            Error::Invalid(format!(
+                "tensor '{}': {:?} is not whole {} blocks",
+                t.name,
+                t.dims,
+                t.ggml_type.name()
+            ))
         })? as usize);
     }
     let header = header_bytes(
