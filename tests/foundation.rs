@@ -24,31 +24,12 @@ fn candle_logits(model: &Transformer, tokens: &[u32]) -> Vec<Vec<f32>> {
 }
 
 fn tiny_parity(arch: Arch) {
-    let fx = common::tiny(arch);
-    let src = ModelSource::open(&fx.gguf).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
-    let model = Transformer::load(&src, DType::F32).unwrap();
-    let rt = LlamaRuntime::load(&fx.gguf).unwrap();
-    let mut session = rt.session().unwrap();
-    let mut worst = 0f32;
-    for prompt in PROMPTS {
-        let ids = tok.encode_prompt(prompt).unwrap();
-        let ours = candle_logits(&model, &ids);
-        let all: Vec<usize> = (0..ids.len()).collect();
-        let theirs = session.logits_at(&ids, &all).unwrap();
-        let max_logit = theirs.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
-        let max_diff = ours
-            .iter()
-            .flatten()
-            .zip(theirs.iter().flatten())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        worst = worst.max(max_diff / max_logit);
-        assert!(
-            max_diff <= 1e-3 * max_logit,
-            "{arch:?} {prompt:?}: max |Δlogit| {max_diff} > 1e-3 × {max_logit}"
-        );
-    }
+    let worst = tiny_gap(&common::tiny(arch).gguf, Numerics::Exact);
     println!("{arch:?}: worst max|Δlogit| / max|logit| = {worst:.2e}");
+    assert!(
+        worst <= 1e-3,
+        "{arch:?}: max |Δlogit| / max |logit| = {worst}"
+    );
 }
 
 #[test]

@@ -31,13 +31,12 @@ pub fn compute(
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1()?;
-    let delta = Delta {
-        tensor: ff2_weight(layer),
-        layer,
-        out_vecs: vec![e.iter().map(|v| (lr * *v as f64) as f32).collect()],
-        in_vecs: vec![x],
-    };
-    Ok(EditOutcome::edited(req, target_id, top1, delta))
+    Ok(EditOutcome::edited(
+        req,
+        target_id,
+        top1,
+        fps_delta(layer, lr, &e, x),
+    ))
 }
 
 /// [`compute`] without a loaded model: the prompt runs through
@@ -63,13 +62,22 @@ pub fn compute_streamed(
         .rows_f32("token_embd.weight", &[target_id as usize])?
         .remove(0);
     let x = pass.ff2_in.into_iter().next().unwrap_or_default();
-    let delta = Delta {
+    Ok(EditOutcome::edited(
+        req,
+        target_id,
+        top1,
+        fps_delta(layer, lr, &e, x),
+    ))
+}
+
+/// The FPS change at `layer`: lr · e xᵀ.
+fn fps_delta(layer: usize, lr: f64, e: &[f32], x: Vec<f32>) -> Delta {
+    Delta {
         tensor: ff2_weight(layer),
         layer,
         out_vecs: vec![e.iter().map(|v| (lr * *v as f64) as f32).collect()],
         in_vecs: vec![x],
-    };
-    Ok(EditOutcome::edited(req, target_id, top1, delta))
+    }
 }
 
 /// What both shift variants take from one forward pass over the edit prompt.
