@@ -40,6 +40,9 @@ pub struct GgufPlan<'a> {
     pub metadata: Vec<(String, Value)>,
     /// Tensors.
     pub tensors: Vec<OutTensor<'a>>,
+    /// The file borrowed tensors come from ([`Self::copy_of`]): their mapped pages are
+    /// released once written, so copying a big model does not keep it resident.
+    pub source: Option<&'a GgufFile>,
 }
 
 impl<'a> GgufPlan<'a> {
@@ -57,6 +60,7 @@ impl<'a> GgufPlan<'a> {
                     data: Cow::Borrowed(src.tensor_bytes(t)),
                 })
                 .collect(),
+            source: Some(src),
         }
     }
 
@@ -119,6 +123,9 @@ impl<'a> GgufPlan<'a> {
         out.write_all(&zeros[..header.len().next_multiple_of(alignment) - header.len()])?;
         for t in &self.tensors {
             out.write_all(&t.data)?;
+            if let (Cow::Borrowed(bytes), Some(src)) = (&t.data, self.source) {
+                src.release(bytes);
+            }
             let pad = t.data.len().next_multiple_of(alignment) - t.data.len();
             out.write_all(&zeros[..pad])?;
         }
