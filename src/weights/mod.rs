@@ -100,14 +100,6 @@ impl ModelSource {
         }
     }
 
-    /// The stored type of a GGUF tensor (None for HF checkpoints and absent tensors).
-    pub fn ggml_type(&self, name: &str) -> Option<quant::GgmlType> {
-        match self {
-            ModelSource::Gguf(g) => g.tensor(name).map(|t| t.ggml_type),
-            ModelSource::Hf(_) => None,
-        }
-    }
-
     /// A tensor as f32 in the GGUF layout with its row-major shape, or None when absent.
     pub fn tensor_f32(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
         match self {
@@ -142,15 +134,7 @@ impl ModelSource {
     ) -> Result<()> {
         match self {
             ModelSource::Gguf(g) => {
-                let info = g
-                    .tensor(name)
-                    .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
-                let row_bytes = info.ggml_type.bytes_for(info.dims[0]).ok_or_else(|| {
-                    Error::UnsupportedType {
-                        name: name.to_string(),
-                        type_name: info.ggml_type.name(),
-                    }
-                })? as usize;
+                let (info, row_bytes) = gguf_rows(g, name)?;
                 let bytes = g.tensor_bytes(info);
                 for (i, chunk) in bytes.chunks(row_bytes * chunk_rows.max(1)).enumerate() {
                     let values = quant::dequantize(info.ggml_type, chunk, name)?;
@@ -185,17 +169,7 @@ impl ModelSource {
                 })
                 .collect();
         };
-        let info = g
-            .tensor(name)
-            .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
-        let unsupported = || Error::UnsupportedType {
-            name: name.to_string(),
-            type_name: info.ggml_type.name(),
-        };
-        let row_bytes = info
-            .ggml_type
-            .bytes_for(info.dims[0])
-            .ok_or_else(unsupported)? as usize;
+        let (info, row_bytes) = gguf_rows(g, name)?;
         let bytes = g.tensor_bytes(info);
         rows.iter()
             .map(|&r| {
@@ -212,4 +186,19 @@ impl ModelSource {
         self.tensor_f32(name)?
             .ok_or_else(|| Error::MissingTensor(name.to_string()))
     }
+}
+
+/// A GGUF tensor's info and the bytes one of its rows (ne0 values) takes.
+fn gguf_rows<'g>(g: &'g GgufFile, name: &str) -> Result<(&'g gguf::TensorInfo, usize)> {
+    let info = g
+        .tensor(name)
+        .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+    let row_bytes =
+        info.ggml_type
+            .bytes_for(info.dims[0])
+            .ok_or_else(|| Error::UnsupportedType {
+                name: name.to_string(),
+                type_name: info.ggml_type.name(),
+            })?;
+    Ok((info, row_bytes as usize))
 }

@@ -97,14 +97,18 @@ impl GgmlType {
     /// The type ggml's CPU backend converts activations to before it multiplies them with weights
     /// of this type (Q8_1 for Q4_1, Q8_0 for Q4_0/Q8_0, Q8_K for k-quants, F16 for F16).
     pub fn activation_type(self) -> Option<GgmlType> {
+        Some(GgmlType(self.cpu_traits()?.vec_dot_type))
+    }
+
+    /// ggml's CPU-backend traits of a known type (its SIMD converter and dot-product type).
+    fn cpu_traits(self) -> Option<&'static sys::ggml_type_traits_cpu> {
         self.traits()?;
         // SAFETY: ggml_cpu_init only fills static lookup tables (idempotent); the CPU traits
-        // table has an entry for every known type code.
-        let traits = unsafe {
+        // table has a static entry for every known type code.
+        unsafe {
             sys::ggml_cpu_init();
-            sys::ggml_get_type_traits_cpu(self.0).as_ref()?
-        };
-        Some(GgmlType(traits.vec_dot_type))
+            sys::ggml_get_type_traits_cpu(self.0).as_ref()
+        }
     }
 
     /// Bytes taken by `n` elements, or None on overflow or when `n` is not a whole number of blocks.
@@ -202,12 +206,10 @@ pub fn round_activations(act: GgmlType, row: &mut [f32]) -> Result<Vec<f32>> {
     let Some(bytes) = act.bytes_for(row.len() as u64) else {
         return Err(unsupported());
     };
-    // SAFETY: known type; the CPU traits table has an entry for each.
-    let cpu = unsafe {
-        sys::ggml_cpu_init();
-        sys::ggml_get_type_traits_cpu(act.0).as_ref()
-    };
-    let from_float = cpu.and_then(|t| t.from_float).ok_or_else(unsupported)?;
+    let from_float = act
+        .cpu_traits()
+        .and_then(|t| t.from_float)
+        .ok_or_else(unsupported)?;
     let mut packed = vec![0u8; bytes as usize];
     // SAFETY: `packed` holds exactly the bytes of row.len() values of type `act`.
     unsafe { from_float(row.as_ptr(), packed.as_mut_ptr().cast(), row.len() as i64) };
