@@ -33,6 +33,9 @@ pub enum Error {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    /// An output path backlens may not write (a device, a link, a folder of other files, ...).
+    #[error("{path}: {problem}")]
+    Output { path: PathBuf, problem: String },
     /// A tensor type that cannot be converted to f32 here.
     #[error("tensor '{name}' has type {type_name}, which backlens cannot dequantize")]
     UnsupportedType { name: String, type_name: String },
@@ -48,6 +51,9 @@ pub enum Error {
     /// A tensor computation failed.
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A numeric routine failed (no convergence, a matrix that is not positive definite).
+    #[error("numerics: {0}")]
+    Numeric(String),
     /// A JSON file could not be parsed.
     #[error("{path}: {problem}")]
     Json { path: PathBuf, problem: String },

@@ -6,7 +6,8 @@
 use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};
 use crate::lens::backward_pass;
 use crate::model::Transformer;
-use crate::runtime::{argmax, LlamaRuntime, PromptQuery, Session};
+use crate::numeric::{argmax, rank_of};
+use crate::runtime::{LlamaRuntime, PromptQuery, Session};
 use crate::tokenizer::Tokenizer;
 use crate::weights::gguf::GgufFile;
 use crate::write::gguf::{stored_deltas, Ff2Type};
@@ -20,8 +21,8 @@ use std::path::{Path, PathBuf};
 /// Tokens generated for the fluency (n-gram entropy) score.
 pub const FLUENCY_TOKENS: usize = 50;
 
-/// How the layer is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+/// How the layer is chosen: a number, or `auto` (JSON: `22` or `"auto"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LayerChoice {
     /// A fixed layer.
     Fixed(usize),
@@ -30,8 +31,8 @@ pub enum LayerChoice {
     Auto,
 }
 
-/// How the step is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+/// How the step is chosen: a number, or `auto` (JSON: `0.24` or `"auto"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LrChoice {
     /// A fixed step.
     Fixed(f64),
@@ -39,6 +40,65 @@ pub enum LrChoice {
     /// top-1 next token by `AUTO_MARGIN` nats in the candle model, at most `AUTO_MAX_LR`
     /// (see [`auto_lr`]).
     Auto,
+}
+
+impl Serialize for LayerChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            LayerChoice::Fixed(l) => s.serialize_u64(*l as u64),
+            LayerChoice::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl Serialize for LrChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            LrChoice::Fixed(lr) => s.serialize_f64(*lr),
+            LrChoice::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for LayerChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<LayerChoice, String> {
+        match s {
+            "auto" => Ok(LayerChoice::Auto),
+            n => n
+                .parse()
+                .map(LayerChoice::Fixed)
+                .map_err(|_| format!("'{n}' is not a layer number or 'auto'")),
+        }
+    }
+}
+
+impl std::str::FromStr for LrChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<LrChoice, String> {
+        match s {
+            "auto" => Ok(LrChoice::Auto),
+            x => match x.parse::<f64>() {
+                Ok(lr) if lr.is_finite() && lr > 0.0 => Ok(LrChoice::Fixed(lr)),
+                _ => Err(format!("'{x}' is not a positive step or 'auto'")),
+            },
+        }
+    }
+}
+
+fn method_or_none<S: serde::Serializer>(
+    m: &Option<Method>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(m.map_or("none", Method::name))
+}
+
+/// Parses an eval method: `none` (the unedited baseline) or an edit method's name.
+pub fn parse_method(s: &str) -> std::result::Result<Option<Method>, String> {
+    match s {
+        "none" => Ok(None),
+        m => m.parse().map(Some),
+    }
 }
 
 /// Log-probability margin the auto step asks for.
@@ -49,7 +109,8 @@ pub const AUTO_MAX_LR: f64 = 2.0;
 /// Evaluation settings.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalConfig {
-    /// None = unedited baseline.
+    /// None = unedited baseline (JSON: `"none"`).
+    #[serde(serialize_with = "method_or_none")]
     pub method: Option<Method>,
     /// Layer rule.
     pub layer: LayerChoice,
@@ -247,7 +308,7 @@ pub fn auto_layer(model: &Transformer, prompt: &[u32], target: &[u32]) -> Result
             .to_dtype(DType::F32)?
             .to_scalar::<f32>()?;
         let scores = &crate::lens::project_rows(model, &d2, true)?[0];
-        let rank = crate::lens::rank_of(scores, target[0]);
+        let rank = rank_of(scores, target[0]);
         if rank < best.0 || (rank == best.0 && norm > best.1) {
             best = (rank, norm, l);
         }
@@ -276,7 +337,7 @@ pub fn auto_lr(
             .iter_mut()
             .flatten()
             .for_each(|v| *v *= lr as f32);
-        d.apply(&mut m)?;
+        m.apply_delta(&d)?;
         let (logits, _) = m.forward(prompt, None)?;
         let row: Vec<f32> = logits
             .narrow(0, prompt.len() - 1, 1)?
@@ -350,6 +411,17 @@ pub fn evaluate_with(
     scratch: &Path,
     mut progress: impl FnMut(usize),
 ) -> Result<EvalReport> {
+    if records.is_empty() {
+        return Err(Error::Invalid("no records to evaluate".into()));
+    }
+    if let LayerChoice::Fixed(l) = config.layer {
+        if l >= model.hp.n_layer {
+            return Err(Error::Invalid(format!(
+                "layer {l} out of range: the model has layers 0 to {}",
+                model.hp.n_layer - 1
+            )));
+        }
+    }
     let start = std::time::Instant::now();
     let mut rt = LlamaRuntime::load(gguf)?;
     let file = GgufFile::open(gguf)?;
@@ -369,7 +441,7 @@ pub fn evaluate_with(
             let active: Vec<Delta> = match (&edit.delta, config.sequential) {
                 (Some(d), true) => {
                     all_deltas.push(d.clone());
-                    d.apply(model)?;
+                    model.apply_delta(d)?;
                     all_deltas.clone()
                 }
                 (Some(d), false) => vec![d.clone()],

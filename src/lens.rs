@@ -2,6 +2,7 @@
 //! gradient projected into the vocabulary through the final norm and the unembedding.
 
 use crate::model::{log_softmax_last, Probes, Trace, Transformer};
+use crate::numeric::rank_of;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -129,12 +130,6 @@ pub fn project_rows(
         v.matmul(&model.output.t()?)?
     };
     Ok(scores.to_dtype(DType::F32)?.to_vec2::<f32>()?)
-}
-
-/// Rank of `id` in `scores` (how many tokens score strictly higher).
-pub fn rank_of(scores: &[f32], id: u32) -> usize {
-    let s = scores[id as usize];
-    scores.iter().filter(|&&x| x > s).count()
 }
 
 /// Top-k, bottom-k and the target's rank of one score row.

@@ -3,8 +3,9 @@
 //! and optional zero-valued [`Probes`] at the FF1/FF2 outputs expose ∂L/∂(output) after backward.
 
 use crate::arch::{block_tensor, Arch, HParams};
+use crate::delta::Delta;
 use crate::weights::quant::{self, GgmlType};
-use crate::weights::ModelSource;
+use crate::source::ModelSource;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -314,6 +315,15 @@ impl Loader<'_> {
 }
 
 impl Transformer {
+    /// Adds ΔW to the FF2 weight of the delta's layer.
+    pub fn apply_delta(&mut self, delta: &Delta) -> Result<()> {
+        let n_layer = self.blocks.len();
+        self.blocks
+            .get_mut(delta.layer)
+            .ok_or_else(|| Error::Invalid(format!("delta for layer {} of a {n_layer}-layer model", delta.layer)))?
+            .add_delta(delta)
+    }
+
     /// Loads and dequantizes every weight of `src` into `dtype` (F32 or F64).
     pub fn load(src: &ModelSource, dtype: DType) -> Result<Transformer> {
         Self::load_with(src, dtype, Numerics::Exact)
@@ -431,7 +441,7 @@ pub struct LastPosition {
 pub fn streamed_last_position(
     src: &ModelSource,
     tokens: &[u32],
-    deltas: &[crate::edit::Delta],
+    deltas: &[Delta],
     layers: &[usize],
 ) -> Result<LastPosition> {
     let hp = src.hparams()?;
@@ -460,7 +470,7 @@ pub fn streamed_last_position(
     for l in 0..hp.n_layer {
         let mut block = ld.block(l, &hp)?;
         for d in deltas.iter().filter(|d| d.layer == l) {
-            d.apply_to_block(&mut block)?;
+            block.add_delta(d)?;
         }
         let step = block.step(&hp, &h, &mask, rope.as_ref(), None)?;
         for (slot, _) in layers.iter().enumerate().filter(|(_, &want)| want == l) {
@@ -501,6 +511,15 @@ struct BlockStep {
 }
 
 impl Block {
+    /// Adds ΔW to this block's FF2 weight (in the block's dtype).
+    pub fn add_delta(&mut self, delta: &Delta) -> Result<()> {
+        let down = &mut self.ffn.down;
+        let shape = down.w.dims().to_vec();
+        let dw = Tensor::from_vec(delta.dense(), shape, &Device::Cpu)?.to_dtype(down.w.dtype())?;
+        down.w = (&down.w + dw)?;
+        Ok(())
+    }
+
     /// Runs the block on residual stream `h`; `probes` (with this block's layer) are added to
     /// the FF1/FF2 outputs.
     fn step(

@@ -1,6 +1,7 @@
 //! llama.cpp in process (crate `llama-cpp-2`): load a GGUF, optionally with LoRA adapters, and
 //! compute next-token logits or greedy continuations exactly as llama.cpp serves them.
 
+use crate::numeric::{argmax, log_probs};
 use crate::{Error, Result};
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
@@ -271,31 +272,4 @@ fn continuation_logprob(rows: &[Vec<f32>], cont: &[u32]) -> f64 {
         .zip(cont)
         .map(|(row, &t)| log_probs(row)[t as usize])
         .sum()
-}
-
-/// Index of the largest value.
-pub fn argmax(values: &[f32]) -> usize {
-    values
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 {
-                (i, v)
-            } else {
-                best
-            }
-        })
-        .0
-}
-
-/// Log-softmax of f32 logits, computed in f64.
-pub fn log_probs(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits
-        .iter()
-        .map(|&l| (l as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
-    logits.iter().map(|&l| l as f64 - lse).collect()
 }

@@ -2,7 +2,7 @@
 //! vocabulary and merges llama.cpp itself uses) or from an HF `tokenizer.json`.
 
 use crate::weights::gguf::{GgufFile, Value};
-use crate::weights::ModelSource;
+use crate::source::ModelSource;
 use crate::{Error, Result};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -53,7 +53,7 @@ impl Tokenizer {
         match source {
             ModelSource::Gguf(g) => Self::from_gguf(g),
             ModelSource::Hf(h) => {
-                let path = h.dir.join("tokenizer.json");
+                let path = h.ckpt.dir.join("tokenizer.json");
                 let inner = tokenizers::Tokenizer::from_file(&path)
                     .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
                 Ok(Tokenizer { inner, bos: None })

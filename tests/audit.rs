@@ -9,7 +9,7 @@ use backlens::edit::{self, Delta, EditRequest, EditSettings, Method};
 use backlens::model::Transformer;
 use backlens::tokenizer::Tokenizer;
 use backlens::weights::gguf::Value;
-use backlens::weights::ModelSource;
+use backlens::source::ModelSource;
 use backlens::write::gguf::{patch_plan, Ff2Type};
 use backlens::write::lora;
 use candle_core::DType;

@@ -6,10 +6,12 @@ mod common;
 use backlens::arch::{ff2_weight, hf, Arch};
 use backlens::edit::{self, EditRequest, EditSettings, Method};
 use backlens::model::Transformer;
-use backlens::runtime::{argmax, LlamaRuntime};
+use backlens::numeric::argmax;
+use backlens::runtime::LlamaRuntime;
 use backlens::tokenizer::Tokenizer;
 use backlens::weights::gguf::GgufFile;
-use backlens::weights::{quant, ModelSource};
+use backlens::source::ModelSource;
+use backlens::weights::quant;
 use backlens::write::gguf::{patch_plan, Ff2Type};
 use backlens::write::{lora, safetensors};
 use candle_core::DType;
@@ -135,7 +137,7 @@ fn safetensors_patch_respects_hf_layout() {
             unreachable!()
         };
         let out = dir.join(format!("{}-patched", arch.name()));
-        safetensors::write_patched(h, &[delta], &out, false).unwrap();
+        safetensors::write_patched(h, &[delta], &out).unwrap();
         let patched = ModelSource::open(&out).unwrap();
         let name = ff2_weight(layer);
         let (after, _) = patched.require_f32(&name).unwrap();
@@ -147,10 +149,10 @@ fn safetensors_patch_respects_hf_layout() {
         let ModelSource::Hf(p) = &patched else {
             unreachable!()
         };
-        let (hf_name, _) = hf::hf_name(&h.hparams, &name, &h.prefix).unwrap();
-        for shard in &h.shards {
+        let (hf_name, _) = hf::hf_name(&h.hparams, &name, &h.ckpt.prefix).unwrap();
+        for shard in &h.ckpt.shards {
             for (tname, info) in shard.metadata.tensors() {
-                let (ps, pinfo) = p.find(&tname).unwrap();
+                let (ps, pinfo) = p.ckpt.find(&tname).unwrap();
                 assert_eq!(pinfo.shape, info.shape);
                 if tname != hf_name {
                     assert_eq!(ps.bytes(pinfo), shard.bytes(info), "{tname}");

@@ -66,7 +66,7 @@ fn shared_prompt_scoring_matches_separate_decodes() {
     use backlens::edit::EditRequest;
     use backlens::runtime::{LlamaRuntime, PromptQuery};
     use backlens::tokenizer::Tokenizer;
-    use backlens::weights::ModelSource;
+    use backlens::source::ModelSource;
     let path = common::smollm2();
     let tok = Tokenizer::from_source(&ModelSource::open(&path).unwrap()).unwrap();
     let records = EditRequest::load_file(&common::counterfact("counterfact-val.json")).unwrap();

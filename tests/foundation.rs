@@ -4,10 +4,11 @@ mod common;
 
 use backlens::arch::Arch;
 use backlens::model::{log_softmax_last, Numerics, Transformer};
-use backlens::runtime::{argmax, log_probs, LlamaRuntime};
+use backlens::numeric::{argmax, log_probs};
+use backlens::runtime::LlamaRuntime;
 use backlens::tokenizer::Tokenizer;
 use backlens::weights::quant::{self, GgmlType};
-use backlens::weights::ModelSource;
+use backlens::source::ModelSource;
 use backlens::write::gguf::{GgufPlan, OutTensor};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{DType, Device};

@@ -5,11 +5,12 @@
 mod common;
 
 use backlens::edit::{self, EditRequest, EditSettings, Method};
-use backlens::lens::{backward_pass, project_rows, rank_of};
+use backlens::lens::{backward_pass, project_rows};
+use backlens::numeric::rank_of;
 use backlens::model::Transformer;
-use backlens::runtime::argmax;
+use backlens::numeric::argmax;
 use backlens::tokenizer::Tokenizer;
-use backlens::weights::ModelSource;
+use backlens::source::ModelSource;
 use candle_core::DType;
 
 #[derive(serde::Deserialize)]

@@ -4,7 +4,42 @@
 //! Conv1D stores [in, out]; HF Llama stores q/k rows in the rotate-half RoPE order, which
 //! llama.cpp's converter permutes into the interleaved order its RoPE kernel expects.
 
+use super::gpt2::Gpt2Config;
+use super::llama::LlamaConfig;
 use super::{Arch, HParams};
+use crate::{Error, Result};
+use std::path::Path;
+
+/// The two `config.json` fields that name the architecture.
+#[derive(serde::Deserialize)]
+struct ArchProbe {
+    #[serde(default)]
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+}
+
+/// Hyperparameters from the text of an HF `config.json` (at `path`, for messages).
+pub fn hparams_from_config(path: &Path, text: &str) -> Result<HParams> {
+    let json_err = |e: serde_json::Error| Error::Json {
+        path: path.to_path_buf(),
+        problem: e.to_string(),
+    };
+    let probe: ArchProbe = serde_json::from_str(text).map_err(json_err)?;
+    let kind = probe
+        .model_type
+        .or_else(|| probe.architectures.first().cloned())
+        .unwrap_or_default();
+    match kind.as_str() {
+        "gpt2" | "GPT2LMHeadModel" => serde_json::from_str::<Gpt2Config>(text)
+            .map_err(json_err)?
+            .into_hparams(),
+        "llama" | "LlamaForCausalLM" => serde_json::from_str::<LlamaConfig>(text)
+            .map_err(json_err)?
+            .into_hparams(),
+        other => Err(Error::UnknownArch(other.to_string())),
+    }
+}
 
 /// How an HF tensor's values must be rearranged to reach the GGUF layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use backlens::eval::{self, EvalConfig, LayerChoice, LrChoice};
 use backlens::lens::{self, LensOptions};
 use backlens::model::Transformer;
 use backlens::runtime::LlamaRuntime;
-use backlens::weights::ModelSource;
+use backlens::source::ModelSource;
 use backlens::write::gguf::{patch_plan, Ff2Type};
 use backlens::write::lora;
 use candle_core::DType;

@@ -1,32 +1,15 @@
-//! `edit` and `generate`: compute an edit, write it as a patched GGUF, LoRA adapter or
-//! safetensors folder, and check the written file through llama.cpp.
+//! `edit` and `generate`: parse the arguments of an edit and print what [`backlens::patch::run`]
+//! did; greedy generation through llama.cpp.
 
 use super::{open, print_json, require_gguf};
 use anyhow::{bail, Result};
-use backlens::edit::whiten::{self, StatsCorpus, StatsStore, WhitenOptions};
-use backlens::edit::{self, EditContext, EditOutcome, EditRequest, EditSettings, Method};
-use backlens::model::Transformer;
-use backlens::runtime::{argmax, log_probs, LlamaRuntime, Session};
-use backlens::tokenizer::Tokenizer;
-use backlens::weights::gguf::Value;
-use backlens::weights::ModelSource;
-use backlens::write::gguf::{patch_plan, Ff2Type};
-use backlens::write::{check_output, lora, safetensors};
-use candle_core::DType;
-use serde::Serialize;
-use std::path::{Path, PathBuf};
-
-/// Output format of an edit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// A full patched GGUF.
-    Gguf,
-    /// A low-rank LoRA adapter GGUF for llama.cpp's --lora.
-    Lora,
-    /// A patched HF safetensors folder (safetensors inputs only).
-    Safetensors,
-}
+use backlens::edit::whiten::{self, StatsCorpus, WhitenOptions};
+use backlens::edit::{EditRequest, EditSettings, Method};
+use backlens::patch::{self, Format, Job, WhitenSetup};
+use backlens::runtime::LlamaRuntime;
+use backlens::write::gguf::Ff2Type;
+use backlens::write::OutputClaim;
+use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -44,8 +27,8 @@ pub struct Args {
     /// JSON file of requests (CounterFact/EasyEdit or ROME shape), applied in order.
     #[arg(long)]
     requests: Option<PathBuf>,
-    /// Edit method.
-    #[arg(long, value_enum, default_value_t = Method::Shift)]
+    /// Edit method: shift, shift-whitened or grad.
+    #[arg(long, default_value = "shift")]
     method: Method,
     /// Layer to edit (default round(0.73 · n_layers)).
     #[arg(long)]
@@ -55,16 +38,16 @@ pub struct Args {
     lr: f64,
     #[command(flatten)]
     whiten: WhitenArgs,
-    /// Output path (a file, or a folder for safetensors).
+    /// Output path (a file, or a new folder for safetensors).
     #[arg(short, long)]
     output: PathBuf,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Gguf)]
+    /// Output format: gguf, lora or safetensors.
+    #[arg(long, default_value = "gguf")]
     format: Format,
-    /// Storage of the edited FF2 in a GGUF output.
-    #[arg(long, value_enum, default_value_t = Ff2Type::F32)]
+    /// Storage of the edited FF2 in a GGUF output: f32 or keep (requantized to its type).
+    #[arg(long, default_value = "f32")]
     ff2_type: Ff2Type,
-    /// Replace an existing output.
+    /// Replace an existing output (a file, or a folder backlens wrote).
     #[arg(long)]
     force: bool,
     /// Skip the llama.cpp before/after check.
@@ -106,50 +89,27 @@ pub struct WhitenArgs {
 }
 
 impl WhitenArgs {
-    /// The statistics corpus.
-    pub fn corpus(&self) -> StatsCorpus {
-        match &self.stats_data {
-            Some(path) => StatsCorpus::File {
-                path: path.clone(),
-                skip: self.stats_skip,
+    /// The statistics setup these arguments describe.
+    pub fn setup(&self) -> WhitenSetup {
+        WhitenSetup {
+            corpus: match &self.stats_data {
+                Some(path) => StatsCorpus::File {
+                    path: path.clone(),
+                    skip: self.stats_skip,
+                },
+                None => StatsCorpus::Builtin,
             },
-            None => StatsCorpus::Builtin,
+            options: WhitenOptions {
+                lambda_ratio: self.whiten_lambda,
+                last_weight: self.whiten_last_weight,
+                contrast_weight: self.contrast_weight,
+                context: self.whiten_context,
+            },
+            cache_dir: match self.no_stats_cache {
+                true => None,
+                false => whiten::default_cache_dir(),
+            },
         }
-    }
-
-    /// The key options.
-    pub fn options(&self) -> WhitenOptions {
-        WhitenOptions {
-            lambda_ratio: self.whiten_lambda,
-            last_weight: self.whiten_last_weight,
-            contrast_weight: self.contrast_weight,
-            context: self.whiten_context,
-        }
-    }
-
-    /// A statistics store for the unedited `model` loaded from `path`, when `method` needs one.
-    pub fn store(
-        &self,
-        method: Option<Method>,
-        model: &Transformer,
-        tok: &Tokenizer,
-        path: &Path,
-    ) -> Result<Option<StatsStore>> {
-        if !method.is_some_and(Method::needs_stats) {
-            return Ok(None);
-        }
-        let cache = match self.no_stats_cache {
-            true => None,
-            false => whiten::default_cache_dir(),
-        };
-        Ok(Some(StatsStore::new(
-            model,
-            tok,
-            path,
-            &self.corpus(),
-            self.options(),
-            cache,
-        )?))
     }
 }
 
@@ -167,89 +127,6 @@ pub struct GenerateArgs {
     n: usize,
 }
 
-/// Probability, rank and top-1 of a target after a prompt, through llama.cpp.
-#[derive(Debug, Serialize)]
-struct Probe {
-    prompt: String,
-    target: String,
-    prob: f64,
-    rank: usize,
-    top1: String,
-}
-
-#[derive(Serialize)]
-struct Check {
-    before: Vec<Probe>,
-    after: Vec<Probe>,
-}
-
-#[derive(Serialize)]
-struct Report<'a> {
-    output: &'a Path,
-    format: Format,
-    settings: EditSettings,
-    edits: Vec<EditSummary>,
-    check: Option<Check>,
-}
-
-#[derive(Serialize)]
-struct EditSummary {
-    prompt: String,
-    target: String,
-    target_id: u32,
-    top1_before: String,
-    skipped: bool,
-}
-
-/// Provenance keys written into patched GGUFs and adapters.
-fn provenance(
-    settings: &EditSettings,
-    outcomes: &[EditOutcome],
-    base_sha256: &str,
-    whiten: &WhitenArgs,
-) -> Vec<(String, Value)> {
-    let edits: Vec<serde_json::Value> = outcomes
-        .iter()
-        .map(|o| {
-            serde_json::json!({
-                "prompt": o.request.prompt,
-                "target_new": o.request.target_new,
-                "target_id": o.target_id,
-                "skipped": o.delta.is_none(),
-            })
-        })
-        .collect();
-    let method = settings.method.name();
-    let mut keys = vec![
-        (
-            "backlens.version".into(),
-            Value::String(env!("CARGO_PKG_VERSION").into()),
-        ),
-        ("backlens.method".into(), Value::String(method.into())),
-        ("backlens.layer".into(), Value::U32(settings.layer as u32)),
-        ("backlens.lr".into(), Value::F32(settings.lr as f32)),
-        (
-            "backlens.edits".into(),
-            Value::String(serde_json::Value::Array(edits).to_string()),
-        ),
-        (
-            "backlens.base_sha256".into(),
-            Value::String(base_sha256.to_string()),
-        ),
-    ];
-    if settings.method.needs_stats() {
-        keys.push((
-            "backlens.whiten".into(),
-            Value::String(serde_json::to_string(&whiten.options()).unwrap_or_default()),
-        ));
-        keys.push((
-            "backlens.stats_corpus".into(),
-            Value::String(whiten.corpus().describe()),
-        ));
-    }
-    keys
-}
-
 fn requests(args: &Args) -> Result<Vec<EditRequest>> {
     Ok(match (&args.requests, &args.prompt, &args.target) {
         (Some(path), _, _) => EditRequest::load_file(path)?,
@@ -259,107 +136,49 @@ fn requests(args: &Args) -> Result<Vec<EditRequest>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    check_output(&args.output, &[&args.model], args.force)?;
+    let mut inputs = vec![args.model.as_path()];
+    inputs.extend(args.requests.as_deref());
+    inputs.extend(args.whiten.stats_data.as_deref());
+    let claim = OutputClaim::new(&args.output, args.format.output_kind(), &inputs, args.force)?;
     let m = open(&args.model)?;
-    let reqs = requests(&args)?;
-    let is_hf = matches!(m.source, ModelSource::Hf(_));
-    match (args.format, is_hf) {
-        (Format::Safetensors, false) => bail!("--format safetensors needs an HF safetensors input"),
-        (Format::Gguf | Format::Lora, true) => bail!(
-            "--format {:?} needs a GGUF input; use --format safetensors",
-            args.format
-        ),
-        _ => {}
-    }
-    let settings = EditSettings {
-        method: args.method,
-        layer: args
-            .layer
-            .unwrap_or_else(|| EditSettings::default_layer(m.hp.n_layer)),
-        lr: args.lr,
-    };
-    // Plain FPS on a GGUF needs only one block in memory at a time; the other methods (and
-    // safetensors inputs, which are small here) load the whole model in f32.
-    let outcomes = match (&m.source, settings.method) {
-        (ModelSource::Gguf(_), Method::Shift) => {
-            edit::apply_sequence_streamed(&m.source, &m.tok, &reqs, &settings)?
-        }
-        _ => {
-            let mut model = Transformer::load(&m.source, DType::F32)?;
-            let store =
-                args.whiten
-                    .store(Some(settings.method), &model, &m.tok, m.source.path())?;
-            let ctx = EditContext {
-                stats: store.as_ref(),
-            };
-            edit::apply_sequence_with(&mut model, &m.tok, &reqs, &settings, &ctx)?
-        }
-    };
-    let deltas: Vec<_> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
-    let edits: Vec<EditSummary> = outcomes
-        .iter()
-        .map(|o| EditSummary {
-            prompt: o.request.prompt.clone(),
-            target: o.request.target_new.clone(),
-            target_id: o.target_id,
-            top1_before: m.tok.token_text(o.top1_before),
-            skipped: o.delta.is_none(),
-        })
-        .collect();
-    if !args.json {
-        for e in &edits {
-            match e.skipped {
-                true => println!(
-                    "skip: {:?} already continues with {:?}",
-                    e.prompt, e.top1_before
-                ),
-                false => println!(
-                    "edit: {:?}: {:?} -> {:?}",
-                    e.prompt, e.top1_before, e.target
-                ),
-            }
-        }
-    }
-    if deltas.is_empty() {
-        bail!("every target is already the model's top-1 continuation: nothing to edit, no file written");
-    }
-    match (&m.source, args.format) {
-        (ModelSource::Gguf(g), Format::Gguf) => {
-            let prov = provenance(&settings, &outcomes, &g.sha256_hex(), &args.whiten);
-            patch_plan(g, &deltas, args.ff2_type, &prov)?.write(&args.output)?
-        }
-        (ModelSource::Gguf(g), Format::Lora) => {
-            let prov = provenance(&settings, &outcomes, &g.sha256_hex(), &args.whiten);
-            lora::write_adapter(&args.output, model_arch(&m.source)?, &deltas, &prov)?
-        }
-        (ModelSource::Hf(h), Format::Safetensors) => {
-            safetensors::write_patched(h, &deltas, &args.output, args.force)?
-        }
-        _ => unreachable!("format checked above"),
-    }
-    let check = match (args.no_check, args.format) {
-        (false, Format::Gguf | Format::Lora) => {
-            Some(check_with_llama(&m.source, &m.tok, &args, &reqs)?)
-        }
-        _ => None,
-    };
-    let report = Report {
-        output: &args.output,
+    let job = Job {
+        requests: requests(&args)?,
+        settings: EditSettings {
+            method: args.method,
+            layer: args
+                .layer
+                .unwrap_or_else(|| EditSettings::default_layer(m.hp.n_layer)),
+            lr: args.lr,
+        },
+        whiten: args.whiten.setup(),
         format: args.format,
-        settings,
-        edits,
-        check,
+        ff2_type: args.ff2_type,
+        check: !args.no_check,
     };
+    let report = patch::run(&m.source, &m.tok, &job, claim)?;
     if args.json {
         return print_json(&report);
     }
+    for e in &report.edits {
+        match e.skipped {
+            true => println!(
+                "skip: {:?} already continues with {:?}",
+                e.prompt, e.top1_before
+            ),
+            false => println!(
+                "edit: {:?}: {:?} -> {:?}",
+                e.prompt, e.top1_before, e.target
+            ),
+        }
+    }
+    let s = &report.settings;
     println!(
-        "wrote {} ({:?}, layer {}, lr {}, {:?})",
-        args.output.display(),
-        args.format,
-        settings.layer,
-        settings.lr,
-        settings.method
+        "wrote {} ({}, layer {}, lr {}, {})",
+        report.output.display(),
+        report.format,
+        s.layer,
+        s.lr,
+        s.method
     );
     if let Some(c) = &report.check {
         println!("\nthrough llama.cpp, before -> after:");
@@ -371,64 +190,6 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn model_arch(source: &ModelSource) -> Result<backlens::arch::Arch> {
-    Ok(source.hparams()?.arch)
-}
-
-fn probe(s: &mut Session, tok: &Tokenizer, prompt: &str, target: &str) -> Result<Probe> {
-    let ids = tok.encode_prompt(prompt)?;
-    let t = tok.encode_target(target)?[0];
-    let logp = log_probs(&s.logits_last(&ids)?);
-    let scores: Vec<f32> = logp.iter().map(|&v| v as f32).collect();
-    Ok(Probe {
-        prompt: prompt.into(),
-        target: tok.token_text(t),
-        prob: logp[t as usize].exp(),
-        rank: backlens::lens::rank_of(&scores, t),
-        top1: tok.token_text(argmax(&scores) as u32),
-    })
-}
-
-fn probes(s: &mut Session, tok: &Tokenizer, reqs: &[EditRequest]) -> Result<Vec<Probe>> {
-    let mut out = Vec::new();
-    for r in reqs {
-        out.push(probe(s, tok, &r.prompt, &r.target_new)?);
-        if let Some(p) = &r.rephrase_prompt {
-            out.push(probe(s, tok, p, &r.target_new)?);
-        }
-        if let Some(p) = &r.locality_prompt {
-            out.push(probe(s, tok, p, &r.target_new)?);
-        }
-    }
-    Ok(out)
-}
-
-fn check_with_llama(
-    source: &ModelSource,
-    tok: &Tokenizer,
-    args: &Args,
-    reqs: &[EditRequest],
-) -> Result<Check> {
-    let base_path = require_gguf(source)?;
-    let mut base = LlamaRuntime::load(&base_path)?;
-    let before = probes(&mut base.session()?, tok, reqs)?;
-    let after = match args.format {
-        Format::Lora => {
-            let mut adapter = base.load_lora(&args.output)?;
-            let mut s = base.session()?;
-            s.set_lora(&mut adapter, 1.0)?;
-            probes(&mut s, tok, reqs)?
-        }
-        _ => {
-            drop(base);
-            let patched = LlamaRuntime::load(&args.output)?;
-            let after = probes(&mut patched.session()?, tok, reqs)?;
-            after
-        }
-    };
-    Ok(Check { before, after })
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {

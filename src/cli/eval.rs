@@ -1,27 +1,15 @@
 //! `eval`: CounterFact metrics through llama.cpp, with optional layer/step sweeps.
 
 use super::{open, print_json, require_gguf};
-use anyhow::{bail, Context, Result};
-use backlens::edit::Method;
+use anyhow::{bail, Result};
+use backlens::edit::{EditSettings, Method};
 use backlens::eval::{self, EvalConfig, EvalReport, LayerChoice, LrChoice};
 use backlens::model::Transformer;
 use backlens::write::gguf::Ff2Type;
+use backlens::write::{OutputClaim, OutputKind};
 use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
-
-/// Edit method, or none for the unedited baseline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum EvalMethod {
-    /// No edit: the unedited model.
-    None,
-    /// Forward-pass shifting.
-    Shift,
-    /// Forward-pass shifting with a whitened key.
-    ShiftWhitened,
-    /// One gradient step.
-    Grad,
-}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -36,15 +24,15 @@ pub struct Args {
     /// Records to skip first.
     #[arg(long, default_value_t = 0)]
     offset: usize,
-    /// Edit method.
-    #[arg(long, value_enum, default_value_t = EvalMethod::Shift)]
-    method: EvalMethod,
-    /// Layer, or "auto" (chosen per record from the Backward Lens).
-    #[arg(long, default_value = "default")]
-    layer: String,
+    /// Edit method: none (the unedited model), shift, shift-whitened or grad.
+    #[arg(long, default_value = "shift", value_parser = eval::parse_method)]
+    method: Option<Method>,
+    /// Layer, or "auto" (chosen per record from the Backward Lens) [default: round(0.73 · n_layers)].
+    #[arg(long)]
+    layer: Option<LayerChoice>,
     /// Step, or "auto" (smallest step making the target top-1 by a margin).
     #[arg(long, default_value = "0.24")]
-    lr: String,
+    lr: LrChoice,
     #[command(flatten)]
     whiten: super::edit::WhitenArgs,
     /// Keep edits cumulative and report how many still hold at the end.
@@ -55,7 +43,7 @@ pub struct Args {
     no_fluency: bool,
     /// Storage of the edited FF2 being evaluated: f32 (exact) or keep (requantized to its
     /// original type, as `edit --ff2-type keep` writes it).
-    #[arg(long, value_enum, default_value_t = Ff2Type::F32)]
+    #[arg(long, default_value = "f32")]
     ff2_type: Ff2Type,
     /// Sweep layers A..B (end exclusive) and write an SVG plot of the scores.
     #[arg(long)]
@@ -66,41 +54,35 @@ pub struct Args {
     /// Where the sweep plot goes.
     #[arg(long, default_value = "sweep.svg")]
     plot: PathBuf,
+    /// Replace an existing plot file.
+    #[arg(long)]
+    force: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let sweep = args.sweep_layers.is_some() || !args.sweep_lr.is_empty();
+    let plot_claim = match sweep {
+        true => Some(OutputClaim::new(
+            &args.plot,
+            OutputKind::File,
+            &[&args.model, &args.data],
+            args.force,
+        )?),
+        false => None,
+    };
     let m = open(&args.model)?;
     let gguf = require_gguf(&m.source)?;
     let records = eval::load_records(&args.data, args.offset, args.n)?;
     let model = Transformer::load(&m.source, DType::F32)?;
     let n_layer = model.hp.n_layer;
-    let method = match args.method {
-        EvalMethod::None => None,
-        EvalMethod::Shift => Some(Method::Shift),
-        EvalMethod::ShiftWhitened => Some(Method::ShiftWhitened),
-        EvalMethod::Grad => Some(Method::Grad),
-    };
-    let layer = match args.layer.as_str() {
-        "auto" => LayerChoice::Auto,
-        "default" => LayerChoice::Fixed(backlens::edit::EditSettings::default_layer(n_layer)),
-        l => {
-            let l: usize = l.parse().context("--layer takes a number or 'auto'")?;
-            if l >= n_layer {
-                bail!(
-                    "layer {l} out of range: the model has layers 0 to {}",
-                    n_layer - 1
-                );
-            }
-            LayerChoice::Fixed(l)
-        }
-    };
-    let lr = match args.lr.as_str() {
-        "auto" => LrChoice::Auto,
-        x => LrChoice::Fixed(x.parse().context("--lr takes a number or 'auto'")?),
-    };
+    let method = args.method;
+    let layer = args
+        .layer
+        .unwrap_or_else(|| LayerChoice::Fixed(EditSettings::default_layer(n_layer)));
+    let lr = args.lr;
     if let Some(path) = &args.whiten.stats_data {
         let eval_end = args.offset + records.len();
         if method.is_some_and(Method::needs_stats)
@@ -116,7 +98,10 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let t_stats = std::time::Instant::now();
-    let store = args.whiten.store(method, &model, &m.tok, &gguf)?;
+    let store = match method {
+        Some(method) => args.whiten.setup().store(method, &model, &m.tok, &gguf)?,
+        None => None,
+    };
     if let (Some(s), LayerChoice::Fixed(l)) = (&store, layer) {
         s.get(l)?;
         eprintln!(
@@ -161,7 +146,7 @@ pub fn run(args: Args) -> Result<()> {
         bar.finish_and_clear();
         Ok(report)
     };
-    if args.sweep_layers.is_some() || !args.sweep_lr.is_empty() {
+    if let Some(plot_claim) = plot_claim {
         let mut points: Vec<(f64, EvalReport)> = Vec::new();
         let x_label;
         if let Some(spec) = &args.sweep_layers {
@@ -201,7 +186,9 @@ pub fn run(args: Args) -> Result<()> {
                 series("neighborhood", &|r| r.summary.neighborhood.mean),
             ],
         );
-        std::fs::write(&args.plot, plot).with_context(|| args.plot.display().to_string())?;
+        let mut out = plot_claim.stage_file()?;
+        out.write_all(plot.as_bytes())?;
+        out.commit()?;
         if args.json {
             return print_json(
                 &points
@@ -234,10 +221,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     let s = &report.summary;
     println!(
-        "{} records of {} ({:?}):",
+        "{} records of {} ({}):",
         records.len(),
         args.data.display(),
-        args.method
+        args.method.map_or("none", Method::name)
     );
     let row = |name: &str, st: &eval::Stat| {
         println!(

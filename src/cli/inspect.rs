@@ -2,7 +2,7 @@
 
 use super::{open, print_json};
 use anyhow::Result;
-use backlens::weights::ModelSource;
+use backlens::source::ModelSource;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -69,6 +69,7 @@ pub fn run(args: Args) -> Result<()> {
         ),
         ModelSource::Hf(h) => {
             let mut rows: Vec<TensorRow> = h
+                .ckpt
                 .shards
                 .iter()
                 .flat_map(|s| {

@@ -12,7 +12,7 @@ mod serve;
 
 use anyhow::Result;
 use backlens::tokenizer::Tokenizer;
-use backlens::weights::ModelSource;
+use backlens::source::ModelSource;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
@@ -104,7 +104,7 @@ fn require_gguf(source: &ModelSource) -> Result<PathBuf> {
         ModelSource::Gguf(g) => Ok(g.path().to_path_buf()),
         ModelSource::Hf(h) => anyhow::bail!(
             "{}: llama.cpp needs a GGUF file (this is an HF safetensors checkpoint)",
-            h.dir.display()
+            h.ckpt.dir.display()
         ),
     }
 }

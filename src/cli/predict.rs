@@ -74,7 +74,7 @@ pub fn run(args: Args) -> Result<()> {
         Engine::Llama => {
             let rt = LlamaRuntime::load(&require_gguf(&m.source)?)?;
             let logits = rt.session()?.logits_last(&tokens)?;
-            backlens::runtime::log_probs(&logits)
+            backlens::numeric::log_probs(&logits)
         }
     };
     let mut order: Vec<usize> = (0..logp.len()).collect();

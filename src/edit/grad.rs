@@ -5,7 +5,7 @@ use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
 use crate::lens::backward_pass;
 use crate::model::Transformer;
-use crate::runtime::argmax;
+use crate::numeric::argmax;
 use crate::tokenizer::Tokenizer;
 use crate::Result;
 use candle_core::DType;

@@ -7,15 +7,15 @@ pub mod request;
 pub mod shift;
 pub mod whiten;
 
-use crate::model::{Block, Transformer};
+use crate::model::Transformer;
 use crate::Result;
-use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+pub use crate::delta::Delta;
 pub use request::EditRequest;
 
 /// Which edit method to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Forward-pass shifting: W += lr · e(target) xᵀ (no backward pass).
@@ -66,57 +66,6 @@ impl EditSettings {
     }
 }
 
-/// A low-rank change of one weight matrix: ΔW = Σᵢ out_vecsᵢ · in_vecsᵢᵀ (W is [out, in]).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Delta {
-    /// GGUF name of the edited tensor.
-    pub tensor: String,
-    /// Layer of the edited tensor.
-    pub layer: usize,
-    /// Output-side vectors (model dim for FF2).
-    pub out_vecs: Vec<Vec<f32>>,
-    /// Input-side vectors (ff dim for FF2).
-    pub in_vecs: Vec<Vec<f32>>,
-}
-
-impl Delta {
-    /// The dense ΔW as a row-major (out, in) buffer.
-    pub fn dense(&self) -> Vec<f32> {
-        let (n_out, n_in) = (self.out_vecs[0].len(), self.in_vecs[0].len());
-        let mut w = vec![0f32; n_out * n_in];
-        for (u, v) in self.out_vecs.iter().zip(&self.in_vecs) {
-            for (o, &uo) in u.iter().enumerate() {
-                let row = &mut w[o * n_in..(o + 1) * n_in];
-                for (r, &vi) in row.iter_mut().zip(v) {
-                    *r += uo * vi;
-                }
-            }
-        }
-        w
-    }
-
-    /// Adds ΔW to row-major `values` of the same shape.
-    pub fn add_to(&self, values: &mut [f32]) {
-        for (w, d) in values.iter_mut().zip(self.dense()) {
-            *w += d;
-        }
-    }
-
-    /// Adds ΔW to the model's FF2 weight of the delta's layer (in the model's dtype).
-    pub fn apply(&self, model: &mut Transformer) -> Result<()> {
-        self.apply_to_block(&mut model.blocks[self.layer])
-    }
-
-    /// Adds ΔW to a block's FF2 weight (the block of the delta's layer).
-    pub fn apply_to_block(&self, block: &mut Block) -> Result<()> {
-        let down = &mut block.ffn.down;
-        let shape = down.w.dims().to_vec();
-        let dw = Tensor::from_vec(self.dense(), shape, &Device::Cpu)?.to_dtype(down.w.dtype())?;
-        down.w = (&down.w + dw)?;
-        Ok(())
-    }
-}
-
 /// The result of computing one edit.
 #[derive(Debug, Clone, Serialize)]
 pub struct EditOutcome {
@@ -163,6 +112,9 @@ impl Method {
         matches!(self, Method::ShiftWhitened)
     }
 
+    /// Every method, in the order the help lists them.
+    pub const ALL: [Method; 3] = [Method::Shift, Method::ShiftWhitened, Method::Grad];
+
     /// The method's command-line / provenance name.
     pub fn name(self) -> &'static str {
         match self {
@@ -170,6 +122,22 @@ impl Method {
             Method::ShiftWhitened => "shift-whitened",
             Method::Grad => "grad",
         }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Method, String> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown method '{s}' (choose shift, shift-whitened or grad)"))
     }
 }
 
@@ -229,7 +197,7 @@ pub fn apply_sequence(
 /// [`apply_sequence`] for [`Method::Shift`] without loading the model: each request runs
 /// through the streamed forward with the edits before it applied (one block in memory).
 pub fn apply_sequence_streamed(
-    src: &crate::weights::ModelSource,
+    src: &crate::source::ModelSource,
     tok: &crate::tokenizer::Tokenizer,
     requests: &[EditRequest],
     settings: &EditSettings,
@@ -269,7 +237,7 @@ pub fn apply_sequence_with(
     for req in requests {
         let outcome = compute_with(model, tok, req, settings, ctx)?;
         if let Some(d) = &outcome.delta {
-            d.apply(model)?;
+            model.apply_delta(d)?;
         }
         outcomes.push(outcome);
     }

@@ -5,9 +5,9 @@
 use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
 use crate::model::Transformer;
-use crate::runtime::argmax;
+use crate::numeric::argmax;
 use crate::tokenizer::Tokenizer;
-use crate::weights::ModelSource;
+use crate::source::ModelSource;
 use crate::Result;
 use candle_core::DType;
 

@@ -33,6 +33,7 @@
 use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
 use crate::model::Transformer;
+use crate::numeric::{cholesky_in_place, cholesky_solve, dot};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -248,7 +249,7 @@ impl KeyStats {
             cholesky_in_place(&mut g, j)
                 .map_err(|_| Error::Invalid("contrast inputs give a singular system".into()))?;
             let rhs: Vec<f64> = u.iter().map(|v| dot(v, &z)).collect();
-            let coef = solve_factored(&g, j, rhs);
+            let coef = cholesky_solve(&g, j, rhs);
             for (c, v) in coef.iter().zip(&cu) {
                 for (zi, vi) in z.iter_mut().zip(v) {
                     *zi -= c * vi;
@@ -266,64 +267,11 @@ impl KeyStats {
     }
 }
 
-/// Solves L Lᵀ z = v for a lower-triangular row-major factor `l` (n, n).
-fn solve_factored(l: &[f64], n: usize, mut y: Vec<f64>) -> Vec<f64> {
-    for i in 0..n {
-        let s = dot(&l[i * n..i * n + i], &y[..i]);
-        y[i] = (y[i] - s) / l[i * n + i];
-    }
-    for i in (0..n).rev() {
-        y[i] /= l[i * n + i];
-        let zi = y[i];
-        for (yk, &lik) in y[..i].iter_mut().zip(&l[i * n..i * n + i]) {
-            *yk -= lik * zi;
-        }
-    }
-    y
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0f64; 4];
-    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..4 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f64>() + tail
-}
-
-/// In-place lower Cholesky factorization of the symmetric positive definite row-major (n, n)
-/// matrix `a` (only its lower triangle is read; the upper one is zeroed). Err(i): pivot i ≤ 0.
-pub fn cholesky_in_place(a: &mut [f64], n: usize) -> std::result::Result<(), usize> {
-    for i in 0..n {
-        let (before, rest) = a.split_at_mut(i * n);
-        let row_i = &mut rest[..n];
-        for j in 0..i {
-            let row_j = &before[j * n..j * n + j + 1];
-            let s = dot(&row_i[..j], &row_j[..j]);
-            row_i[j] = (row_i[j] - s) / row_j[j];
-        }
-        let d = row_i[i] - dot(&row_i[..i], &row_i[..i]);
-        if !(d.is_finite() && d > 0.0) {
-            return Err(i);
-        }
-        row_i[i] = d.sqrt();
-        row_i[i + 1..].iter_mut().for_each(|v| *v = 0.0);
-    }
-    Ok(())
-}
-
 /// The prompts the statistics are accumulated over.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub enum StatsCorpus {
     /// The built-in set of generic factual prompts and sentences ([`builtin_prompts`]).
+    #[default]
     Builtin,
     /// A file: CounterFact-shaped JSON records (their `prompt`, `rephrase_prompt` and
     /// `locality_prompt` strings, records `skip..` only) or plain text (one prompt a line, lines

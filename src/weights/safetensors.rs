@@ -2,7 +2,6 @@
 //! `tokenizer.json`, read through memory maps.
 
 use super::Backing;
-use crate::arch::{gpt2::Gpt2Config, llama::LlamaConfig, HParams};
 use crate::{Error, Result};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
@@ -79,8 +78,6 @@ fn describe(e: &safetensors::SafeTensorError, file_len: usize) -> String {
 pub struct HfCheckpoint {
     /// The folder.
     pub dir: PathBuf,
-    /// Resolved hyperparameters from `config.json`.
-    pub hparams: HParams,
     /// The raw `config.json` text, copied verbatim by writers.
     pub config_text: String,
     /// Mapped shards.
@@ -88,14 +85,6 @@ pub struct HfCheckpoint {
     index: HashMap<String, usize>,
     /// Name prefix in front of GPT-2 tensor names ("" or "transformer.").
     pub prefix: String,
-}
-
-#[derive(serde::Deserialize)]
-struct ArchProbe {
-    #[serde(default)]
-    model_type: Option<String>,
-    #[serde(default)]
-    architectures: Vec<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -115,25 +104,6 @@ impl HfCheckpoint {
         }
         let config_text =
             std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let json_err = |e: serde_json::Error| Error::Json {
-            path: config_path.clone(),
-            problem: e.to_string(),
-        };
-        let probe: ArchProbe = serde_json::from_str(&config_text).map_err(json_err)?;
-        let kind = probe
-            .model_type
-            .clone()
-            .or_else(|| probe.architectures.first().cloned())
-            .unwrap_or_default();
-        let hparams = match kind.as_str() {
-            "gpt2" | "GPT2LMHeadModel" => serde_json::from_str::<Gpt2Config>(&config_text)
-                .map_err(json_err)?
-                .into_hparams()?,
-            "llama" | "LlamaForCausalLM" => serde_json::from_str::<LlamaConfig>(&config_text)
-                .map_err(json_err)?
-                .into_hparams()?,
-            other => return Err(Error::UnknownArch(other.to_string())),
-        };
         let shard_paths = Self::shard_paths(dir)?;
         let mut shards = Vec::new();
         let mut index = HashMap::new();
@@ -151,7 +121,6 @@ impl HfCheckpoint {
         };
         Ok(HfCheckpoint {
             dir: dir.to_path_buf(),
-            hparams,
             config_text,
             shards,
             index,

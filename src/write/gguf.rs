@@ -1,7 +1,7 @@
 //! GGUF writer: metadata, dense padded tensor offsets (as ggml computes them), and tensor bytes
 //! that are either borrowed from the input map (untouched tensors, byte-identical) or new.
 
-use super::AtomicOutput;
+use super::{AtomicOutput, Staged};
 use crate::weights::gguf::{GgufFile, TensorInfo, Value, MAGIC};
 use crate::weights::quant::{self, GgmlType};
 use crate::{Error, Result};
@@ -113,11 +113,15 @@ impl<'a> GgufPlan<'a> {
         ))
     }
 
-    /// Writes the file atomically to `path`.
+    /// Writes the file atomically to a new `path`.
     pub fn write(&self, path: &Path) -> Result<()> {
+        self.write_to(AtomicOutput::create(path)?)?.commit()
+    }
+
+    /// Writes the file into `out` and returns it finished but not yet committed.
+    pub fn write_to(&self, mut out: AtomicOutput) -> Result<Staged> {
         let header = self.header()?;
         let alignment = self.alignment() as usize;
-        let mut out = AtomicOutput::create(path)?;
         out.write_all(&header)?;
         let zeros = vec![0u8; alignment];
         out.write_all(&zeros[..header.len().next_multiple_of(alignment) - header.len()])?;
@@ -129,7 +133,7 @@ impl<'a> GgufPlan<'a> {
             let pad = t.data.len().next_multiple_of(alignment) - t.data.len();
             out.write_all(&zeros[..pad])?;
         }
-        out.commit()
+        out.finish()
     }
 }
 
@@ -252,7 +256,7 @@ fn put_value(h: &mut Vec<u8>, v: &Value) {
 }
 
 /// How the edited FF2 is stored in a patched GGUF.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Ff2Type {
     /// F32: the edit is stored exactly.
@@ -261,11 +265,31 @@ pub enum Ff2Type {
     Keep,
 }
 
+impl std::fmt::Display for Ff2Type {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ff2Type::F32 => "f32",
+            Ff2Type::Keep => "keep",
+        })
+    }
+}
+
+impl std::str::FromStr for Ff2Type {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Ff2Type, String> {
+        match s {
+            "f32" => Ok(Ff2Type::F32),
+            "keep" => Ok(Ff2Type::Keep),
+            other => Err(format!("unknown FF2 type '{other}' (choose f32 or keep)")),
+        }
+    }
+}
+
 /// A copy of `src` with each delta added to its (dequantized) tensor, which is then stored as
 /// F32 or requantized; every other tensor is borrowed byte for byte. `provenance` keys are set.
 pub fn patch_plan<'a>(
     src: &'a GgufFile,
-    deltas: &[crate::edit::Delta],
+    deltas: &[crate::delta::Delta],
     ff2_type: Ff2Type,
     provenance: &[(String, Value)],
 ) -> Result<GgufPlan<'a>> {
@@ -286,7 +310,7 @@ pub fn patch_plan<'a>(
 }
 
 /// The distinct tensor names the deltas edit, sorted.
-fn edited_tensors(deltas: &[crate::edit::Delta]) -> Vec<&str> {
+fn edited_tensors(deltas: &[crate::delta::Delta]) -> Vec<&str> {
     let mut names: Vec<&str> = deltas.iter().map(|d| d.tensor.as_str()).collect();
     names.sort_unstable();
     names.dedup();
@@ -298,7 +322,7 @@ fn edited_tensors(deltas: &[crate::edit::Delta]) -> Vec<&str> {
 fn stored_ff2<'f>(
     src: &'f GgufFile,
     name: &str,
-    deltas: &[crate::edit::Delta],
+    deltas: &[crate::delta::Delta],
     ff2_type: Ff2Type,
 ) -> Result<(&'f TensorInfo, Vec<u8>, GgmlType)> {
     let info = src
@@ -321,9 +345,9 @@ fn stored_ff2<'f>(
 /// per changed row (so that a LoRA adapter can carry a requantized edit exactly).
 pub fn stored_deltas(
     src: &GgufFile,
-    deltas: &[crate::edit::Delta],
+    deltas: &[crate::delta::Delta],
     ff2_type: Ff2Type,
-) -> Result<Vec<crate::edit::Delta>> {
+) -> Result<Vec<crate::delta::Delta>> {
     if ff2_type == Ff2Type::F32 {
         return Ok(deltas.to_vec());
     }
@@ -334,7 +358,7 @@ pub fn stored_deltas(
         let after = quant::dequantize(ggml_type, &data, name)?;
         let n_in = info.dims[0] as usize;
         let n_out = before.len() / n_in;
-        let mut delta = crate::edit::Delta {
+        let mut delta = crate::delta::Delta {
             tensor: name.to_string(),
             layer: deltas
                 .iter()

@@ -5,7 +5,7 @@
 
 use super::gguf::{GgufPlan, OutTensor};
 use crate::arch::Arch;
-use crate::edit::Delta;
+use crate::delta::Delta;
 use crate::weights::gguf::Value;
 use crate::Result;
 use std::path::Path;

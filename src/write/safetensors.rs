@@ -3,21 +3,24 @@
 //! GPT-2's Conv1D [in, out] weights get the transposed update).
 
 use crate::arch::hf;
-use crate::edit::Delta;
-use crate::weights::safetensors::{encode, HfCheckpoint};
+use crate::delta::Delta;
+use crate::source::HfModel;
+use crate::weights::safetensors::encode;
 use crate::{Error, Result};
-use std::path::{Path, PathBuf};
+use super::output::{OutputClaim, OutputKind, Staged, StagedFolder};
+use std::path::Path;
 
-/// Writes `ckpt` with `deltas` applied into the folder `out` (created via a temporary folder
-/// that is renamed into place).
-pub fn write_patched(ckpt: &HfCheckpoint, deltas: &[Delta], out: &Path, force: bool) -> Result<()> {
+/// Writes `model` with `deltas` applied into the staged folder `out` (every small text file of
+/// the checkpoint is copied, each shard rewritten with its patched bytes).
+pub fn stage_patched(model: &HfModel, deltas: &[Delta], mut out: StagedFolder) -> Result<Staged> {
+    let ckpt = &model.ckpt;
     // Replacement bytes per (shard, absolute byte range).
     let mut patches: Vec<(usize, usize, Vec<u8>)> = Vec::new();
     let mut names: Vec<&str> = deltas.iter().map(|d| d.tensor.as_str()).collect();
     names.sort_unstable();
     names.dedup();
     for name in names {
-        let (hf_name, layout) = hf::hf_name(&ckpt.hparams, name, &ckpt.prefix)
+        let (hf_name, layout) = hf::hf_name(&model.hparams, name, &ckpt.prefix)
             .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
         let (values, hf_shape) = ckpt
             .read_f32(&hf_name)?
@@ -40,52 +43,33 @@ pub fn write_patched(ckpt: &HfCheckpoint, deltas: &[Delta], out: &Path, force: b
             .expect("shard of this checkpoint");
         patches.push((idx, start, bytes));
     }
-    let temp = partial_dir(out);
-    let _ = std::fs::remove_dir_all(&temp);
-    std::fs::create_dir_all(&temp).map_err(|e| Error::io(&temp, e))?;
-    let result = (|| -> Result<()> {
-        for entry in std::fs::read_dir(&ckpt.dir).map_err(|e| Error::io(&ckpt.dir, e))? {
-            let path = entry.map_err(|e| Error::io(&ckpt.dir, e))?.path();
-            let name = path.file_name().expect("entry has a name").to_owned();
-            let is_shard = ckpt.shards.iter().any(|s| s.path == path);
-            let small_text = matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("json" | "txt" | "model" | "jinja")
-            );
-            if is_shard || !path.is_file() || !small_text {
-                continue;
-            }
-            std::fs::copy(&path, temp.join(&name)).map_err(|e| Error::io(&path, e))?;
+    for entry in std::fs::read_dir(&ckpt.dir).map_err(|e| Error::io(&ckpt.dir, e))? {
+        let path = entry.map_err(|e| Error::io(&ckpt.dir, e))?.path();
+        let name = path.file_name().expect("entry has a name").to_owned();
+        let is_shard = ckpt.shards.iter().any(|s| s.path == path);
+        let small_text = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("json" | "txt" | "model" | "jinja")
+        );
+        if is_shard || !path.is_file() || !small_text {
+            continue;
         }
-        for (i, shard) in ckpt.shards.iter().enumerate() {
-            let mut bytes = shard.file_bytes().to_vec();
-            for (_, start, data) in patches.iter().filter(|p| p.0 == i) {
-                bytes[*start..*start + data.len()].copy_from_slice(data);
-            }
-            let target = temp.join(shard.path.file_name().expect("shard file name"));
-            let mut f = super::AtomicOutput::create(&target)?;
-            f.write_all(&bytes)?;
-            f.commit()?;
-        }
-        if out.exists() && force {
-            std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-        }
-        std::fs::rename(&temp, out).map_err(|e| Error::io(out, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&temp);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        out.write_file(&name.to_string_lossy(), &bytes)?;
     }
-    result
+    for (i, shard) in ckpt.shards.iter().enumerate() {
+        let mut bytes = shard.file_bytes().to_vec();
+        for (_, start, data) in patches.iter().filter(|p| p.0 == i) {
+            bytes[*start..*start + data.len()].copy_from_slice(data);
+        }
+        let name = shard.path.file_name().expect("shard file name");
+        out.write_file(&name.to_string_lossy(), &bytes)?;
+    }
+    out.finish()
 }
 
-fn partial_dir(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(
-        ".{name}{}{}",
-        super::PARTIAL_MARKER,
-        std::process::id()
-    ))
+/// Writes `model` with `deltas` applied into the new folder `out`.
+pub fn write_patched(model: &HfModel, deltas: &[Delta], out: &Path) -> Result<()> {
+    let claim = OutputClaim::new(out, OutputKind::Folder, &[&model.ckpt.dir], false)?;
+    stage_patched(model, deltas, claim.stage_folder()?)?.commit()
 }

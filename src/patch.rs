@@ -1,0 +1,431 @@
+//! The library's `edit`: compute the edits of a request list, write them in the chosen format
+//! with provenance, check the written file through llama.cpp, and only then move it into place.
+//! The CLI (`edit`), `eval` (its per-record adapters) and `bench` all go through these steps:
+//! [`compute`] → [`stage`] → [`check`] → [`Staged::commit`], or [`run`] for all four.
+
+use crate::arch::Arch;
+use crate::delta::Delta;
+use crate::edit::whiten::{self, StatsCorpus, StatsStore, WhitenOptions};
+use crate::edit::{self, EditContext, EditOutcome, EditRequest, EditSettings, Method};
+use crate::model::Transformer;
+use crate::numeric::{argmax, log_probs, rank_of};
+use crate::provenance::{EditRecord, Provenance};
+use crate::runtime::{LlamaRuntime, Session};
+use crate::source::ModelSource;
+use crate::tokenizer::Tokenizer;
+use crate::write::gguf::{patch_plan, Ff2Type};
+use crate::write::{lora, safetensors, OutputClaim, OutputKind, Staged};
+use crate::{Error, Result};
+use candle_core::DType;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Output format of an edit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A full patched GGUF.
+    Gguf,
+    /// A low-rank LoRA adapter GGUF for llama.cpp's `--lora`.
+    Lora,
+    /// A patched HF safetensors folder (safetensors inputs only).
+    Safetensors,
+}
+
+impl Format {
+    /// Whether the output is a file or a folder.
+    pub fn output_kind(self) -> OutputKind {
+        match self {
+            Format::Safetensors => OutputKind::Folder,
+            Format::Gguf | Format::Lora => OutputKind::File,
+        }
+    }
+
+    /// Fails when this format cannot be written from `source`.
+    pub fn check_input(self, source: &ModelSource) -> Result<()> {
+        match (self, source) {
+            (Format::Safetensors, ModelSource::Gguf(_)) => Err(Error::Invalid(
+                "--format safetensors needs an HF safetensors input".into(),
+            )),
+            (Format::Gguf | Format::Lora, ModelSource::Hf(_)) => Err(Error::Invalid(format!(
+                "--format {} needs a GGUF input; use --format safetensors",
+                self.name()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Gguf => "gguf",
+            Format::Lora => "lora",
+            Format::Safetensors => "safetensors",
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Gguf => "GGUF",
+            Format::Lora => "LoRA",
+            Format::Safetensors => "safetensors",
+        })
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Format, String> {
+        match s {
+            "gguf" => Ok(Format::Gguf),
+            "lora" => Ok(Format::Lora),
+            "safetensors" => Ok(Format::Safetensors),
+            other => Err(format!(
+                "unknown format '{other}' (choose gguf, lora or safetensors)"
+            )),
+        }
+    }
+}
+
+/// Where `shift-whitened` takes its key statistics from.
+#[derive(Debug, Clone, Default)]
+pub struct WhitenSetup {
+    /// The prompts the statistics are accumulated over.
+    pub corpus: StatsCorpus,
+    /// Key options.
+    pub options: WhitenOptions,
+    /// Cache folder for the statistics (None: no cache).
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl WhitenSetup {
+    /// The default corpus and options with the default cache folder.
+    pub fn cached() -> WhitenSetup {
+        WhitenSetup {
+            cache_dir: whiten::default_cache_dir(),
+            ..WhitenSetup::default()
+        }
+    }
+
+    /// The statistics store for the unedited `model` loaded from `path`, when `method` needs one.
+    pub fn store(
+        &self,
+        method: Method,
+        model: &Transformer,
+        tok: &Tokenizer,
+        path: &Path,
+    ) -> Result<Option<StatsStore>> {
+        if !method.needs_stats() {
+            return Ok(None);
+        }
+        StatsStore::new(
+            model,
+            tok,
+            path,
+            &self.corpus,
+            self.options,
+            self.cache_dir.clone(),
+        )
+        .map(Some)
+    }
+}
+
+/// Everything an edit run needs besides the model and the output.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The requests, applied in order.
+    pub requests: Vec<EditRequest>,
+    /// Method, layer and step.
+    pub settings: EditSettings,
+    /// Key statistics for `shift-whitened`.
+    pub whiten: WhitenSetup,
+    /// Output format.
+    pub format: Format,
+    /// Storage of the edited FF2 in a GGUF output.
+    pub ff2_type: Ff2Type,
+    /// Run the before/after check through llama.cpp (GGUF and LoRA outputs).
+    pub check: bool,
+}
+
+/// Computes the edits of `requests` in order, each on the model with the ones before applied.
+/// Plain FPS on a GGUF streams the model one block at a time; the other methods (and
+/// safetensors inputs) load the whole model in f32. The file is not changed.
+pub fn compute(
+    source: &ModelSource,
+    tok: &Tokenizer,
+    requests: &[EditRequest],
+    settings: &EditSettings,
+    whiten: &WhitenSetup,
+) -> Result<Vec<EditOutcome>> {
+    match (source, settings.method) {
+        (ModelSource::Gguf(_), Method::Shift) => {
+            edit::apply_sequence_streamed(source, tok, requests, settings)
+        }
+        _ => {
+            let mut model = Transformer::load(source, DType::F32)?;
+            let store = whiten.store(settings.method, &model, tok, source.path())?;
+            let ctx = EditContext {
+                stats: store.as_ref(),
+            };
+            edit::apply_sequence_with(&mut model, tok, requests, settings, &ctx)
+        }
+    }
+}
+
+/// The provenance of a run: its settings, requests and base file.
+pub fn provenance(
+    source: &ModelSource,
+    settings: &EditSettings,
+    outcomes: &[EditOutcome],
+    whiten: &WhitenSetup,
+) -> Result<Provenance> {
+    let ModelSource::Gguf(g) = source else {
+        return Err(Error::Invalid(
+            "provenance is recorded in GGUF outputs only".into(),
+        ));
+    };
+    let stats = settings.method.needs_stats();
+    Ok(Provenance {
+        method: settings.method.name().to_string(),
+        layer: settings.layer,
+        lr: settings.lr,
+        edits: outcomes
+            .iter()
+            .map(|o| EditRecord {
+                prompt: o.request.prompt.clone(),
+                target_new: o.request.target_new.clone(),
+                target_id: o.target_id,
+                skipped: o.delta.is_none(),
+            })
+            .collect(),
+        base_sha256: g.sha256_hex(),
+        whiten: stats.then(|| {
+            serde_json::to_string(&whiten.options).expect("whiten options serialize")
+        }),
+        stats_corpus: stats.then(|| whiten.corpus.describe()),
+    })
+}
+
+/// Writes `deltas` from `source` in `format` to the claimed output, finished but not committed.
+pub fn stage(
+    source: &ModelSource,
+    deltas: &[Delta],
+    format: Format,
+    ff2_type: Ff2Type,
+    provenance: Option<&Provenance>,
+    claim: OutputClaim,
+) -> Result<Staged> {
+    format.check_input(source)?;
+    let keys = provenance.map(Provenance::to_metadata).unwrap_or_default();
+    match (source, format) {
+        (ModelSource::Gguf(g), Format::Gguf) => {
+            patch_plan(g, deltas, ff2_type, &keys)?.write_to(claim.stage_file()?)
+        }
+        (ModelSource::Gguf(_), Format::Lora) => {
+            let arch = source.hparams()?.arch;
+            lora::adapter_plan(arch, deltas, &keys).write_to(claim.stage_file()?)
+        }
+        (ModelSource::Hf(h), Format::Safetensors) => {
+            safetensors::stage_patched(h, deltas, claim.stage_folder()?)
+        }
+        _ => unreachable!("format checked against the input above"),
+    }
+}
+
+/// Writes `deltas` as a LoRA adapter for `arch` to the claimed output, finished but not
+/// committed (eval's per-record adapters).
+pub fn stage_adapter(arch: Arch, deltas: &[Delta], claim: OutputClaim) -> Result<Staged> {
+    lora::adapter_plan(arch, deltas, &[]).write_to(claim.stage_file()?)
+}
+
+/// Probability, rank and top-1 of a target after a prompt, through llama.cpp.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    /// The prompt.
+    pub prompt: String,
+    /// The target's first token, as text.
+    pub target: String,
+    /// Its probability.
+    pub prob: f64,
+    /// Its rank (0 = top-1).
+    pub rank: usize,
+    /// The top-1 token, as text.
+    pub top1: String,
+}
+
+/// The before/after probes of a written file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// On the base model.
+    pub before: Vec<Probe>,
+    /// On the written file (or the base with the written adapter).
+    pub after: Vec<Probe>,
+}
+
+/// Share of the largest possible entropy above which a next-token distribution counts as
+/// destroyed (near uniform).
+const DESTROYED_ENTROPY: f64 = 0.9;
+
+fn probe(s: &mut Session, tok: &Tokenizer, prompt: &str, target: &str) -> Result<Probe> {
+    let ids = tok.encode_prompt(prompt)?;
+    let t = first_token(tok, target)?;
+    let logits = s.logits_last(&ids)?;
+    if logits.iter().any(|v| !v.is_finite()) {
+        return Err(Error::Numeric(format!(
+            "llama.cpp gives non-finite logits after {prompt:?}"
+        )));
+    }
+    let logp = log_probs(&logits);
+    let entropy: f64 = -logp.iter().map(|&l| l.exp() * l).sum::<f64>();
+    if entropy > DESTROYED_ENTROPY * (logp.len() as f64).ln() {
+        return Err(Error::Numeric(format!(
+            "the next-token distribution after {prompt:?} is near uniform (entropy {entropy:.2} nats): the model is destroyed"
+        )));
+    }
+    Ok(Probe {
+        prompt: prompt.into(),
+        target: tok.token_text(t),
+        prob: logp[t as usize].exp(),
+        rank: rank_of(&logits, t),
+        top1: tok.token_text(argmax(&logits) as u32),
+    })
+}
+
+fn first_token(tok: &Tokenizer, target: &str) -> Result<u32> {
+    tok.encode_target(target)?
+        .first()
+        .copied()
+        .ok_or_else(|| Error::Invalid(format!("the target {target:?} tokenizes to nothing")))
+}
+
+fn probes(s: &mut Session, tok: &Tokenizer, reqs: &[EditRequest]) -> Result<Vec<Probe>> {
+    let mut out = Vec::new();
+    for r in reqs {
+        out.push(probe(s, tok, &r.prompt, &r.target_new)?);
+        for p in [&r.rephrase_prompt, &r.locality_prompt].into_iter().flatten() {
+            out.push(probe(s, tok, p, &r.target_new)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Probes every request's prompts through llama.cpp on the base GGUF and on the staged output
+/// (a patched GGUF, or the base with the staged adapter). Fails when llama.cpp cannot load the
+/// output or the edited model's predictions are non-finite or near uniform.
+pub fn check(
+    source: &ModelSource,
+    tok: &Tokenizer,
+    staged: &Staged,
+    format: Format,
+    reqs: &[EditRequest],
+) -> Result<Check> {
+    let ModelSource::Gguf(g) = source else {
+        return Err(Error::Invalid(
+            "the llama.cpp check needs a GGUF input".into(),
+        ));
+    };
+    let mut base = LlamaRuntime::load(g.path())?;
+    let before = probes(&mut base.session()?, tok, reqs)?;
+    let after = match format {
+        Format::Lora => {
+            let mut adapter = base.load_lora(staged.path())?;
+            let mut s = base.session()?;
+            s.set_lora(&mut adapter, 1.0)?;
+            probes(&mut s, tok, reqs)?
+        }
+        _ => {
+            drop(base);
+            let patched = LlamaRuntime::load(staged.path())?;
+            let after = probes(&mut patched.session()?, tok, reqs)?;
+            after
+        }
+    };
+    Ok(Check { before, after })
+}
+
+/// What one request did.
+#[derive(Debug, Clone, Serialize)]
+pub struct EditSummary {
+    /// The prompt.
+    pub prompt: String,
+    /// The new target.
+    pub target: String,
+    /// First token id of " " + target.
+    pub target_id: u32,
+    /// The top-1 token before the edit, as text.
+    pub top1_before: String,
+    /// True when the target already was the top-1 and nothing was written for it.
+    pub skipped: bool,
+}
+
+/// The result of [`run`].
+#[derive(Debug, Clone, Serialize)]
+pub struct PatchReport {
+    /// The committed output.
+    pub output: PathBuf,
+    /// Its format.
+    pub format: Format,
+    /// Method, layer and step.
+    pub settings: EditSettings,
+    /// One entry per request.
+    pub edits: Vec<EditSummary>,
+    /// The llama.cpp before/after check, when run.
+    pub check: Option<Check>,
+}
+
+/// Computes, writes, checks and commits: the whole `edit` command. `claim` is taken by the
+/// caller before any work, so that a bad output path fails first.
+pub fn run(
+    source: &ModelSource,
+    tok: &Tokenizer,
+    job: &Job,
+    claim: OutputClaim,
+) -> Result<PatchReport> {
+    job.format.check_input(source)?;
+    job.settings.check(source.hparams()?.n_layer)?;
+    for r in &job.requests {
+        r.validate()?;
+    }
+    let outcomes = compute(source, tok, &job.requests, &job.settings, &job.whiten)?;
+    let deltas: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
+    if deltas.is_empty() {
+        return Err(Error::Invalid(
+            "every target is already the model's top-1 continuation: nothing to edit, no file written"
+                .into(),
+        ));
+    }
+    for d in &deltas {
+        d.check_finite()?;
+    }
+    let prov = match source {
+        ModelSource::Gguf(_) => Some(provenance(source, &job.settings, &outcomes, &job.whiten)?),
+        ModelSource::Hf(_) => None,
+    };
+    let output = claim.target().to_path_buf();
+    let staged = stage(source, &deltas, job.format, job.ff2_type, prov.as_ref(), claim)?;
+    let check = match (job.check, job.format) {
+        (true, Format::Gguf | Format::Lora) => {
+            Some(check(source, tok, &staged, job.format, &job.requests)?)
+        }
+        _ => None,
+    };
+    staged.commit()?;
+    Ok(PatchReport {
+        output,
+        format: job.format,
+        settings: job.settings,
+        edits: outcomes
+            .iter()
+            .map(|o| EditSummary {
+                prompt: o.request.prompt.clone(),
+                target: o.request.target_new.clone(),
+                target_id: o.target_id,
+                top1_before: tok.token_text(o.top1_before),
+                skipped: o.delta.is_none(),
+            })
+            .collect(),
+        check,
+    })
+}
