@@ -29,9 +29,18 @@ pub fn install() {
         if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
             continue;
         }
-        for pid in CHILDREN.lock().map(|c| c.clone()).unwrap_or_default() {
+        let children = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
+        for &pid in &children {
             // SAFETY: signals only processes this one started and registered.
             unsafe { libc::kill(pid, sig) };
+        }
+        // Give them a few seconds to end (the thread that started them reaps them).
+        for _ in 0..50 {
+            // SAFETY: signal 0 only checks that the process still exists.
+            if children.iter().all(|&pid| unsafe { libc::kill(pid, 0) } != 0) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         remove_all();
         std::process::exit(128 + sig);

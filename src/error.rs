@@ -54,12 +54,38 @@ pub enum Error {
     /// A numeric routine failed (no convergence, a matrix that is not positive definite).
     #[error("numerics: {0}")]
     Numeric(String),
+    /// A layer index outside the model.
+    #[error("layer {layer} out of range: the model has layers 0 to {}", n_layer.saturating_sub(1))]
+    LayerOutOfRange { layer: usize, n_layer: usize },
+    /// An edit or lens request that cannot be run (empty prompt, target that tokenizes to
+    /// nothing, prompt longer than the context, ...).
+    #[error("{0}")]
+    BadRequest(String),
+    /// An error about the contents of a file, with the file's path in front.
+    #[error("{path}: {source}")]
+    InFile { path: PathBuf, source: Box<Error> },
     /// A JSON file could not be parsed.
     #[error("{path}: {problem}")]
     Json { path: PathBuf, problem: String },
 }
 
 impl Error {
+    /// Puts `path` in front of an error that does not name a file yet.
+    pub fn in_file(self, path: &std::path::Path) -> Error {
+        match self {
+            Error::Io { .. }
+            | Error::Gguf { .. }
+            | Error::Safetensors { .. }
+            | Error::Output { .. }
+            | Error::Json { .. }
+            | Error::InFile { .. } => self,
+            other => Error::InFile {
+                path: path.to_path_buf(),
+                source: Box::new(other),
+            },
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {

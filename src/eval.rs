@@ -11,7 +11,8 @@ use crate::runtime::{LlamaRuntime, PromptQuery, Session};
 use crate::tokenizer::Tokenizer;
 use crate::weights::gguf::GgufFile;
 use crate::write::gguf::{stored_deltas, Ff2Type};
-use crate::write::lora;
+use crate::patch;
+use crate::write::{OutputClaim, OutputKind};
 use crate::{Error, Result};
 use candle_core::DType;
 use llama_cpp_2::model::LlamaLoraAdapter;
@@ -416,10 +417,10 @@ pub fn evaluate_with(
     }
     if let LayerChoice::Fixed(l) = config.layer {
         if l >= model.hp.n_layer {
-            return Err(Error::Invalid(format!(
-                "layer {l} out of range: the model has layers 0 to {}",
-                model.hp.n_layer - 1
-            )));
+            return Err(Error::LayerOutOfRange {
+                layer: l,
+                n_layer: model.hp.n_layer,
+            });
         }
     }
     let start = std::time::Instant::now();
@@ -604,10 +605,10 @@ fn load_adapter(
     index: usize,
 ) -> Result<LlamaLoraAdapter> {
     let path: PathBuf = scratch.join(format!("eval-adapter-{}-{index}.gguf", std::process::id()));
-    lora::write_adapter(&path, arch, deltas, &[])?;
-    let adapter = rt.load_lora(&path);
-    let _ = std::fs::remove_file(&path);
-    adapter
+    let claim = OutputClaim::new(&path, OutputKind::File, &[], false)?;
+    // Staged only: llama.cpp reads it, and dropping it removes the file.
+    let staged = patch::stage_adapter(arch, deltas, claim)?;
+    rt.load_lora(staged.path())
 }
 
 /// Scores one record on a session that has its edit applied: prompt, paraphrase and locality

@@ -42,10 +42,10 @@ pub fn backward_pass(
     full_target: bool,
 ) -> Result<BackwardPass> {
     if prompt.is_empty() {
-        return Err(Error::Invalid("the prompt tokenizes to nothing".into()));
+        return Err(Error::BadRequest("the prompt tokenizes to nothing".into()));
     }
     if target.is_empty() {
-        return Err(Error::Invalid("the target tokenizes to nothing".into()));
+        return Err(Error::BadRequest("the target tokenizes to nothing".into()));
     }
     let scored = if full_target { target } else { &target[..1] };
     let mut tokens = prompt.to_vec();
@@ -278,7 +278,7 @@ pub fn run(
     opts: &LensOptions,
 ) -> Result<LensReport> {
     if target.trim().is_empty() {
-        return Err(Error::Invalid("the target is empty".into()));
+        return Err(Error::BadRequest("the target is empty".into()));
     }
     let prompt_ids = tok.encode_prompt(prompt)?;
     let target_ids = tok.encode_target(target)?;

@@ -14,6 +14,8 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Ctrl-C or SIGTERM during a write removes the partial output (and ends a served child).
+    backlens::cleanup::install();
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -392,7 +392,7 @@ impl Transformer {
     /// Runs the model on `tokens`; returns logits (tokens, n_vocab) and the per-layer trace.
     pub fn forward(&self, tokens: &[u32], probes: Option<&Probes>) -> Result<(Tensor, Trace)> {
         let n = tokens.len();
-        check_length(&self.hp, n)?;
+        check_tokens(&self.hp, tokens)?;
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let mut h = self.tok_embd.index_select(&ids, 0)?;
         if let Some(pos) = &self.pos_embd {
@@ -446,7 +446,7 @@ pub fn streamed_last_position(
 ) -> Result<LastPosition> {
     let hp = src.hparams()?;
     let n = tokens.len();
-    check_length(&hp, n)?;
+    check_tokens(&hp, tokens)?;
     let ld = Loader {
         src,
         dtype: DType::F32,
@@ -609,15 +609,23 @@ impl Block {
     }
 }
 
-/// Fails for empty or over-long token sequences.
-fn check_length(hp: &HParams, n: usize) -> Result<()> {
+/// Fails for empty or over-long token sequences and for ids past the embedding (a tokenizer
+/// whose added tokens the model has no rows for).
+fn check_tokens(hp: &HParams, tokens: &[u32]) -> Result<()> {
+    let n = tokens.len();
     if n == 0 {
-        return Err(Error::Invalid("the prompt tokenizes to nothing".into()));
+        return Err(Error::BadRequest("the prompt tokenizes to nothing".into()));
     }
     if n > hp.n_ctx {
-        return Err(Error::Invalid(format!(
+        return Err(Error::BadRequest(format!(
             "{n} tokens exceed the model's context of {}",
             hp.n_ctx
+        )));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= hp.n_vocab) {
+        return Err(Error::BadRequest(format!(
+            "token id {bad} is past the model's vocabulary of {} (the tokenizer has tokens the embedding lacks)",
+            hp.n_vocab
         )));
     }
     Ok(())

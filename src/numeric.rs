@@ -18,6 +18,18 @@ pub fn argmax(values: &[f32]) -> usize {
         .0
 }
 
+/// [`argmax`] of logits that must all be finite (a NaN would make every comparison false and
+/// the answer meaningless).
+pub fn finite_argmax(logits: &[f32]) -> Result<usize> {
+    if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Numeric(format!(
+            "logit {i} is {}: the model's weights hold NaN or Inf",
+            logits[i]
+        )));
+    }
+    Ok(argmax(logits))
+}
+
 /// Log-softmax of f32 logits, computed in f64.
 pub fn log_probs(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;

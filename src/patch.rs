@@ -297,7 +297,7 @@ fn first_token(tok: &Tokenizer, target: &str) -> Result<u32> {
     tok.encode_target(target)?
         .first()
         .copied()
-        .ok_or_else(|| Error::Invalid(format!("the target {target:?} tokenizes to nothing")))
+        .ok_or_else(|| Error::BadRequest(format!("the target {target:?} tokenizes to nothing")))
 }
 
 fn probes(s: &mut Session, tok: &Tokenizer, reqs: &[EditRequest]) -> Result<Vec<Probe>> {
@@ -345,6 +345,24 @@ pub fn check(
     Ok(Check { before, after })
 }
 
+/// Fails before any work when a prompt of `r` is longer than a llama.cpp check session takes.
+fn check_fits_session(tok: &Tokenizer, r: &EditRequest) -> Result<()> {
+    let limit = crate::runtime::SESSION_CTX as usize;
+    for p in [Some(&r.prompt), r.rephrase_prompt.as_ref(), r.locality_prompt.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        let n = tok.encode_prompt(p)?.len();
+        if n > limit {
+            return Err(Error::BadRequest(format!(
+                "a prompt of {n} tokens is longer than the {limit} the llama.cpp check takes (pass --no-check to skip it): {:.60}…",
+                p
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What one request did.
 #[derive(Debug, Clone, Serialize)]
 pub struct EditSummary {
@@ -387,6 +405,9 @@ pub fn run(
     job.settings.check(source.hparams()?.n_layer)?;
     for r in &job.requests {
         r.validate()?;
+        if job.check && job.format != Format::Safetensors {
+            check_fits_session(tok, r)?;
+        }
     }
     let outcomes = compute(source, tok, &job.requests, &job.settings, &job.whiten)?;
     let deltas: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 /// Context window of the sessions backlens opens.
-const SESSION_CTX: u32 = 512;
+pub const SESSION_CTX: u32 = 512;
 
 fn backend() -> Result<&'static LlamaBackend> {
     static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
@@ -48,10 +48,17 @@ impl std::fmt::Debug for LlamaRuntime {
 impl LlamaRuntime {
     /// Loads `path` on the CPU. The file should already have passed backlens's own GGUF checks.
     pub fn load(path: &Path) -> Result<LlamaRuntime> {
+        // backlens's own reader first: it names what is wrong where llama.cpp would only say
+        // that loading failed (or abort on a typed getter).
+        crate::weights::gguf::GgufFile::open(path)?;
         let backend = backend()?;
         let params = LlamaModelParams::default().with_n_gpu_layers(0);
-        let model = LlamaModel::load_from_file(backend, path, &params)
-            .map_err(|e| rt_err(&format!("loading {}", path.display()), e))?;
+        let model = LlamaModel::load_from_file(backend, path, &params).map_err(|_| {
+            Error::Runtime(format!(
+                "{}: llama.cpp could not load this model (its architecture or hyperparameters are not ones the pinned llama.cpp accepts)",
+                path.display()
+            ))
+        })?;
         Ok(LlamaRuntime { model })
     }
 
@@ -137,7 +144,7 @@ impl Session<'_> {
     /// Logits after each position in `want` (indices into `tokens`), from one decode.
     pub fn logits_at(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<Vec<f32>>> {
         if tokens.is_empty() || tokens.len() > SESSION_CTX as usize {
-            return Err(Error::Invalid(format!(
+            return Err(Error::BadRequest(format!(
                 "{} tokens: llama.cpp sessions take 1 to {SESSION_CTX}",
                 tokens.len()
             )));
@@ -152,10 +159,17 @@ impl Session<'_> {
         self.ctx
             .decode(&mut batch)
             .map_err(|e| rt_err("decode", e))?;
-        Ok(want
+        let rows: Vec<Vec<f32>> = want
             .iter()
             .map(|&i| self.ctx.get_logits_ith(i as i32).to_vec())
-            .collect())
+            .collect();
+        if rows.iter().flatten().any(|v| !v.is_finite()) {
+            return Err(Error::Numeric(
+                "llama.cpp gives non-finite logits: the model's weights (or the edit) hold NaN or Inf"
+                    .into(),
+            ));
+        }
+        Ok(rows)
     }
 
     /// Scores prompts and their continuations with as few decodes as one sequence allows:

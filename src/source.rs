@@ -21,7 +21,11 @@ impl HfModel {
     /// Opens a folder holding `config.json` and safetensors weights.
     pub fn open(dir: &Path) -> Result<HfModel> {
         let ckpt = HfCheckpoint::open(dir)?;
-        let hparams = hf::hparams_from_config(&dir.join("config.json"), &ckpt.config_text)?;
+        let config = dir.join("config.json");
+        let n_tensors = ckpt.shards.iter().map(|s| s.metadata.offset_keys().len()).sum();
+        let hparams = hf::hparams_from_config(&config, &ckpt.config_text)
+            .and_then(|hp| hp.bounded_by(n_tensors))
+            .map_err(|e| e.in_file(&config))?;
         Ok(HfModel { ckpt, hparams })
     }
 }
@@ -38,6 +42,10 @@ impl ModelSource {
     /// Opens a GGUF file, an HF checkpoint folder, or a `.safetensors` file inside such a folder.
     pub fn open(path: impl AsRef<Path>) -> Result<ModelSource> {
         let path = path.as_ref();
+        Self::open_unnamed(path).map_err(|e| e.in_file(path))
+    }
+
+    fn open_unnamed(path: &Path) -> Result<ModelSource> {
         if path.is_dir() {
             return Ok(ModelSource::Hf(HfModel::open(path)?));
         }
@@ -63,6 +71,10 @@ impl ModelSource {
 
     /// Hyperparameters, checked against the shapes of every required tensor.
     pub fn hparams(&self) -> Result<HParams> {
+        self.hparams_unnamed().map_err(|e| e.in_file(self.path()))
+    }
+
+    fn hparams_unnamed(&self) -> Result<HParams> {
         let hp = match self {
             ModelSource::Gguf(g) => HParams::from_gguf(g)?,
             ModelSource::Hf(h) => h.hparams.clone(),
@@ -100,6 +112,11 @@ impl ModelSource {
 
     /// A tensor as f32 in the GGUF layout with its row-major shape, or None when absent.
     pub fn tensor_f32(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+        self.tensor_f32_unnamed(name)
+            .map_err(|e| e.in_file(self.path()))
+    }
+
+    fn tensor_f32_unnamed(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
         match self {
             ModelSource::Gguf(g) => {
                 let Some(info) = g.tensor(name) else {
@@ -125,6 +142,16 @@ impl ModelSource {
     /// tensor `name` (GGUF layout), dequantizing one chunk at a time; a GGUF's mapped pages are
     /// released after each chunk, so that streaming a large tensor keeps little resident.
     pub fn for_row_chunks(
+        &self,
+        name: &str,
+        chunk_rows: usize,
+        f: impl FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        self.for_row_chunks_unnamed(name, chunk_rows, f)
+            .map_err(|e| e.in_file(self.path()))
+    }
+
+    fn for_row_chunks_unnamed(
         &self,
         name: &str,
         chunk_rows: usize,
@@ -154,6 +181,11 @@ impl ModelSource {
 
     /// Rows `rows` of the 2-D tensor `name` (GGUF layout) as f32, dequantizing only those rows.
     pub fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
+        self.rows_f32_unnamed(name, rows)
+            .map_err(|e| e.in_file(self.path()))
+    }
+
+    fn rows_f32_unnamed(&self, name: &str, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
         let ModelSource::Gguf(g) = self else {
             let (values, shape) = self.require_f32(name)?;
             let row_len = shape.last().copied().unwrap_or(1);
@@ -182,7 +214,7 @@ impl ModelSource {
     /// Like [`Self::tensor_f32`] but fails when the tensor is absent.
     pub fn require_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         self.tensor_f32(name)?
-            .ok_or_else(|| Error::MissingTensor(name.to_string()))
+            .ok_or_else(|| Error::MissingTensor(name.to_string()).in_file(self.path()))
     }
 }
 

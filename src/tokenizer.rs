@@ -141,7 +141,12 @@ impl Tokenizer {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let bos = match add_bos {
-            true => Some(g.get_u64("tokenizer.ggml.bos_token_id")? as u32),
+            true => {
+                let id = g.get_u64("tokenizer.ggml.bos_token_id")?;
+                Some(u32::try_from(id).map_err(|_| {
+                    Error::MissingKey(format!("tokenizer.ggml.bos_token_id ({id} is not a 32-bit token id)"))
+                })?)
+            }
             false => None,
         };
         Ok(Tokenizer { inner, bos })

@@ -322,10 +322,10 @@ fn default_shift_flips_most_of_20_val_records_in_llama_cpp() {
     };
     assert_eq!(settings.layer, 22);
     let mut wins = 0;
-    for r in records.iter().take(20) {
+    for (i, r) in records.iter().take(20).enumerate() {
         let req = EditRequest::new(&r.prompt, &r.target_new, None).unwrap();
         let outcome = edit::compute(&model, &tok, &req, &settings).unwrap();
-        let out = dir.join("edited.gguf");
+        let out = dir.join(format!("edited-{i}.gguf"));
         let deltas: Vec<_> = outcome.delta.into_iter().collect();
         patch_plan(base, &deltas, Ff2Type::F32, &[])
             .unwrap()
@@ -341,6 +341,9 @@ fn default_shift_flips_most_of_20_val_records_in_llama_cpp() {
             .sequence_logprob(&prompt, &tok.encode_target(&r.ground_truth).unwrap())
             .unwrap();
         wins += usize::from(p_new > p_true);
+        drop(s);
+        drop(rt);
+        std::fs::remove_file(&out).unwrap();
     }
     println!("efficacy (P(new) > P(true)) on 20 val records, layer 22, lr 0.24: {wins}/20");
     assert!(wins >= 16, "{wins}/20");

@@ -108,7 +108,33 @@ impl HParams {
             },
             tied_embeddings: file.tensor("output.weight").is_none(),
         };
-        hp.validate()
+        if let Some(n_rot) = file.get(&key("rope.dimension_count")).and_then(|v| v.as_u64()) {
+            if arch == Arch::Llama && n_rot as usize != hp.head_dim_checked() {
+                return Err(Error::Invalid(format!(
+                    "invalid hyperparameters: {} is {n_rot}, but the head width is {} (partial rotary embeddings are not supported)",
+                    key("rope.dimension_count"),
+                    hp.head_dim_checked()
+                )));
+            }
+        }
+        hp.validate()?.bounded_by(file.tensors.len())
+    }
+
+    /// Head width, 0 when the head count is 0 (for messages before [`Self::validate`]).
+    fn head_dim_checked(&self) -> usize {
+        self.n_embd.checked_div(self.n_head).unwrap_or(0)
+    }
+
+    /// Rejects a layer count larger than the number of tensors the file holds (each layer has
+    /// several), before anything is allocated per layer.
+    pub fn bounded_by(self, n_tensors: usize) -> Result<HParams> {
+        if self.n_layer > n_tensors {
+            return Err(Error::Invalid(format!(
+                "invalid hyperparameters: {} layers claimed, but the file holds only {n_tensors} tensors",
+                self.n_layer
+            )));
+        }
+        Ok(self)
     }
 
     /// Rejects hyperparameters that cannot describe a working model.
@@ -122,6 +148,15 @@ impl HParams {
         }
         if self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad("head count is not a multiple of the key/value head count");
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            return bad(&format!("norm epsilon {} is not in (0, 1)", self.norm_eps));
+        }
+        if self.arch == Arch::Llama && !(self.rope_base.is_finite() && self.rope_base > 1.0) {
+            return bad(&format!("RoPE base {} is not a number above 1", self.rope_base));
+        }
+        if self.n_ctx == 0 {
+            return bad("context length 0");
         }
         if self.arch == Arch::Llama && !self.head_dim().is_multiple_of(2) {
             return bad("RoPE needs an even head width");

@@ -102,8 +102,8 @@ pub fn run(args: Args) -> Result<()> {
     let hp = &report.hparams;
     println!("{} ({})", report.path.display(), report.format);
     println!(
-        "arch {:?}: {} layers, d_model {}, d_ff {}, heads {}/{} (q/kv), vocab {}, ctx {}, eps {:e}, rope base {}, tied embeddings {}",
-        hp.arch, hp.n_layer, hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.n_vocab, hp.n_ctx,
+        "arch {}: {} layers, d_model {}, d_ff {}, heads {}/{} (q/kv), vocab {}, ctx {}, eps {:e}, rope base {}, tied embeddings {}",
+        hp.arch.name(), hp.n_layer, hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.n_vocab, hp.n_ctx,
         hp.norm_eps, hp.rope_base, hp.tied_embeddings
     );
     println!(

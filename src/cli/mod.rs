@@ -81,14 +81,9 @@ struct Opened {
 }
 
 fn open(path: &Path) -> Result<Opened> {
-    let shown = path.display().to_string();
-    let named = |e: backlens::Error| match e.to_string() {
-        msg if msg.contains(&shown) => anyhow::anyhow!(msg),
-        msg => anyhow::anyhow!("{shown}: {msg}"),
-    };
-    let source = ModelSource::open(path).map_err(named)?;
-    let hp = source.hparams().map_err(named)?;
-    let tok = Tokenizer::from_source(&source).map_err(named)?;
+    let source = ModelSource::open(path)?;
+    let hp = source.hparams()?;
+    let tok = Tokenizer::from_source(&source).map_err(|e| e.in_file(path))?;
     Ok(Opened { source, hp, tok })
 }
 

@@ -20,6 +20,16 @@ pub enum Engine {
     Llama,
 }
 
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Engine::Candle => "candle",
+            Engine::CandleGgml => "candle-ggml",
+            Engine::Llama => "llama",
+        })
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// GGUF file or HF checkpoint folder.
@@ -97,7 +107,7 @@ pub fn run(args: Args) -> Result<()> {
         return print_json(&report);
     }
     println!(
-        "{:?} ({} tokens, {:?})",
+        "{:?} ({} tokens, {})",
         report.prompt,
         report.tokens.len(),
         report.runtime

@@ -9,7 +9,6 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 /// Environment variable naming the llama-server binary.
@@ -154,19 +153,6 @@ fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// Pid of the running llama-server, for the signal handler (0: none).
-static CHILD: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward_signal(sig: libc::c_int) {
-    let pid = CHILD.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill(2) is async-signal-safe.
-        unsafe {
-            libc::kill(pid, sig);
-        }
-    }
-}
-
 /// Waits for /health, switches adapters off, then prints the URL and curl examples.
 fn announce(port: u16, model: &Path, adapters: &[PathBuf], prompt: &str) {
     let url = format!("http://127.0.0.1:{port}");
@@ -248,17 +234,11 @@ pub fn run(args: Args) -> Result<()> {
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", server.display()))?;
-    CHILD.store(child.id() as i32, Ordering::SeqCst);
-    // SAFETY: the handler only reads an atomic and calls kill(2).
-    unsafe {
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::signal(sig, forward_signal as *const () as libc::sighandler_t);
-        }
-    }
+    // Ctrl-C (and SIGTERM, SIGHUP) reach backlens's signal thread, which passes them on.
+    backlens::cleanup::register_child(child.id() as libc::pid_t);
     let (model, adapters) = (args.model.clone(), args.lora.clone());
     std::thread::spawn(move || announce(port, &model, &adapters, &prompt));
     let status = child.wait().context("waiting for llama-server")?;
-    CHILD.store(0, Ordering::SeqCst);
     let _ = std::io::stdout().flush();
     match (status.code(), status.signal()) {
         (Some(0), _) => Ok(()),

@@ -44,11 +44,10 @@ impl EditSettings {
     /// Fails for a layer outside the model or a step that is not a positive number.
     pub fn check(&self, n_layer: usize) -> Result<()> {
         if self.layer >= n_layer {
-            return Err(crate::Error::Invalid(format!(
-                "layer {} out of range: the model has layers 0 to {}",
-                self.layer,
-                n_layer - 1
-            )));
+            return Err(crate::Error::LayerOutOfRange {
+                layer: self.layer,
+                n_layer,
+            });
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(crate::Error::Invalid(format!(
@@ -103,7 +102,7 @@ fn first_target_token(tok: &crate::tokenizer::Tokenizer, req: &EditRequest) -> R
     tok.encode_target(&req.target_new)?
         .first()
         .copied()
-        .ok_or_else(|| crate::Error::Invalid("the target tokenizes to nothing".into()))
+        .ok_or_else(|| crate::Error::BadRequest("the target tokenizes to nothing".into()))
 }
 
 impl Method {

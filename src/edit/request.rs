@@ -78,14 +78,32 @@ impl EditRequest {
     /// Rejects empty prompts and targets, and a subject that is not in the prompt.
     pub fn validate(&self) -> Result<()> {
         if self.prompt.trim().is_empty() {
-            return Err(Error::Invalid("the prompt is empty".into()));
+            return Err(Error::BadRequest("the prompt is empty".into()));
         }
         if self.target_new.trim().is_empty() {
-            return Err(Error::Invalid("the target is empty".into()));
+            return Err(Error::BadRequest("the target is empty".into()));
+        }
+        if !self
+            .target_new
+            .chars()
+            .any(|c| !c.is_whitespace() && !c.is_control())
+        {
+            return Err(Error::BadRequest(format!(
+                "the target {:?} has no visible character",
+                self.target_new
+            )));
+        }
+        for (what, p) in [
+            ("rephrase_prompt", &self.rephrase_prompt),
+            ("locality_prompt", &self.locality_prompt),
+        ] {
+            if p.as_ref().is_some_and(|p| p.trim().is_empty()) {
+                return Err(Error::BadRequest(format!("the {what} is empty")));
+            }
         }
         if let Some(s) = &self.subject {
             if !s.is_empty() && !self.prompt.contains(s.as_str()) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::BadRequest(format!(
                     "subject '{s}' does not occur in the prompt '{}'",
                     self.prompt
                 )));

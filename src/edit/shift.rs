@@ -5,7 +5,7 @@
 use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
 use crate::model::Transformer;
-use crate::numeric::argmax;
+use crate::numeric::finite_argmax;
 use crate::tokenizer::Tokenizer;
 use crate::source::ModelSource;
 use crate::Result;
@@ -54,7 +54,7 @@ pub fn compute_streamed(
     let prompt = tok.encode_prompt(&req.prompt)?;
     let target_id = super::first_target_token(tok, req)?;
     let pass = crate::model::streamed_last_position(src, &prompt, prior, &[layer])?;
-    let top1 = argmax(&pass.logits) as u32;
+    let top1 = finite_argmax(&pass.logits)? as u32;
     if top1 == target_id {
         return Ok(EditOutcome::skipped(req, target_id, top1));
     }
@@ -109,7 +109,7 @@ pub(super) fn prompt_key(
     };
     Ok(PromptKey {
         target_id,
-        top1: argmax(&row(&logits)?) as u32,
+        top1: finite_argmax(&row(&logits)?)? as u32,
         x: row(&trace.ff2_in[layer])?,
     })
 }

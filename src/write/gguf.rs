@@ -296,6 +296,12 @@ pub fn patch_plan<'a>(
     let mut plan = GgufPlan::copy_of(src);
     for name in edited_tensors(deltas) {
         let (info, data, ggml_type) = stored_ff2(src, name, deltas, ff2_type)?;
+        if ggml_type == info.ggml_type && data.as_slice() == src.tensor_bytes(info) {
+            return Err(Error::Numeric(format!(
+                "the edit changes no stored value of '{name}' (step too small for {})",
+                ggml_type.name()
+            )));
+        }
         plan.replace(OutTensor {
             name: name.to_string(),
             dims: info.dims.clone(),
@@ -336,6 +342,12 @@ fn stored_ff2<'f>(
         Ff2Type::F32 => GgmlType::F32,
         Ff2Type::Keep => info.ggml_type,
     };
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Numeric(format!(
+            "'{name}' would hold {} at element {i} after the edit",
+            values[i]
+        )));
+    }
     let data = quant::quantize(ggml_type, &values, info.dims[0] as usize, name)?;
     Ok((info, data, ggml_type))
 }
