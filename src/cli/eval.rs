@@ -11,6 +11,17 @@ use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
+/// An edit method, or none for the unedited baseline.
+#[derive(Debug, Clone, Copy)]
+struct EvalMethod(Option<Method>);
+
+impl std::str::FromStr for EvalMethod {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<EvalMethod, String> {
+        eval::parse_method(s).map(EvalMethod)
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// GGUF model.
@@ -25,8 +36,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     offset: usize,
     /// Edit method: none (the unedited model), shift, shift-whitened or grad.
-    #[arg(long, default_value = "shift", value_parser = eval::parse_method)]
-    method: Option<Method>,
+    #[arg(long, default_value = "shift")]
+    method: EvalMethod,
     /// Layer, or "auto" (chosen per record from the Backward Lens) [default: round(0.73 · n_layers)].
     #[arg(long)]
     layer: Option<LayerChoice>,
@@ -78,7 +89,7 @@ pub fn run(args: Args) -> Result<()> {
     let records = eval::load_records(&args.data, args.offset, args.n)?;
     let model = Transformer::load(&m.source, DType::F32)?;
     let n_layer = model.hp.n_layer;
-    let method = args.method;
+    let method = args.method.0;
     let layer = args
         .layer
         .unwrap_or_else(|| LayerChoice::Fixed(EditSettings::default_layer(n_layer)));
@@ -224,7 +235,7 @@ pub fn run(args: Args) -> Result<()> {
         "{} records of {} ({}):",
         records.len(),
         args.data.display(),
-        args.method.map_or("none", Method::name)
+        method.map_or("none", Method::name)
     );
     let row = |name: &str, st: &eval::Stat| {
         println!(
