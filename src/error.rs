@@ -62,8 +62,8 @@ pub enum Error {
     #[error("{0}")]
     BadRequest(String),
     /// An error about the contents of a file, with the file's path in front.
-    #[error("{path}: {source}")]
-    InFile { path: PathBuf, source: Box<Error> },
+    #[error("{path}: {error}")]
+    InFile { path: PathBuf, error: Box<Error> },
     /// A JSON file could not be parsed.
     #[error("{path}: {problem}")]
     Json { path: PathBuf, problem: String },
@@ -81,8 +81,17 @@ impl Error {
             | Error::InFile { .. } => self,
             other => Error::InFile {
                 path: path.to_path_buf(),
-                source: Box::new(other),
+                error: Box::new(other),
             },
+        }
+    }
+
+    /// Whether this is (or wraps) [`Error::UnknownArch`].
+    pub fn is_unknown_arch(&self) -> bool {
+        match self {
+            Error::UnknownArch(_) => true,
+            Error::InFile { error, .. } => error.is_unknown_arch(),
+            _ => false,
         }
     }
 

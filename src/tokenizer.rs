@@ -23,6 +23,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Prepend BOS when encoding a prompt (GGUF `tokenizer.ggml.add_bos_token`).
     bos: Option<u32>,
+    /// Rows of the model's token embedding and the file it is in: ids past it are refused.
+    embedding: Option<(usize, std::path::PathBuf)>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -50,15 +52,45 @@ fn string_array<'a>(g: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
 impl Tokenizer {
     /// Builds the tokenizer of a model file or folder.
     pub fn from_source(source: &ModelSource) -> Result<Tokenizer> {
-        match source {
-            ModelSource::Gguf(g) => Self::from_gguf(g),
+        let mut tok = match source {
+            ModelSource::Gguf(g) => Self::from_gguf(g)?,
             ModelSource::Hf(h) => {
                 let path = h.ckpt.dir.join("tokenizer.json");
                 let inner = tokenizers::Tokenizer::from_file(&path)
                     .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-                Ok(Tokenizer { inner, bos: None })
+                Tokenizer {
+                    inner,
+                    bos: None,
+                    embedding: None,
+                }
+            }
+        };
+        tok.embedding = source
+            .shape("token_embd.weight")
+            .and_then(|s| s.first().copied())
+            .map(|rows| (rows, source.path().to_path_buf()));
+        if let (Some(bos), Some((rows, path))) = (tok.bos, &tok.embedding) {
+            if bos as usize >= *rows {
+                return Err(Error::MissingKey(format!(
+                    "tokenizer.ggml.bos_token_id ({bos} is past the {rows} rows of token_embd.weight)"
+                ))
+                .in_file(path));
             }
         }
+        Ok(tok)
+    }
+
+    /// Fails for token ids the model has no embedding row for.
+    fn check_ids(&self, text: &str, ids: Vec<u32>) -> Result<Vec<u32>> {
+        if let Some((rows, path)) = &self.embedding {
+            if let Some(&bad) = ids.iter().find(|&&t| t as usize >= *rows) {
+                return Err(Error::BadRequest(format!(
+                    "{text:?} tokenizes to id {bad}, past the {rows} rows of token_embd.weight (the tokenizer has tokens the model lacks)"
+                ))
+                .in_file(path));
+            }
+        }
+        Ok(ids)
     }
 
     /// Builds a byte-level BPE tokenizer from `tokenizer.ggml.*` metadata.
@@ -149,17 +181,22 @@ impl Tokenizer {
             }
             false => None,
         };
-        Ok(Tokenizer { inner, bos })
+        Ok(Tokenizer {
+            inner,
+            bos,
+            embedding: None,
+        })
     }
 
     /// Token ids of a prompt, with BOS when the model asks for it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode_fast(text, true).map_err(tok_err)?;
-        Ok(self
+        let ids = self
             .bos
             .into_iter()
             .chain(enc.get_ids().iter().copied())
-            .collect())
+            .collect();
+        self.check_ids(text, ids)
     }
 
     /// Token ids of a continuation: no BOS, and a leading space unless it has one already.
@@ -173,7 +210,7 @@ impl Tokenizer {
             .inner
             .encode_fast(spaced.as_str(), false)
             .map_err(tok_err)?;
-        Ok(enc.get_ids().to_vec())
+        self.check_ids(target, enc.get_ids().to_vec())
     }
 
     /// Text of one token (special tokens included).

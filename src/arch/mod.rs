@@ -20,6 +20,9 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// The GGUF names of every supported family.
+    pub const NAMES: [&'static str; 2] = ["gpt2", "llama"];
+
     /// Parses the GGUF `general.architecture` string.
     pub fn from_name(name: &str) -> Result<Arch> {
         match name {

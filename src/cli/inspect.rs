@@ -1,8 +1,9 @@
 //! `inspect`: what a model file holds.
 
-use super::{open, print_json};
+use super::print_json;
 use anyhow::Result;
-use backlens::source::ModelSource;
+use backlens::source::{Capabilities, ModelSource};
+use backlens::tokenizer::Tokenizer;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -28,8 +29,11 @@ struct TensorRow {
 struct Report {
     path: PathBuf,
     format: &'static str,
-    hparams: backlens::arch::HParams,
-    tokenizer: TokenizerSummary,
+    #[serde(flatten)]
+    capabilities: Capabilities,
+    /// None when no tokenizer could be built (the reason is in `tokenizer_error`).
+    tokenizer: Option<TokenizerSummary>,
+    tokenizer_error: Option<String>,
     metadata: Vec<(String, String)>,
     tensors: Vec<TensorRow>,
 }
@@ -42,17 +46,23 @@ struct TokenizerSummary {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let m = open(&args.model)?;
-    let hparams = m.source.hparams()?;
+    let source = ModelSource::open(&args.model)?;
+    let capabilities = Capabilities::of(&source)?;
     let example = "The Eiffel Tower is located in the city of";
-    let tokenizer = TokenizerSummary {
-        vocab_size: m.tok.vocab_size(),
-        example: example.into(),
-        example_ids: m.tok.encode_prompt(example)?,
+    let summary = Tokenizer::from_source(&source).and_then(|tok| {
+        Ok(TokenizerSummary {
+            vocab_size: tok.vocab_size(),
+            example: example.into(),
+            example_ids: tok.encode_prompt(example)?,
+        })
+    });
+    let (tokenizer, tokenizer_error) = match summary {
+        Ok(t) => (Some(t), None),
+        Err(e) => (None, Some(e.to_string())),
     };
-    let (format, metadata, tensors) = match &m.source {
+    let (format, metadata, tensors) = match &source {
         ModelSource::Gguf(g) => (
-            "gguf",
+            "GGUF",
             g.metadata
                 .iter()
                 .map(|(k, v)| (k.clone(), v.summary()))
@@ -91,24 +101,45 @@ pub fn run(args: Args) -> Result<()> {
     let report = Report {
         path: args.model.clone(),
         format,
-        hparams,
+        capabilities,
         tokenizer,
+        tokenizer_error,
         metadata,
         tensors,
     };
     if args.json {
         return print_json(&report);
     }
-    let hp = &report.hparams;
+    let c = &report.capabilities;
     println!("{} ({})", report.path.display(), report.format);
+    match &c.hparams {
+        Some(hp) => println!(
+            "arch {}: {} layers, d_model {}, d_ff {}, heads {}/{} (q/kv), vocab {}, ctx {}, eps {:e}, rope base {}, tied embeddings {}",
+            hp.arch.name(), hp.n_layer, hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.n_vocab, hp.n_ctx,
+            hp.norm_eps, hp.rope_base, hp.tied_embeddings
+        ),
+        None => println!("arch {}", c.architecture),
+    }
+    match (&report.tokenizer, &report.tokenizer_error) {
+        (Some(t), _) => println!(
+            "tokenizer: {} tokens; {:?} -> {:?}",
+            t.vocab_size, example, t.example_ids
+        ),
+        (None, e) => println!("tokenizer: none ({})", e.as_deref().unwrap_or("unknown")),
+    }
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
     println!(
-        "arch {}: {} layers, d_model {}, d_ff {}, heads {}/{} (q/kv), vocab {}, ctx {}, eps {:e}, rope base {}, tied embeddings {}",
-        hp.arch.name(), hp.n_layer, hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.n_vocab, hp.n_ctx,
-        hp.norm_eps, hp.rope_base, hp.tied_embeddings
-    );
-    println!(
-        "tokenizer: {} tokens; {:?} -> {:?}",
-        report.tokenizer.vocab_size, example, report.tokenizer.example_ids
+        "backlens: lens {}, edit {}, audit {}, eval {}{}",
+        yes_no(c.lens),
+        match c.edit_methods.is_empty() {
+            true => "no".to_string(),
+            false => c.edit_methods.join("/"),
+        },
+        yes_no(c.audit),
+        yes_no(c.eval),
+        c.why_not
+            .as_ref()
+            .map_or(String::new(), |w| format!(" ({w})"))
     );
     if !report.metadata.is_empty() {
         println!("\nmetadata ({} keys):", report.metadata.len());
