@@ -42,12 +42,12 @@
 //!   pairs, ...).
 
 use crate::lens::{self, TokenScore};
-use crate::numeric::{axpy, dot, norm2, rank_of, symmetric_eigen, unit};
 use crate::model::Transformer;
+use crate::numeric::{axpy, dot, norm2, rank_of, symmetric_eigen, unit};
+use crate::source::ModelSource;
 use crate::tokenizer::Tokenizer;
 use crate::weights::gguf::{GgufFile, TensorInfo, Value};
 use crate::weights::quant::{self, GgmlType};
-use crate::source::ModelSource;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;

@@ -37,7 +37,10 @@ pub fn install() {
         // Give them a few seconds to end (the thread that started them reaps them).
         for _ in 0..50 {
             // SAFETY: signal 0 only checks that the process still exists.
-            if children.iter().all(|&pid| unsafe { libc::kill(pid, 0) } != 0) {
+            if children
+                .iter()
+                .all(|&pid| unsafe { libc::kill(pid, 0) } != 0)
+            {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));

@@ -62,8 +62,9 @@ impl Delta {
 
     /// Whether every product uᵢ[o]·vᵢ[j] rounds to zero in f32.
     fn dense_is_zero(&self) -> bool {
-        self.out_vecs.iter().zip(&self.in_vecs).all(|(u, v)| {
-            u.iter().all(|&a| v.iter().all(|&b| a * b == 0.0))
-        })
+        self.out_vecs
+            .iter()
+            .zip(&self.in_vecs)
+            .all(|(u, v)| u.iter().all(|&a| v.iter().all(|&b| a * b == 0.0)))
     }
 }

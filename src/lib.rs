@@ -6,16 +6,16 @@
 //! explain a patch ([`audit`]), and check everything through llama.cpp itself ([`runtime`]).
 
 pub mod arch;
-pub mod delta;
 pub mod audit;
 pub mod cleanup;
+pub mod delta;
 pub mod edit;
 mod error;
 pub mod eval;
 pub mod lens;
 pub mod model;
-pub mod patch;
 pub mod numeric;
+pub mod patch;
 pub mod provenance;
 pub mod report;
 pub mod runtime;

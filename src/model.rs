@@ -4,8 +4,8 @@
 
 use crate::arch::{block_tensor, Arch, HParams};
 use crate::delta::Delta;
-use crate::weights::quant::{self, GgmlType};
 use crate::source::ModelSource;
+use crate::weights::quant::{self, GgmlType};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -320,7 +320,12 @@ impl Transformer {
         let n_layer = self.blocks.len();
         self.blocks
             .get_mut(delta.layer)
-            .ok_or_else(|| Error::Invalid(format!("delta for layer {} of a {n_layer}-layer model", delta.layer)))?
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "delta for layer {} of a {n_layer}-layer model",
+                    delta.layer
+                ))
+            })?
             .add_delta(delta)
     }
 

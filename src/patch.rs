@@ -201,9 +201,8 @@ pub fn provenance(
             })
             .collect(),
         base_sha256: g.sha256_hex(),
-        whiten: stats.then(|| {
-            serde_json::to_string(&whiten.options).expect("whiten options serialize")
-        }),
+        whiten: stats
+            .then(|| serde_json::to_string(&whiten.options).expect("whiten options serialize")),
         stats_corpus: stats.then(|| whiten.corpus.describe()),
     })
 }
@@ -304,7 +303,10 @@ fn probes(s: &mut Session, tok: &Tokenizer, reqs: &[EditRequest]) -> Result<Vec<
     let mut out = Vec::new();
     for r in reqs {
         out.push(probe(s, tok, &r.prompt, &r.target_new)?);
-        for p in [&r.rephrase_prompt, &r.locality_prompt].into_iter().flatten() {
+        for p in [&r.rephrase_prompt, &r.locality_prompt]
+            .into_iter()
+            .flatten()
+        {
             out.push(probe(s, tok, p, &r.target_new)?);
         }
     }
@@ -348,9 +350,13 @@ pub fn check(
 /// Fails before any work when a prompt of `r` is longer than a llama.cpp check session takes.
 fn check_fits_session(tok: &Tokenizer, r: &EditRequest) -> Result<()> {
     let limit = crate::runtime::SESSION_CTX as usize;
-    for p in [Some(&r.prompt), r.rephrase_prompt.as_ref(), r.locality_prompt.as_ref()]
-        .into_iter()
-        .flatten()
+    for p in [
+        Some(&r.prompt),
+        r.rephrase_prompt.as_ref(),
+        r.locality_prompt.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         let n = tok.encode_prompt(p)?.len();
         if n > limit {
@@ -425,7 +431,14 @@ pub fn run(
         ModelSource::Hf(_) => None,
     };
     let output = claim.target().to_path_buf();
-    let staged = stage(source, &deltas, job.format, job.ff2_type, prov.as_ref(), claim)?;
+    let staged = stage(
+        source,
+        &deltas,
+        job.format,
+        job.ff2_type,
+        prov.as_ref(),
+        claim,
+    )?;
     let check = match (job.check, job.format) {
         (true, Format::Gguf | Format::Lora) => {
             Some(check(source, tok, &staged, job.format, &job.requests)?)

@@ -22,7 +22,11 @@ impl HfModel {
     pub fn open(dir: &Path) -> Result<HfModel> {
         let ckpt = HfCheckpoint::open(dir)?;
         let config = dir.join("config.json");
-        let n_tensors = ckpt.shards.iter().map(|s| s.metadata.offset_keys().len()).sum();
+        let n_tensors = ckpt
+            .shards
+            .iter()
+            .map(|s| s.metadata.offset_keys().len())
+            .sum();
         let hparams = hf::hparams_from_config(&config, &ckpt.config_text)
             .and_then(|hp| hp.bounded_by(n_tensors))
             .map_err(|e| e.in_file(&config))?;
@@ -132,7 +136,8 @@ impl ModelSource {
                 let Some((hf_name, layout)) = hf::hf_name(&h.hparams, name, &h.ckpt.prefix) else {
                     return Ok(None);
                 };
-                Ok(h.ckpt.read_f32(&hf_name)?
+                Ok(h.ckpt
+                    .read_f32(&hf_name)?
                     .map(|(v, shape)| hf::to_gguf(v, &shape, layout)))
             }
         }
@@ -291,4 +296,3 @@ impl Capabilities {
         }
     }
 }
-

@@ -1,8 +1,8 @@
 //! Tokenizer built with the `tokenizers` crate, either from GGUF metadata (the byte-level BPE
 //! vocabulary and merges llama.cpp itself uses) or from an HF `tokenizer.json`.
 
-use crate::weights::gguf::{GgufFile, Value};
 use crate::source::ModelSource;
+use crate::weights::gguf::{GgufFile, Value};
 use crate::{Error, Result};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -176,7 +176,9 @@ impl Tokenizer {
             true => {
                 let id = g.get_u64("tokenizer.ggml.bos_token_id")?;
                 Some(u32::try_from(id).map_err(|_| {
-                    Error::MissingKey(format!("tokenizer.ggml.bos_token_id ({id} is not a 32-bit token id)"))
+                    Error::MissingKey(format!(
+                        "tokenizer.ggml.bos_token_id ({id} is not a 32-bit token id)"
+                    ))
                 })?)
             }
             false => None,

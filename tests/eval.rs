@@ -65,8 +65,8 @@ fn ten_record_eval_reports_every_metric_and_is_reproducible() {
 fn shared_prompt_scoring_matches_separate_decodes() {
     use backlens::edit::EditRequest;
     use backlens::runtime::{LlamaRuntime, PromptQuery};
-    use backlens::tokenizer::Tokenizer;
     use backlens::source::ModelSource;
+    use backlens::tokenizer::Tokenizer;
     let path = common::smollm2();
     let tok = Tokenizer::from_source(&ModelSource::open(&path).unwrap()).unwrap();
     let records = EditRequest::load_file(&common::counterfact("counterfact-val.json")).unwrap();

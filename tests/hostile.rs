@@ -37,7 +37,11 @@ fn expect_error_in(cwd: Option<&Path>, args: &[&str], needles: &[&str]) -> Strin
     println!("exit {code}: {}", stderr.trim_end());
     assert_eq!(code, 2, "{args:?}: exit {code}, stderr {stderr:?}");
     let line = stderr.trim_end();
-    assert_eq!(line.lines().count(), 1, "{args:?}: not one line: {stderr:?}");
+    assert_eq!(
+        line.lines().count(),
+        1,
+        "{args:?}: not one line: {stderr:?}"
+    );
     assert!(line.starts_with("error: "), "{args:?}: {line}");
     assert!(!line.contains("panicked") && !line.contains("GGML_ASSERT"));
     for n in needles {
@@ -97,7 +101,16 @@ fn variant(dir: &Path, name: &str, edit: impl FnOnce(&mut GgufPlan)) -> PathBuf 
 /// Arguments of a small shift edit of the tiny Llama fixture into `out`.
 fn tiny_edit<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "edit", model, "-o", out, "--prompt", "The city of", "--target", "Paris", "--layer", "1",
+        "edit",
+        model,
+        "-o",
+        out,
+        "--prompt",
+        "The city of",
+        "--target",
+        "Paris",
+        "--layer",
+        "1",
     ]
 }
 
@@ -107,7 +120,10 @@ fn case01_safetensors_force_never_deletes_a_folder_backlens_did_not_write() {
     let dir = common::temp_dir("hostile-01");
     let ckpt = dir.join("ckpt");
     std::fs::create_dir(&ckpt).unwrap();
-    for e in std::fs::read_dir(&common::tiny(Arch::Llama).hf).unwrap().flatten() {
+    for e in std::fs::read_dir(&common::tiny(Arch::Llama).hf)
+        .unwrap()
+        .flatten()
+    {
         std::fs::copy(e.path(), ckpt.join(e.file_name())).unwrap();
     }
     std::fs::write(dir.join("notes.txt"), "my own file").unwrap();
@@ -164,8 +180,18 @@ fn case02_adapters_llama_cpp_would_abort_on_are_refused_first() {
     let (code, err) = run_in(
         None,
         &[
-            "edit", s(&fx.gguf), "-o", s(&good), "--format", "lora", "--prompt", "The city of",
-            "--target", "Paris", "--layer", "1",
+            "edit",
+            s(&fx.gguf),
+            "-o",
+            s(&good),
+            "--format",
+            "lora",
+            "--prompt",
+            "The city of",
+            "--target",
+            "Paris",
+            "--layer",
+            "1",
         ],
     );
     assert_eq!(code, 0, "{err}");
@@ -179,13 +205,25 @@ fn case02_adapters_llama_cpp_would_abort_on_are_refused_first() {
     };
     let cases = [
         bad("alpha-u32.gguf", "adapter.lora.alpha", Value::U32(1)),
-        bad("alpha-str.gguf", "adapter.lora.alpha", Value::String("1".into())),
+        bad(
+            "alpha-str.gguf",
+            "adapter.lora.alpha",
+            Value::String("1".into()),
+        ),
         bad("type-u32.gguf", "general.type", Value::U32(7)),
     ];
     for adapter in &cases {
         let name = adapter.file_name().unwrap().to_str().unwrap();
         expect_error(
-            &["generate", s(&fx.gguf), "--lora", s(adapter), "The city of", "-n", "2"],
+            &[
+                "generate",
+                s(&fx.gguf),
+                "--lora",
+                s(adapter),
+                "The city of",
+                "-n",
+                "2",
+            ],
             &[name],
         );
         expect_error(&["audit", s(&fx.gguf), s(adapter)], &[name]);
@@ -228,8 +266,14 @@ fn case03_devices_fifos_and_links_are_never_outputs() {
         }
     }
     assert_eq!(snapshot(&dir), before);
-    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
-    assert!(std::fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(std::fs::symlink_metadata(&dangling)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "user data");
     assert_no_leftovers(&dir);
 }
@@ -245,7 +289,16 @@ fn case04_a_failed_check_leaves_no_output_and_keeps_the_old_one() {
     let long = vec!["city"; 606].join(" ");
     let start = Instant::now();
     expect_error(
-        &["edit", s(&smol), "-o", s(&out), "--prompt", &long, "--target", "Paris"],
+        &[
+            "edit",
+            s(&smol),
+            "-o",
+            s(&out),
+            "--prompt",
+            &long,
+            "--target",
+            "Paris",
+        ],
         &["512", "--no-check"],
     );
     assert!(start.elapsed() < Duration::from_secs(20), "refused late");
@@ -286,7 +339,10 @@ fn case05_a_huge_layer_count_is_refused_before_allocating() {
     });
     let hf = dir.join("hf");
     std::fs::create_dir(&hf).unwrap();
-    for e in std::fs::read_dir(&common::tiny(Arch::Llama).hf).unwrap().flatten() {
+    for e in std::fs::read_dir(&common::tiny(Arch::Llama).hf)
+        .unwrap()
+        .flatten()
+    {
         std::fs::copy(e.path(), hf.join(e.file_name())).unwrap();
     }
     let cfg = hf.join("config.json");
@@ -337,7 +393,10 @@ fn case06_concurrent_writers_of_one_output_serialize_or_fail_clearly() {
         },
         0
     );
-    expect_error(&tiny_edit(s(&fx.gguf), s(&out)), &["another backlens run", "out.gguf"]);
+    expect_error(
+        &tiny_edit(s(&fx.gguf), s(&out)),
+        &["another backlens run", "out.gguf"],
+    );
     assert!(!out.exists());
     drop(held);
     std::fs::remove_file(&lock).unwrap();
@@ -362,7 +421,10 @@ fn case06_concurrent_writers_of_one_output_serialize_or_fail_clearly() {
     for r in results.iter().filter(|r| !r.status.success()) {
         let err = String::from_utf8_lossy(&r.stderr);
         assert_eq!(r.status.code(), Some(2), "{err}");
-        assert!(err.contains("exists") || err.contains("another backlens run"), "{err}");
+        assert!(
+            err.contains("exists") || err.contains("another backlens run"),
+            "{err}"
+        );
     }
     GgufFile::open(&out).expect("the one output is a valid GGUF");
     assert_no_leftovers(&dir);
@@ -379,7 +441,11 @@ fn case07_a_corrupt_statistics_cache_is_rebuilt_not_trusted() {
     let edit = |out: &Path| {
         let mut args = tiny_edit(s(&fx.gguf), s(out));
         args.extend(["--method", "shift-whitened", "--no-check"]);
-        let o = Command::new(BIN).args(&args).env("HOME", &home).output().unwrap();
+        let o = Command::new(BIN)
+            .args(&args)
+            .env("HOME", &home)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(o.status.code(), Some(0), "{err}");
         std::fs::read(out).unwrap()
@@ -401,7 +467,11 @@ fn case07_a_corrupt_statistics_cache_is_rebuilt_not_trusted() {
         found
     };
     let files = caches();
-    assert!(!files.is_empty(), "no statistics cache written under {}", home.display());
+    assert!(
+        !files.is_empty(),
+        "no statistics cache written under {}",
+        home.display()
+    );
     // Zeroed data under the header.
     for f in &files {
         let mut bytes = std::fs::read(f).unwrap();
@@ -459,7 +529,15 @@ fn case08_destroyed_or_no_op_edits_and_non_finite_numbers_are_errors() {
     )
     .unwrap();
     expect_error(
-        &["eval", s(&nan), "--data", s(&data), "--no-fluency", "--layer", "1"],
+        &[
+            "eval",
+            s(&nan),
+            "--data",
+            s(&data),
+            "--no-fluency",
+            "--layer",
+            "1",
+        ],
         &["non-finite"],
     );
     assert_no_leftovers(&dir);
@@ -491,7 +569,10 @@ fn case09_sigint_and_sigterm_during_a_write_remove_the_partial_file() {
                 }
             }
             assert!(child.try_wait().unwrap().is_none(), "finished too soon");
-            assert!(start.elapsed() < Duration::from_secs(120), "no partial output");
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no partial output"
+            );
             std::thread::sleep(Duration::from_millis(5));
         };
         // SAFETY: signals the child this test started.
@@ -518,11 +599,23 @@ fn case10_every_bad_input_gets_one_clear_line() {
     let out = dir.join("out.gguf");
     // A missing --lora file names the file.
     let absent = dir.join("absent-lora.gguf");
-    expect_error(&["generate", m, "--lora", s(&absent), "x", "-n", "1"], &["absent-lora.gguf"]);
+    expect_error(
+        &["generate", m, "--lora", s(&absent), "x", "-n", "1"],
+        &["absent-lora.gguf"],
+    );
     // An invalid -o folder is reported first (before the model is even read).
     let nowhere = dir.join("no-such-folder/out.gguf");
     expect_error(
-        &["edit", "/nonexistent-model.gguf", "-o", s(&nowhere), "--prompt", "a", "--target", "b"],
+        &[
+            "edit",
+            "/nonexistent-model.gguf",
+            "-o",
+            s(&nowhere),
+            "--prompt",
+            "a",
+            "--target",
+            "b",
+        ],
         &["no-such-folder"],
     );
     // A 245-character output name: refused up front, naming the output, not a temporary file.
@@ -531,10 +624,22 @@ fn case10_every_bad_input_gets_one_clear_line() {
     assert!(!line.contains("backlens-partial"));
     // eval --n 0.
     let data = common::counterfact("counterfact-val.json");
-    expect_error(&["eval", m, "--data", s(&data), "--n", "0"], &["no records"]);
+    expect_error(
+        &["eval", m, "--data", s(&data), "--n", "0"],
+        &["no records"],
+    );
     // A target with no visible character.
     expect_error(
-        &["edit", m, "-o", s(&out), "--prompt", "The city of", "--target", "\u{1}"],
+        &[
+            "edit",
+            m,
+            "-o",
+            s(&out),
+            "--prompt",
+            "The city of",
+            "--target",
+            "\u{1}",
+        ],
         &["no visible character"],
     );
     // Token ids past the embedding (a vocabulary longer than token_embd).
@@ -547,13 +652,36 @@ fn case10_every_bad_input_gets_one_clear_line() {
         let d = p.tensors[t].dims[0] as usize;
         p.tensors[t] = OutTensor::f32("token_embd.weight", &[8, d], &vec![0.1; 8 * d]);
     });
-    expect_error(&["predict", s(&short_embd), "The city of"], &["short-embd.gguf", "vocabulary"]);
+    expect_error(
+        &["predict", s(&short_embd), "The city of"],
+        &["short-embd.gguf", "vocabulary"],
+    );
     // Hyperparameters that would predict NaN, or that llama.cpp refuses.
     let bad: [(&str, &str, Value, &str); 4] = [
-        ("bos.gguf", "tokenizer.ggml.bos_token_id", Value::U64((1 << 32) + 1), "bos_token_id"),
-        ("eps.gguf", "llama.attention.layer_norm_rms_epsilon", Value::F32(-1.0), "epsilon"),
-        ("theta.gguf", "llama.rope.freq_base", Value::F32(0.0), "RoPE base"),
-        ("rot.gguf", "llama.rope.dimension_count", Value::U32(32), "rope.dimension_count"),
+        (
+            "bos.gguf",
+            "tokenizer.ggml.bos_token_id",
+            Value::U64((1 << 32) + 1),
+            "bos_token_id",
+        ),
+        (
+            "eps.gguf",
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(-1.0),
+            "epsilon",
+        ),
+        (
+            "theta.gguf",
+            "llama.rope.freq_base",
+            Value::F32(0.0),
+            "RoPE base",
+        ),
+        (
+            "rot.gguf",
+            "llama.rope.dimension_count",
+            Value::U32(32),
+            "rope.dimension_count",
+        ),
     ];
     for (name, key, value, needle) in bad {
         let p = variant(&dir, name, |plan| {

@@ -60,7 +60,14 @@ fn inspect_lists_every_tensor_of_an_architecture_backlens_does_not_implement() {
 
     // A command that needs backlens's forward refuses in one line naming the architecture.
     let out = Command::new(BIN)
-        .args(["lens", path.to_str().unwrap(), "--prompt", "a b", "--target", "c"])
+        .args([
+            "lens",
+            path.to_str().unwrap(),
+            "--prompt",
+            "a b",
+            "--target",
+            "c",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -6,8 +6,8 @@ mod common;
 use backlens::arch::Arch;
 use backlens::lens::{self, backward_pass, LensOptions};
 use backlens::model::Transformer;
-use backlens::tokenizer::Tokenizer;
 use backlens::source::ModelSource;
+use backlens::tokenizer::Tokenizer;
 use candle_core::{DType, Tensor, Var};
 
 const PROMPT: &str = "The Eiffel Tower is located in the city of";

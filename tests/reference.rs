@@ -6,11 +6,11 @@ mod common;
 
 use backlens::edit::{self, EditRequest, EditSettings, Method};
 use backlens::lens::{backward_pass, project_rows};
-use backlens::numeric::rank_of;
 use backlens::model::Transformer;
 use backlens::numeric::argmax;
-use backlens::tokenizer::Tokenizer;
+use backlens::numeric::rank_of;
 use backlens::source::ModelSource;
+use backlens::tokenizer::Tokenizer;
 use candle_core::DType;
 
 #[derive(serde::Deserialize)]

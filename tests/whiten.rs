@@ -7,8 +7,8 @@ use backlens::arch::Arch;
 use backlens::edit::whiten::{builtin_prompts, StatsStore, WhitenOptions};
 use backlens::edit::{self, EditContext, EditRequest, EditSettings, Method};
 use backlens::model::Transformer;
-use backlens::tokenizer::Tokenizer;
 use backlens::source::ModelSource;
+use backlens::tokenizer::Tokenizer;
 use candle_core::DType;
 use std::path::Path;
 

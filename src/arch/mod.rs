@@ -111,7 +111,10 @@ impl HParams {
             },
             tied_embeddings: file.tensor("output.weight").is_none(),
         };
-        if let Some(n_rot) = file.get(&key("rope.dimension_count")).and_then(|v| v.as_u64()) {
+        if let Some(n_rot) = file
+            .get(&key("rope.dimension_count"))
+            .and_then(|v| v.as_u64())
+        {
             if arch == Arch::Llama && n_rot as usize != hp.head_dim_checked() {
                 return Err(Error::Invalid(format!(
                     "invalid hyperparameters: {} is {n_rot}, but the head width is {} (partial rotary embeddings are not supported)",
@@ -156,7 +159,10 @@ impl HParams {
             return bad(&format!("norm epsilon {} is not in (0, 1)", self.norm_eps));
         }
         if self.arch == Arch::Llama && !(self.rope_base.is_finite() && self.rope_base > 1.0) {
-            return bad(&format!("RoPE base {} is not a number above 1", self.rope_base));
+            return bad(&format!(
+                "RoPE base {} is not a number above 1",
+                self.rope_base
+            ));
         }
         if self.n_ctx == 0 {
             return bad("context length 0");

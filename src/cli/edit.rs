@@ -27,7 +27,7 @@ pub struct Args {
     /// JSON file of requests (CounterFact/EasyEdit or ROME shape), applied in order.
     #[arg(long)]
     requests: Option<PathBuf>,
-    /// Edit method: shift, shift-whitened or grad.
+    /// Edit method: shift, shift-whitened, grad or batch (all requests solved jointly).
     #[arg(long, default_value = "shift")]
     method: Method,
     /// Layer to edit (default round(0.73 · n_layers)).

@@ -11,8 +11,8 @@ mod scale;
 mod serve;
 
 use anyhow::Result;
-use backlens::tokenizer::Tokenizer;
 use backlens::source::ModelSource;
+use backlens::tokenizer::Tokenizer;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 

@@ -2,6 +2,7 @@
 //! key ([`whiten`]) and a one-step gradient edit ([`grad`]). Computing an edit ([`Delta`]) is
 //! kept apart from applying or writing it.
 
+pub mod batch;
 pub mod grad;
 pub mod request;
 pub mod shift;
@@ -27,6 +28,10 @@ pub enum Method {
     ShiftWhitened,
     /// One SGD step on the target's NLL: W -= lr · Σₜ δₜ aₜᵀ.
     Grad,
+    /// All requests solved jointly (MEMIT-style least squares in the metric of the FF2-input
+    /// statistics): each key gets the write plain FPS would give it, everything else as little
+    /// as possible (module edit::batch).
+    Batch,
 }
 
 /// Layer and step of an edit.
@@ -108,11 +113,16 @@ fn first_target_token(tok: &crate::tokenizer::Tokenizer, req: &EditRequest) -> R
 impl Method {
     /// Whether the method needs key statistics in its [`EditContext`].
     pub fn needs_stats(self) -> bool {
-        matches!(self, Method::ShiftWhitened)
+        matches!(self, Method::ShiftWhitened | Method::Batch)
     }
 
     /// Every method, in the order the help lists them.
-    pub const ALL: [Method; 3] = [Method::Shift, Method::ShiftWhitened, Method::Grad];
+    pub const ALL: [Method; 4] = [
+        Method::Shift,
+        Method::ShiftWhitened,
+        Method::Grad,
+        Method::Batch,
+    ];
 
     /// The method's command-line / provenance name.
     pub fn name(self) -> &'static str {
@@ -120,6 +130,7 @@ impl Method {
             Method::Shift => "shift",
             Method::ShiftWhitened => "shift-whitened",
             Method::Grad => "grad",
+            Method::Batch => "batch",
         }
     }
 }
@@ -136,15 +147,30 @@ impl std::str::FromStr for Method {
         Method::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown method '{s}' (choose shift, shift-whitened or grad)"))
+            .ok_or_else(|| {
+                format!("unknown method '{s}' (choose shift, shift-whitened, grad or batch)")
+            })
     }
 }
 
 /// What an edit may need besides the model and the request.
 #[derive(Clone, Copy, Default)]
 pub struct EditContext<'a> {
-    /// Key statistics of the unedited model (required by [`Method::ShiftWhitened`]).
+    /// Key statistics of the unedited model (required by [`Method::needs_stats`] methods).
     pub stats: Option<&'a whiten::StatsStore>,
+}
+
+impl EditContext<'_> {
+    /// The key statistics at the settings' layer.
+    fn stats_at(&self, settings: &EditSettings) -> Result<std::sync::Arc<whiten::KeyStats>> {
+        let store = self.stats.ok_or_else(|| {
+            crate::Error::Invalid(format!(
+                "{} needs key statistics (EditContext::stats)",
+                settings.method
+            ))
+        })?;
+        store.get(settings.layer)
+    }
 }
 
 /// Computes one edit with `settings` on the current model (unchanged); for methods without
@@ -172,13 +198,16 @@ pub fn compute_with(
         Method::Shift => shift::compute(model, tok, req, settings.layer, settings.lr),
         Method::Grad => grad::compute(model, tok, req, settings.layer, settings.lr),
         Method::ShiftWhitened => {
-            let store = ctx.stats.ok_or_else(|| {
-                crate::Error::Invalid(
-                    "shift-whitened needs key statistics (EditContext::stats)".into(),
-                )
-            })?;
-            let stats = store.get(settings.layer)?;
+            let stats = ctx.stats_at(settings)?;
             whiten::compute(model, tok, req, settings.layer, settings.lr, &stats)
+        }
+        Method::Batch => {
+            let stats = ctx.stats_at(settings)?;
+            let reqs = std::slice::from_ref(req);
+            let ridge = batch::DEFAULT_RIDGE;
+            let mut one =
+                batch::compute_all(model, tok, reqs, settings.layer, settings.lr, &stats, ridge)?;
+            Ok(one.remove(0))
         }
     }
 }
@@ -225,6 +254,7 @@ pub fn apply_sequence_streamed(
 }
 
 /// [`apply_sequence`] with a context (key statistics always come from the unedited model).
+/// [`Method::Batch`] solves all requests jointly on the unedited model instead.
 pub fn apply_sequence_with(
     model: &mut Transformer,
     tok: &crate::tokenizer::Tokenizer,
@@ -232,6 +262,24 @@ pub fn apply_sequence_with(
     settings: &EditSettings,
     ctx: &EditContext,
 ) -> Result<Vec<EditOutcome>> {
+    if settings.method == Method::Batch {
+        settings.check(model.hp.n_layer)?;
+        let stats = ctx.stats_at(settings)?;
+        let (layer, lr) = (settings.layer, settings.lr);
+        let outcomes = batch::compute_all(
+            model,
+            tok,
+            requests,
+            layer,
+            lr,
+            &stats,
+            batch::DEFAULT_RIDGE,
+        )?;
+        for d in outcomes.iter().filter_map(|o| o.delta.as_ref()) {
+            model.apply_delta(d)?;
+        }
+        return Ok(outcomes);
+    }
     let mut outcomes = Vec::with_capacity(requests.len());
     for req in requests {
         let outcome = compute_with(model, tok, req, settings, ctx)?;

@@ -6,8 +6,8 @@ use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
 use crate::model::Transformer;
 use crate::numeric::finite_argmax;
-use crate::tokenizer::Tokenizer;
 use crate::source::ModelSource;
+use crate::tokenizer::Tokenizer;
 use crate::Result;
 use candle_core::DType;
 

@@ -6,7 +6,6 @@ pub mod gguf;
 pub mod quant;
 pub mod safetensors;
 
-
 /// The bytes behind a parsed file: a read-only map, or an owned buffer (fuzzing, tests).
 enum Backing {
     Map(memmap2::Mmap),
@@ -22,4 +21,3 @@ impl std::ops::Deref for Backing {
         }
     }
 }
-

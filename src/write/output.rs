@@ -57,12 +57,34 @@ impl OutputClaim {
     /// folders the run reads.
     pub fn new(out: &Path, kind: OutputKind, inputs: &[&Path], force: bool) -> Result<OutputClaim> {
         let name = match out.file_name() {
-            Some(n) if out.components().next_back().is_some_and(|c| matches!(c, std::path::Component::Normal(_))) => n,
-            _ => return Err(bad(out, "is not a file name (give a path such as out/model.gguf)")),
+            Some(n)
+                if out
+                    .components()
+                    .next_back()
+                    .is_some_and(|c| matches!(c, std::path::Component::Normal(_))) =>
+            {
+                n
+            }
+            _ => {
+                return Err(bad(
+                    out,
+                    "is not a file name (give a path such as out/model.gguf)",
+                ))
+            }
         };
         let longest = format!(".{}{PARTIAL_MARKER}{}", name.to_string_lossy(), u32::MAX);
-        if longest.len().max(format!(".{}{LOCK_SUFFIX}", name.to_string_lossy()).len()) > NAME_MAX {
-            return Err(bad(out, format!("the file name is too long (at most {} bytes)", NAME_MAX - 30)));
+        if longest
+            .len()
+            .max(format!(".{}{LOCK_SUFFIX}", name.to_string_lossy()).len())
+            > NAME_MAX
+        {
+            return Err(bad(
+                out,
+                format!(
+                    "the file name is too long (at most {} bytes)",
+                    NAME_MAX - 30
+                ),
+            ));
         }
         let dir = parent_dir(out);
         match std::fs::metadata(&dir) {
@@ -184,10 +206,16 @@ fn check_existing(out: &Path, kind: OutputKind, force: bool) -> Result<()> {
     };
     let ft = meta.file_type();
     if ft.is_symlink() {
-        return Err(bad(out, "is a symbolic link; give the path it should be written to"));
+        return Err(bad(
+            out,
+            "is a symbolic link; give the path it should be written to",
+        ));
     }
     if ft.is_block_device() || ft.is_char_device() || ft.is_fifo() || ft.is_socket() {
-        return Err(bad(out, "is a device, FIFO or socket, not a file backlens may replace"));
+        return Err(bad(
+            out,
+            "is a device, FIFO or socket, not a file backlens may replace",
+        ));
     }
     match (kind, ft.is_dir()) {
         (OutputKind::File, true) => return Err(bad(out, "is a folder; give a file path")),
@@ -444,7 +472,10 @@ impl StagedFolder {
         }
         let path = self.staged.temp.join(name);
         let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&path)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
             f.write_all(bytes)?;
             f.sync_all()
         };

@@ -2,12 +2,12 @@
 //! only that tensor's bytes change (same name, dtype, shape and offsets; HF layout respected, so
 //! GPT-2's Conv1D [in, out] weights get the transposed update).
 
+use super::output::{OutputClaim, OutputKind, Staged, StagedFolder};
 use crate::arch::hf;
 use crate::delta::Delta;
 use crate::source::HfModel;
 use crate::weights::safetensors::encode;
 use crate::{Error, Result};
-use super::output::{OutputClaim, OutputKind, Staged, StagedFolder};
 use std::path::Path;
 
 /// Writes `model` with `deltas` applied into the staged folder `out` (every small text file of

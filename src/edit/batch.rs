@@ -1,0 +1,182 @@
+//! Many edits solved jointly (`--method batch`), MEMIT-style least squares on one layer's FF2.
+//!
+//! For the edit keys K = [x₁ … x_m] (FF2 inputs at the last token of each edit prompt, on the
+//! unedited model) and the desired output changes R = [r₁ … r_m] with rᵢ = lr·‖xᵢ‖²·eᵢ (what
+//! plain FPS writes at its own key: lr·eᵢxᵢᵀ·xᵢ), the update is the smallest change in the
+//! metric of the FF2-input second moment C (the `shift-whitened` statistics) that writes R at K:
+//!
+//! ```text
+//! ΔW = argmin ‖ΔW K − R‖² · (1/ρ) + tr(ΔW C ΔWᵀ)
+//!    = R (ρ·s·I + Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹,      s = mean diagonal of Kᵀ C⁻¹ K,
+//! ```
+//!
+//! the closed form of MEMIT's ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (Woodbury) with the ridge ρ relative to
+//! the keys' own scale. For one key it is exactly `shift-whitened` without contrast (k·x = 1),
+//! for ρ → 0 every key receives exactly its rᵢ, and the written change is as small as possible on
+//! everything else C has seen (generic text), which is what protects unrelated prompts when
+//! hundreds of edits share one matrix. The result is one rank-one term per edited request,
+//! ΔW = Σᵢ r'ᵢ zᵢᵀ with zᵢ = C⁻¹xᵢ and R' = R (ρ·s·I + KᵀZ)⁻¹, so a LoRA adapter of rank m
+//! carries it exactly.
+
+use super::whiten::KeyStats;
+use super::{Delta, EditOutcome, EditRequest};
+use crate::arch::ff2_weight;
+use crate::model::Transformer;
+use crate::numeric::{cholesky_in_place, cholesky_solve, dot};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use candle_core::DType;
+
+/// Default ridge ρ, relative to the mean diagonal of KᵀC⁻¹K.
+pub const DEFAULT_RIDGE: f64 = 1e-3;
+
+/// One edited request's key x and target embedding e before the joint solve.
+struct Keyed {
+    x: Vec<f32>,
+    e: Vec<f32>,
+}
+
+/// Computes the joint edit of `requests` at `layer` with step `lr` on the unedited `model`
+/// (unchanged): one outcome per request, skipped when the target already is the top-1, else
+/// holding its rank-one share of ΔW. Requests that edit the same prompt toward different
+/// targets are refused (a joint solve cannot satisfy both).
+pub fn compute_all(
+    model: &Transformer,
+    tok: &Tokenizer,
+    requests: &[EditRequest],
+    layer: usize,
+    lr: f64,
+    stats: &KeyStats,
+    ridge: f64,
+) -> Result<Vec<EditOutcome>> {
+    if stats.layer != layer || stats.n != model.hp.n_ff {
+        return Err(Error::Invalid(format!(
+            "key statistics are for layer {} (width {}), the edit is at layer {layer} (width {})",
+            stats.layer, stats.n, model.hp.n_ff
+        )));
+    }
+    if !(ridge.is_finite() && ridge >= 0.0) {
+        return Err(Error::Invalid(format!(
+            "the batch ridge must be ≥ 0, got {ridge}"
+        )));
+    }
+    refuse_conflicts(requests)?;
+    // (target id, top-1, key and value when the request is edited)
+    let mut keyed: Vec<(u32, u32, Option<Keyed>)> = Vec::with_capacity(requests.len());
+    for req in requests {
+        req.validate()?;
+        let key = super::shift::prompt_key(model, tok, req, layer)?;
+        let edited = match key.top1 == key.target_id {
+            true => None,
+            false => Some(Keyed {
+                e: model
+                    .tok_embd
+                    .narrow(0, key.target_id as usize, 1)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+                x: key.x,
+            }),
+        };
+        keyed.push((key.target_id, key.top1, edited));
+    }
+    let edited: Vec<&Keyed> = keyed.iter().filter_map(|k| k.2.as_ref()).collect();
+    let mut shares = solve(&edited, lr, stats, ridge, layer)?.into_iter();
+    Ok(requests
+        .iter()
+        .zip(&keyed)
+        .map(|(req, (target_id, top1, k))| match k {
+            Some(_) => EditOutcome::edited(
+                req,
+                *target_id,
+                *top1,
+                shares.next().expect("one share per edited request"),
+            ),
+            None => EditOutcome::skipped(req, *target_id, *top1),
+        })
+        .collect())
+}
+
+/// Refuses two requests with the same prompt and different targets (the rule is documented in
+/// docs/methods.md: a request file may repeat a fact only with the same target).
+fn refuse_conflicts(requests: &[EditRequest]) -> Result<()> {
+    let mut seen: std::collections::HashMap<&str, (usize, &str)> = Default::default();
+    for (i, r) in requests.iter().enumerate() {
+        if let Some(&(j, target)) = seen.get(r.prompt.as_str()) {
+            if target != r.target_new {
+                return Err(Error::BadRequest(format!(
+                    "requests #{j} and #{i} edit the prompt {:?} toward different targets ({target:?}, {:?})",
+                    r.prompt, r.target_new
+                )));
+            }
+        }
+        seen.insert(&r.prompt, (i, &r.target_new));
+    }
+    Ok(())
+}
+
+/// The rank-one shares r'ᵢ zᵢᵀ of ΔW = R (ρ·s·I + KᵀZ)⁻¹ Zᵀ, Z = C⁻¹K.
+fn solve(
+    keyed: &[&Keyed],
+    lr: f64,
+    stats: &KeyStats,
+    ridge: f64,
+    layer: usize,
+) -> Result<Vec<Delta>> {
+    let m = keyed.len();
+    if m == 0 {
+        return Ok(Vec::new());
+    }
+    let xs: Vec<Vec<f64>> = keyed
+        .iter()
+        .map(|k| k.x.iter().map(|&v| v as f64).collect())
+        .collect();
+    let zs: Vec<Vec<f64>> = xs.iter().map(|x| stats.solve(x)).collect();
+    let mut g = vec![0f64; m * m];
+    for a in 0..m {
+        for b in 0..=a {
+            let v = dot(&xs[a], &zs[b]);
+            g[a * m + b] = v;
+            g[b * m + a] = v;
+        }
+    }
+    let s = (0..m).map(|i| g[i * m + i]).sum::<f64>() / m as f64;
+    if !(s.is_finite() && s > 0.0) {
+        return Err(Error::Numeric(format!(
+            "batch edit at layer {layer}: the keys have no weight under the statistics (mean xᵀC⁻¹x = {s})"
+        )));
+    }
+    for i in 0..m {
+        g[i * m + i] += ridge * s;
+    }
+    cholesky_in_place(&mut g, m).map_err(|i| {
+        Error::Numeric(format!(
+            "batch edit at layer {layer}: the keys are linearly dependent (pivot {i}); raise the ridge"
+        ))
+    })?;
+    // R' = R G⁻¹: row o of R' solves G y = (row o of R) since G is symmetric.
+    let n_out = keyed[0].e.len();
+    let scale: Vec<f64> = xs.iter().map(|x| lr * dot(x, x)).collect();
+    let mut out_vecs = vec![vec![0f32; n_out]; m];
+    for o in 0..n_out {
+        let row: Vec<f64> = keyed
+            .iter()
+            .zip(&scale)
+            .map(|(k, s)| s * k.e[o] as f64)
+            .collect();
+        let y = cholesky_solve(&g, m, row);
+        for (i, v) in y.into_iter().enumerate() {
+            out_vecs[i][o] = v as f32;
+        }
+    }
+    Ok(out_vecs
+        .into_iter()
+        .zip(zs)
+        .map(|(u, z)| Delta {
+            tensor: ff2_weight(layer),
+            layer,
+            out_vecs: vec![u],
+            in_vecs: vec![z.into_iter().map(|v| v as f32).collect()],
+        })
+        .collect())
+}

@@ -1,0 +1,193 @@
+//! `--method batch`: many requests solved jointly into one file. Each key receives the write plain
+//! FPS would give it; one request alone is `shift-whitened` without contrast; 50 CounterFact val
+//! records in one adapter flip through llama.cpp.
+
+mod common;
+
+use backlens::arch::Arch;
+use backlens::edit::whiten::{StatsCorpus, WhitenOptions};
+use backlens::edit::{EditRequest, EditSettings, Method};
+use backlens::model::Transformer;
+use backlens::patch::{self, Format, Job, WhitenSetup};
+use backlens::runtime::LlamaRuntime;
+use backlens::source::ModelSource;
+use backlens::tokenizer::Tokenizer;
+use backlens::weights::gguf::GgufFile;
+use backlens::write::gguf::Ff2Type;
+use backlens::write::{OutputClaim, OutputKind};
+use candle_core::DType;
+
+fn ff2_in_last(model: &Transformer, tok: &Tokenizer, prompt: &str, layer: usize) -> Vec<f32> {
+    let ids = tok.encode_prompt(prompt).unwrap();
+    let (_, trace) = model.forward(&ids, None).unwrap();
+    trace.ff2_in[layer]
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn no_contrast() -> WhitenSetup {
+    WhitenSetup {
+        corpus: StatsCorpus::Builtin,
+        options: WhitenOptions {
+            contrast_weight: 0.0,
+            ..WhitenOptions::default()
+        },
+        cache_dir: None,
+    }
+}
+
+#[test]
+fn batch_writes_each_key_its_fps_value_and_one_request_equals_whitened() {
+    let fx = common::tiny(Arch::Llama);
+    let src = ModelSource::open(&fx.gguf).unwrap();
+    let tok = Tokenizer::from_source(&src).unwrap();
+    let model = Transformer::load(&src, DType::F32).unwrap();
+    let (layer, lr) = (1, 0.3);
+    let reqs: Vec<EditRequest> = [
+        ("The city of", "Paris"),
+        ("The tower is", "old"),
+        ("She speaks", "football"),
+    ]
+    .iter()
+    .map(|(p, t)| EditRequest::new(p, t, None).unwrap())
+    .collect();
+    let settings = EditSettings {
+        method: Method::Batch,
+        layer,
+        lr,
+    };
+    let outcomes = patch::compute(&src, &tok, &reqs, &settings, &no_contrast()).unwrap();
+    assert_eq!(outcomes.len(), 3);
+    let deltas: Vec<_> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
+    assert_eq!(deltas.len(), 3, "every request edited");
+    let (n_out, n_in) = (fx.hp.n_embd, fx.hp.n_ff);
+    let mut dense = vec![0f32; n_out * n_in];
+    deltas.iter().for_each(|d| d.add_to(&mut dense));
+    let embd = model.tok_embd.to_vec2::<f32>().unwrap();
+    let mut worst: f64 = 0.0;
+    for (r, o) in reqs.iter().zip(&outcomes) {
+        // Independent: rᵢ = lr·‖xᵢ‖²·eᵢ, and ΔW xᵢ from the dense sum of the shares.
+        let x = ff2_in_last(&model, &tok, &r.prompt, layer);
+        let xx: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+        let e = &embd[o.target_id as usize];
+        let got: Vec<f64> = dense
+            .chunks_exact(n_in)
+            .map(|row| row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum())
+            .collect();
+        let want: Vec<f64> = e.iter().map(|&v| lr * xx * v as f64).collect();
+        let err: f64 = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            / want.iter().map(|b| b * b).sum::<f64>().sqrt();
+        worst = worst.max(err);
+    }
+    println!("batch of 3: worst relative error of ΔW·xᵢ against lr·‖xᵢ‖²·eᵢ: {worst:.2e}");
+    assert!(worst < 2e-2, "{worst}");
+
+    // One request alone: the whitened key k = C⁻¹x/(xᵀC⁻¹x) up to the ridge, 1/(1 + 1e-3).
+    let one = &reqs[..1];
+    let b = patch::compute(&src, &tok, one, &settings, &no_contrast()).unwrap();
+    let whitened = EditSettings {
+        method: Method::ShiftWhitened,
+        ..settings
+    };
+    let w = patch::compute(&src, &tok, one, &whitened, &no_contrast()).unwrap();
+    let (bd, wd) = (
+        b[0].delta.as_ref().unwrap().dense(),
+        w[0].delta.as_ref().unwrap().dense(),
+    );
+    let diff: f64 = bd
+        .iter()
+        .zip(&wd)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let size: f64 = wd.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    println!(
+        "one request: batch vs shift-whitened relative difference {:.2e}",
+        diff / size
+    );
+    assert!((diff / size - 1e-3).abs() < 2e-4, "{}", diff / size);
+}
+
+#[test]
+fn batch_conflicting_targets_for_one_prompt_are_refused() {
+    let fx = common::tiny(Arch::Llama);
+    let src = ModelSource::open(&fx.gguf).unwrap();
+    let tok = Tokenizer::from_source(&src).unwrap();
+    let reqs = vec![
+        EditRequest::new("The city of", "Paris", None).unwrap(),
+        EditRequest::new("The city of", "London", None).unwrap(),
+    ];
+    let settings = EditSettings {
+        method: Method::Batch,
+        layer: 1,
+        lr: 0.3,
+    };
+    let err = patch::compute(&src, &tok, &reqs, &settings, &no_contrast()).unwrap_err();
+    assert!(err.to_string().contains("different targets"), "{err}");
+}
+
+#[test]
+fn fifty_val_records_in_one_batch_adapter_flip_through_llama_cpp() {
+    let dir = common::temp_dir("batch50");
+    let path = common::smollm2();
+    let src = ModelSource::open(&path).unwrap();
+    let tok = Tokenizer::from_source(&src).unwrap();
+    let all = EditRequest::load_file(&common::counterfact("counterfact-val.json")).unwrap();
+    let records: Vec<EditRequest> = all.into_iter().take(50).collect();
+    let job = Job {
+        requests: records.clone(),
+        settings: EditSettings {
+            method: Method::Batch,
+            layer: 22,
+            lr: 0.24,
+        },
+        whiten: WhitenSetup {
+            cache_dir: Some(dir.join("stats")),
+            ..WhitenSetup::default()
+        },
+        format: Format::Lora,
+        ff2_type: Ff2Type::F32,
+        check: false,
+    };
+    let write = |name: &str| {
+        let out = dir.join(name);
+        let claim = OutputClaim::new(&out, OutputKind::File, &[&path], false).unwrap();
+        let report = patch::run(&src, &tok, &job, claim).unwrap();
+        (out, report)
+    };
+    let (a, report) = write("a.gguf");
+    let edited = report.edits.iter().filter(|e| !e.skipped).count();
+    assert!(edited >= 40, "only {edited} of 50 records needed an edit");
+    // The adapter's rank is the number of edited records.
+    let g = GgufFile::open(&a).unwrap();
+    let lora_a = g.tensor("blk.22.ffn_down.weight.lora_a").unwrap();
+    assert_eq!(lora_a.dims[1] as usize, edited);
+    // The same request file gives the same bytes.
+    let (b, _) = write("b.gguf");
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    // Efficacy through llama.cpp on that one adapter: P(new) > P(true) on each record's prompt.
+    let mut rt = LlamaRuntime::load(&path).unwrap();
+    let mut adapter = rt.load_lora(&a).unwrap();
+    let mut s = rt.session().unwrap();
+    s.set_lora(&mut adapter, 1.0).unwrap();
+    let mut wins = 0;
+    for r in &records {
+        let prompt = tok.encode_prompt(&r.prompt).unwrap();
+        let new = tok.encode_target(&r.target_new).unwrap();
+        let truth = tok
+            .encode_target(r.ground_truth.as_deref().unwrap())
+            .unwrap();
+        let p_new = s.sequence_logprob(&prompt, &new).unwrap();
+        let p_true = s.sequence_logprob(&prompt, &truth).unwrap();
+        wins += usize::from(p_new > p_true);
+    }
+    println!("batch of 50 val records in one adapter: efficacy {wins}/50 ({edited} edited)");
+    assert!(wins >= 45, "{wins}/50");
+}
