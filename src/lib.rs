@@ -3,7 +3,8 @@
 //! Read GGUF and HF safetensors models ([`weights`], [`arch`]), run them in candle with capture
 //! points and a backward pass ([`model`], [`lens`]), edit FF2 with forward-pass shifting or a
 //! gradient step ([`edit`]), write patched GGUF, LoRA adapters and safetensors ([`write`]),
-//! explain a patch ([`audit`]), and check everything through llama.cpp itself ([`runtime`]).
+//! explain a patch ([`audit`]), and check everything through llama.cpp itself ([`runtime`]); read
+//! FF2's inputs off llama.cpp's own graph ([`trace`]).
 
 pub mod arch;
 pub mod audit;
@@ -21,6 +22,7 @@ pub mod report;
 pub mod runtime;
 pub mod source;
 pub mod tokenizer;
+pub mod trace;
 pub mod weights;
 pub mod write;
 

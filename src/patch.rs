@@ -147,20 +147,92 @@ pub struct Job {
     pub ff2_type: Ff2Type,
     /// Run the before/after check through llama.cpp (GGUF and LoRA outputs).
     pub check: bool,
+    /// The engine of the forward pass that `shift` takes its key and skip rule from.
+    pub forward: Forward,
+}
+
+/// Which engine runs the forward pass of a forward-only edit ([`Method::Shift`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    /// llama.cpp's own graph, read through [`crate::trace`] (GGUF inputs, shift only): the
+    /// activations the served model computes, for any architecture llama.cpp runs.
+    Llama,
+    /// backlens's candle forward (streamed one block at a time for shift on a GGUF).
+    #[default]
+    Candle,
+}
+
+impl Forward {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Forward::Llama => "llama",
+            Forward::Candle => "candle",
+        }
+    }
+}
+
+impl std::fmt::Display for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Forward {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Forward, String> {
+        match s {
+            "llama" => Ok(Forward::Llama),
+            "candle" => Ok(Forward::Candle),
+            other => Err(format!(
+                "unknown forward '{other}' (choose llama or candle)"
+            )),
+        }
+    }
 }
 
 /// Computes the edits of `requests` in order, each on the model with the ones before applied.
-/// Plain FPS on a GGUF streams the model one block at a time; the other methods (and
-/// safetensors inputs) load the whole model in f32. The file is not changed.
+/// Plain FPS on a GGUF runs its forward through llama.cpp ([`Forward::Llama`], the earlier
+/// edits applied as an adapter) or streams the model one block at a time in candle
+/// ([`Forward::Candle`]); the other methods (and safetensors inputs) load the whole model in
+/// f32 and need [`Forward::Candle`]. The file is not changed.
 pub fn compute(
     source: &ModelSource,
     tok: &Tokenizer,
     requests: &[EditRequest],
     settings: &EditSettings,
     whiten: &WhitenSetup,
+    forward: Forward,
 ) -> Result<Vec<EditOutcome>> {
-    match (source, settings.method) {
-        (ModelSource::Gguf(_), Method::Shift) => {
+    match (source, settings.method, forward) {
+        (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => {
+            settings.check(source.hparams()?.n_layer)?;
+            let mut tracer = crate::trace::Tracer::load(g.path())?;
+            let mut outcomes: Vec<EditOutcome> = Vec::with_capacity(requests.len());
+            for req in requests {
+                req.validate()?;
+                let prior: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
+                outcomes.push(edit::shift::compute_traced(
+                    &mut tracer,
+                    source,
+                    tok,
+                    req,
+                    settings.layer,
+                    settings.lr,
+                    &prior,
+                )?);
+            }
+            Ok(outcomes)
+        }
+        (ModelSource::Hf(_), _, Forward::Llama) => Err(Error::Invalid(
+            "--forward llama needs a GGUF input (llama.cpp reads GGUF only); use --forward candle"
+                .into(),
+        )),
+        (_, method, Forward::Llama) => Err(Error::Invalid(format!(
+            "--forward llama runs shift only ({method} needs candle's backward pass or key statistics); use --forward candle"
+        ))),
+        (ModelSource::Gguf(_), Method::Shift, _) => {
             edit::apply_sequence_streamed(source, tok, requests, settings)
         }
         _ => {
@@ -415,7 +487,14 @@ pub fn run(
             check_fits_session(tok, r)?;
         }
     }
-    let outcomes = compute(source, tok, &job.requests, &job.settings, &job.whiten)?;
+    let outcomes = compute(
+        source,
+        tok,
+        &job.requests,
+        &job.settings,
+        &job.whiten,
+        job.forward,
+    )?;
     let deltas: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
     if deltas.is_empty() {
         return Err(Error::Invalid(

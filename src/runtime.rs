@@ -17,7 +17,8 @@ use std::sync::OnceLock;
 /// Context window of the sessions backlens opens.
 pub const SESSION_CTX: u32 = 512;
 
-fn backend() -> Result<&'static LlamaBackend> {
+/// llama.cpp's backend, initialized once per process with its logs off.
+pub(crate) fn backend() -> Result<&'static LlamaBackend> {
     static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
@@ -112,7 +113,7 @@ impl LlamaRuntime {
 /// with other busy threads (candle's, a parallel test, another process) a descheduled worker
 /// stalls the others, and on two cores a 10-token decode then takes seconds instead of tens of
 /// milliseconds. Leaving half the cores free avoids that at a small cost on an idle machine.
-fn decode_threads() -> i32 {
+pub(crate) fn decode_threads() -> i32 {
     let from_env = std::env::var("BACKLENS_THREADS")
         .ok()
         .and_then(|v| v.parse().ok());

@@ -5,7 +5,7 @@ use super::{open, print_json, require_gguf};
 use anyhow::{bail, Result};
 use backlens::edit::whiten::{self, StatsCorpus, WhitenOptions};
 use backlens::edit::{EditRequest, EditSettings, Method};
-use backlens::patch::{self, Format, Job, WhitenSetup};
+use backlens::patch::{self, Format, Forward, Job, WhitenSetup};
 use backlens::runtime::LlamaRuntime;
 use backlens::write::gguf::Ff2Type;
 use backlens::write::OutputClaim;
@@ -36,6 +36,10 @@ pub struct Args {
     /// Step size.
     #[arg(long, default_value_t = 0.24)]
     lr: f64,
+    /// Engine of the forward pass shift reads its key from: llama (llama.cpp's own graph, GGUF
+    /// inputs) or candle.
+    #[arg(long, default_value = "candle")]
+    forward: Forward,
     #[command(flatten)]
     whiten: WhitenArgs,
     /// Output path (a file, or a new folder for safetensors).
@@ -154,6 +158,7 @@ pub fn run(args: Args) -> Result<()> {
         format: args.format,
         ff2_type: args.ff2_type,
         check: !args.no_check,
+        forward: args.forward,
     };
     let report = patch::run(&m.source, &m.tok, &job, claim)?;
     if args.json {

@@ -70,6 +70,39 @@ pub fn compute_streamed(
     ))
 }
 
+/// [`compute_streamed`] with the forward run by llama.cpp itself ([`crate::trace::Tracer`],
+/// loaded from `src`'s file): x is read off llama.cpp's graph, the skip rule uses llama.cpp's
+/// logits and e is one dequantized row of `token_embd.weight`. The `prior` deltas reach the
+/// forward as a LoRA adapter applied to the tracer (replacing any applied before).
+pub fn compute_traced(
+    tracer: &mut crate::trace::Tracer,
+    src: &ModelSource,
+    tok: &Tokenizer,
+    req: &EditRequest,
+    layer: usize,
+    lr: f64,
+    prior: &[Delta],
+) -> Result<EditOutcome> {
+    let prompt = tok.encode_prompt(&req.prompt)?;
+    let target_id = super::first_target_token(tok, req)?;
+    tracer.apply_deltas(src.hparams()?.arch, prior)?;
+    let pass = tracer.last_position(&prompt, &[layer])?;
+    let top1 = finite_argmax(&pass.logits)? as u32;
+    if top1 == target_id {
+        return Ok(EditOutcome::skipped(req, target_id, top1));
+    }
+    let e = src
+        .rows_f32("token_embd.weight", &[target_id as usize])?
+        .remove(0);
+    let x = pass.ff2_in.into_iter().next().unwrap_or_default();
+    Ok(EditOutcome::edited(
+        req,
+        target_id,
+        top1,
+        fps_delta(layer, lr, &e, x),
+    ))
+}
+
 /// The FPS change at `layer`: lr · e xᵀ.
 fn fps_delta(layer: usize, lr: f64, e: &[f32], x: Vec<f32>) -> Delta {
     Delta {

@@ -1,0 +1,673 @@
+//! A tracing forward through llama.cpp's own graph, in process: during an ordinary decode of a
+//! prompt, read FF2's input (the activation that multiplies `blk.L.ffn_down.weight`) at chosen
+//! layers and positions, and the logits at the last position.
+//!
+//! llama.cpp calls the context's `cb_eval` for every node of the graph it computes, first asking
+//! whether the node's data is wanted and, when it is, again once the node is computed. FF2's
+//! input is found by what it feeds, not by what each architecture names it: `src[1]` of the
+//! `GGML_OP_MUL_MAT` node whose `src[0]` is the layer's base down-projection weight. A LoRA
+//! adapter on that weight adds matrix products on the adapter's tensors, which do not match.
+//!
+//! This module owns every `unsafe` line of the tracer: the raw llama.cpp model and context (the
+//! `llama-cpp-2` wrappers expose neither `cb_eval` nor their raw pointers), the callback and its
+//! user data, the batch, the adapters and the reads of graph tensors.
+
+use crate::arch::Arch;
+use crate::delta::Delta;
+use crate::runtime::{backend, decode_threads, SESSION_CTX};
+use crate::weights::gguf::GgufFile;
+use crate::write::{lora, OutputClaim, OutputKind};
+use crate::{Error, Result};
+use llama_cpp_sys_2 as sys;
+use std::ffi::{c_void, CString};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+/// FF2 inputs and logits at the last prompt position ([`Tracer::last_position`]).
+#[derive(Debug, Clone)]
+pub struct Traced {
+    /// Next-token logits after the last token.
+    pub logits: Vec<f32>,
+    /// FF2 input at the last token, one vector (length n_ff) per requested layer, in order.
+    pub ff2_in: Vec<Vec<f32>>,
+}
+
+/// FF2 inputs at several positions ([`Tracer::trace`]).
+#[derive(Debug, Clone)]
+pub struct TracedRows {
+    /// Next-token logits after the last token.
+    pub logits: Vec<f32>,
+    /// `ff2_in[l][p]`: FF2 input of the `l`-th requested layer at the `p`-th requested position.
+    pub ff2_in: Vec<Vec<Vec<f32>>>,
+}
+
+/// What one layer's FFN is, from the file's tensor names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ff2 {
+    /// One dense down projection, `blk.L.ffn_down.weight`.
+    Dense,
+    /// A mixture of experts (the named tensor shows it).
+    Experts(String),
+    /// No down projection at all.
+    Missing,
+}
+
+/// What the callback collects during one decode. Lives on the heap at a fixed address for as
+/// long as the context (whose `cb_eval_user_data` points at it) exists.
+#[derive(Debug, Default)]
+struct Capture {
+    /// Whether a [`Tracer`] decode is running (outside one, every node is declined).
+    armed: bool,
+    /// Names of the weights whose matrix product's input is wanted, one per requested layer.
+    weights: Vec<Vec<u8>>,
+    /// Token positions to read, ascending.
+    positions: Vec<usize>,
+    /// Positions that produce outputs (logits), ascending; a superset of `positions`. The last
+    /// layer of llama.cpp's graphs keeps only these rows.
+    outputs: Vec<usize>,
+    /// Tokens in the decode.
+    n_tokens: usize,
+    /// `rows[l][p]`, filled in by the callback.
+    rows: Vec<Option<Vec<Vec<f32>>>>,
+    /// The first problem met inside the callback.
+    error: Option<String>,
+}
+
+impl Capture {
+    /// Index of the requested weight that `node` multiplies, if it is such a product.
+    fn slot_of(&self, node: &sys::ggml_tensor) -> Option<usize> {
+        if node.op != sys::GGML_OP_MUL_MAT || node.src[0].is_null() {
+            return None;
+        }
+        // SAFETY: src[0] is non-null and points at a tensor of the graph being computed, which
+        // llama.cpp keeps alive for the whole callback; `name` is a fixed array inside it.
+        let name = unsafe { &(*node.src[0]).name };
+        let len = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        let name: Vec<u8> = name[..len].iter().map(|&c| c as u8).collect();
+        self.weights.iter().position(|w| *w == name)
+    }
+
+    /// Copies the wanted columns of `input` (FF2's input, ne = [n_ff, n_rows]) into `slot`.
+    fn read(
+        &mut self,
+        slot: usize,
+        input: *const sys::ggml_tensor,
+    ) -> std::result::Result<(), String> {
+        if self.rows[slot].is_some() {
+            return Err("its down projection ran twice in one decode".into());
+        }
+        if input.is_null() {
+            return Err("the down projection has no input tensor".into());
+        }
+        // SAFETY: non-null, and a node's sources stay alive while llama.cpp computes the graph.
+        let t = unsafe { &*input };
+        let esize = match t.type_ {
+            sys::GGML_TYPE_F32 => 4,
+            sys::GGML_TYPE_F16 => 2,
+            other => return Err(format!("its input has ggml type {other}, not f32 or f16")),
+        };
+        // SAFETY: as above; a view's buffer is its source's, read the way ggml_backend_tensor_get
+        // reads it.
+        let buffer = unsafe {
+            match t.view_src.is_null() {
+                true => t.buffer,
+                false => (*t.view_src).buffer,
+            }
+        };
+        if buffer.is_null() || t.data.is_null() {
+            return Err("its input is not allocated".into());
+        }
+        let [n_ff, n_rows, n2, n3] = t.ne;
+        if n_ff <= 0 || n_rows <= 0 || n2 != 1 || n3 != 1 {
+            return Err(format!(
+                "its input has shape {:?}, not [n_ff, n_tokens]",
+                t.ne
+            ));
+        }
+        let (n_ff, n_rows) = (n_ff as usize, n_rows as usize);
+        // SAFETY: `t` is a valid, allocated tensor (checked above).
+        let nbytes = unsafe { sys::ggml_nbytes(t) };
+        let mut out = Vec::with_capacity(self.positions.len());
+        for &pos in &self.positions {
+            let col = if n_rows == self.n_tokens {
+                pos
+            } else if n_rows == self.outputs.len() {
+                self.outputs
+                    .binary_search(&pos)
+                    .map_err(|_| format!("position {pos} is not among the decode's outputs"))?
+            } else {
+                return Err(format!(
+                    "its input has {n_rows} rows for a decode of {} tokens with {} outputs",
+                    self.n_tokens,
+                    self.outputs.len()
+                ));
+            };
+            let mut raw = vec![0u8; n_ff * esize];
+            let base = col * t.nb[1];
+            if t.nb[0] == esize {
+                if base + raw.len() > nbytes {
+                    return Err("a row lies outside its input tensor".into());
+                }
+                // SAFETY: the tensor is allocated, `raw` has room for the `raw.len()` bytes asked
+                // for, and [base, base + len) lies inside the tensor's bytes (checked above),
+                // which is all ggml_backend_tensor_get requires; it copies from any backend.
+                unsafe { sys::ggml_backend_tensor_get(t, raw.as_mut_ptr().cast(), base, raw.len()) }
+            } else {
+                for (i, chunk) in raw.chunks_exact_mut(esize).enumerate() {
+                    let at = base + i * t.nb[0];
+                    if at + esize > nbytes {
+                        return Err("an element lies outside its input tensor".into());
+                    }
+                    // SAFETY: as above, for one element of `esize` bytes at `at`.
+                    unsafe { sys::ggml_backend_tensor_get(t, chunk.as_mut_ptr().cast(), at, esize) }
+                }
+            }
+            let values: Vec<f32> = match esize {
+                4 => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                _ => raw
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            };
+            out.push(values);
+        }
+        self.rows[slot] = Some(out);
+        Ok(())
+    }
+}
+
+/// llama.cpp's `cb_eval`: wants exactly the requested down projections and copies their inputs.
+/// Returns, when asked, whether the node is wanted; afterwards, whether to go on (always).
+///
+/// # Safety
+/// `user_data` must be null or the [`Capture`] of the context being decoded, with no other
+/// reference to it alive; `t` must be null or a node of the graph being computed.
+unsafe extern "C" fn on_node(t: *mut sys::ggml_tensor, ask: bool, user_data: *mut c_void) -> bool {
+    if t.is_null() || user_data.is_null() {
+        return !ask;
+    }
+    // Never unwind into C: a panic declines the node (or goes on) and is reported as an error.
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: by the contract above, user_data is the context's Capture and the Tracer that
+        // owns it holds no reference to it during the decode that calls back here (it only
+        // touches it between decodes), and llama.cpp calls back from the decoding thread only.
+        let cap = unsafe { &mut *user_data.cast::<Capture>() };
+        // SAFETY: t is a non-null node of the graph being computed.
+        let node = unsafe { &*t };
+        if !cap.armed {
+            return !ask;
+        }
+        let Some(slot) = cap.slot_of(node) else {
+            return !ask;
+        };
+        if ask {
+            return true;
+        }
+        if let Err(e) = cap.read(slot, node.src[1]) {
+            let name = String::from_utf8_lossy(&cap.weights[slot]).into_owned();
+            cap.error.get_or_insert(format!("{name}: {e}"));
+        }
+        true
+    }));
+    run.unwrap_or_else(|_| {
+        // SAFETY: as above; the closure that held the reference has unwound.
+        let cap = unsafe { &mut *user_data.cast::<Capture>() };
+        cap.error
+            .get_or_insert("the trace callback panicked".to_string());
+        !ask
+    })
+}
+
+/// A batch from `llama_batch_init`, freed on drop.
+struct Batch(sys::llama_batch);
+
+impl Batch {
+    /// One sequence of `tokens` at positions 0.., with outputs where `outputs` says.
+    fn new(tokens: &[u32], outputs: &[usize]) -> Batch {
+        let n = tokens.len();
+        // SAFETY: plain allocation; n ≥ 1 (callers check) and one sequence per token.
+        let raw = unsafe { sys::llama_batch_init(n as i32, 0, 1) };
+        let mut batch = Batch(raw);
+        let b = &mut batch.0;
+        for (i, &tok) in tokens.iter().enumerate() {
+            // SAFETY: llama_batch_init(n, 0, 1) allocated `token`, `pos`, `n_seq_id`, `logits`
+            // with n entries and `seq_id` with n pointers to one id each; i < n.
+            unsafe {
+                *b.token.add(i) = tok as sys::llama_token;
+                *b.pos.add(i) = i as sys::llama_pos;
+                *b.n_seq_id.add(i) = 1;
+                *(*b.seq_id.add(i)) = 0;
+                *b.logits.add(i) = i8::from(outputs.binary_search(&i).is_ok());
+            }
+        }
+        b.n_tokens = n as i32;
+        batch
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: the batch came from llama_batch_init and is freed once, here.
+        unsafe { sys::llama_batch_free(self.0) }
+    }
+}
+
+/// A GGUF model loaded by llama.cpp with a context whose decodes can be traced. Owns the raw
+/// model, its context, the callback's user data and the applied adapter; frees them on drop.
+pub struct Tracer {
+    path: PathBuf,
+    model: NonNull<sys::llama_model>,
+    ctx: NonNull<sys::llama_context>,
+    /// From `Box::into_raw`; `cb_eval_user_data` of `ctx`. Freed in drop after `ctx`.
+    capture: NonNull<Capture>,
+    /// The applied adapter, if any.
+    adapter: Option<NonNull<sys::llama_adapter_lora>>,
+    layers: Vec<Ff2>,
+    n_vocab: usize,
+    max_tokens: usize,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer")
+            .field("path", &self.path)
+            .field("n_layer", &self.layers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Each layer's FFN as the file's tensor names show it.
+fn ff2_kinds(g: &GgufFile, n_layer: usize) -> Vec<Ff2> {
+    (0..n_layer)
+        .map(|l| {
+            let name = |suffix: &str| format!("blk.{l}.{suffix}");
+            let experts = ["ffn_down_exps.weight", "ffn_gate_inp.weight"]
+                .into_iter()
+                .map(name)
+                .find(|n| g.tensor(n).is_some());
+            match (experts, g.tensor(&name("ffn_down.weight")).is_some()) {
+                (Some(t), _) => Ff2::Experts(t),
+                (None, true) => Ff2::Dense,
+                (None, false) => Ff2::Missing,
+            }
+        })
+        .collect()
+}
+
+impl Tracer {
+    /// Loads `path` on the CPU with a tracing context (512 tokens, F32 KV cache, flash
+    /// attention off, [`decode_threads`] threads, like [`crate::runtime::LlamaRuntime`]'s
+    /// sessions). Fails, naming the file, when no layer has a dense down projection.
+    pub fn load(path: &Path) -> Result<Tracer> {
+        let g = GgufFile::open(path)?;
+        let arch = g
+            .get_str("general.architecture")
+            .map_err(|e| e.in_file(path))?;
+        let n_layer = g
+            .get_u64(&format!("{arch}.block_count"))
+            .map_err(|e| e.in_file(path))? as usize;
+        let layers = ff2_kinds(&g, n_layer);
+        drop(g);
+        if !layers.contains(&Ff2::Dense) {
+            if let Some(problem) = layer_problem(&layers, 0) {
+                return Err(problem.in_file(path));
+            }
+        }
+        backend()?;
+        let cpath = path
+            .to_str()
+            .and_then(|s| CString::new(s).ok())
+            .ok_or_else(|| Error::Invalid(format!("{}: not a valid UTF-8 path", path.display())))?;
+        // SAFETY: returns a plain struct of defaults.
+        let mut mparams = unsafe { sys::llama_model_default_params() };
+        mparams.n_gpu_layers = 0;
+        // SAFETY: the backend is initialized (above), `cpath` is a NUL-terminated path that
+        // outlives the call, and the params are llama.cpp's defaults with the GPU layers off.
+        let model = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), mparams) };
+        let model = NonNull::new(model).ok_or_else(|| {
+            Error::Runtime(format!(
+                "{}: llama.cpp could not load this model (its architecture or hyperparameters are not ones the pinned llama.cpp accepts)",
+                path.display()
+            ))
+        })?;
+        // SAFETY: `model` is a live model; the vocabulary belongs to it.
+        let (n_vocab, n_ctx_train, n_layer_cpp) = unsafe {
+            (
+                sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(model.as_ptr())),
+                sys::llama_model_n_ctx_train(model.as_ptr()),
+                sys::llama_model_n_layer(model.as_ptr()),
+            )
+        };
+        // SAFETY: Box::into_raw never returns null.
+        let capture = unsafe { NonNull::new_unchecked(Box::into_raw(Box::<Capture>::default())) };
+        let threads = decode_threads();
+        // SAFETY: returns a plain struct of defaults.
+        let mut cparams = unsafe { sys::llama_context_default_params() };
+        cparams.n_ctx = SESSION_CTX;
+        cparams.n_batch = SESSION_CTX;
+        cparams.n_ubatch = SESSION_CTX;
+        cparams.n_seq_max = 1;
+        cparams.n_threads = threads;
+        cparams.n_threads_batch = threads;
+        cparams.type_k = sys::GGML_TYPE_F32;
+        cparams.type_v = sys::GGML_TYPE_F32;
+        cparams.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        cparams.cb_eval = Some(on_node);
+        cparams.cb_eval_user_data = capture.as_ptr().cast();
+        // SAFETY: `model` is live and outlives the context (both owned by the Tracer, the
+        // context freed first); the user data is the heap Capture, freed after the context.
+        let ctx = unsafe { sys::llama_init_from_model(model.as_ptr(), cparams) };
+        let Some(ctx) = NonNull::new(ctx) else {
+            // SAFETY: no context uses them; each is freed once, here.
+            unsafe {
+                sys::llama_model_free(model.as_ptr());
+                drop(Box::from_raw(capture.as_ptr()));
+            }
+            return Err(Error::Runtime(format!(
+                "{}: llama.cpp could not create a context",
+                path.display()
+            )));
+        };
+        let tracer = Tracer {
+            path: path.to_path_buf(),
+            model,
+            ctx,
+            capture,
+            adapter: None,
+            layers,
+            n_vocab: n_vocab.max(0) as usize,
+            max_tokens: match n_ctx_train {
+                n if n > 0 => (n as usize).min(SESSION_CTX as usize),
+                _ => SESSION_CTX as usize,
+            },
+        };
+        if n_layer_cpp.max(0) as usize != tracer.layers.len() {
+            return Err(Error::Runtime(format!(
+                "{}: llama.cpp sees {n_layer_cpp} layers, the file's metadata {}",
+                path.display(),
+                tracer.layers.len()
+            )));
+        }
+        Ok(tracer)
+    }
+
+    /// The model file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of layers.
+    pub fn n_layer(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Vocabulary size.
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    /// Applies `deltas` (edits of `arch`'s FF2) to every later decode as a LoRA adapter at scale
+    /// 1, replacing the one applied before; no deltas removes it. llama.cpp reads the model's
+    /// weights from the file, so this is how earlier edits of a sequence reach the trace.
+    pub fn apply_deltas(&mut self, arch: Arch, deltas: &[Delta]) -> Result<()> {
+        if deltas.is_empty() {
+            return self.set_adapter(None);
+        }
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "backlens-trace-adapter-{}-{n}.gguf",
+            std::process::id()
+        ));
+        let claim = OutputClaim::new(&path, OutputKind::File, &[], false)?;
+        // Staged only: llama.cpp reads it into memory, and dropping it removes the file.
+        let staged = lora::adapter_plan(arch, deltas, &[]).write_to(claim.stage_file()?)?;
+        self.set_adapter(Some(staged.path()))
+    }
+
+    /// Applies the LoRA adapter GGUF at `path` at scale 1 (None: no adapter). Private: only
+    /// adapters backlens wrote itself are handed to llama.cpp (it aborts on some malformed ones).
+    fn set_adapter(&mut self, path: Option<&Path>) -> Result<()> {
+        let new = match path {
+            None => None,
+            Some(p) => {
+                let cpath = p
+                    .to_str()
+                    .and_then(|s| CString::new(s).ok())
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("{}: not a valid UTF-8 path", p.display()))
+                    })?;
+                // SAFETY: the model is live; `cpath` is NUL-terminated and outlives the call.
+                let a =
+                    unsafe { sys::llama_adapter_lora_init(self.model.as_ptr(), cpath.as_ptr()) };
+                Some(NonNull::new(a).ok_or_else(|| {
+                    Error::Runtime(format!(
+                        "{}: llama.cpp could not load this adapter for {}",
+                        p.display(),
+                        self.path.display()
+                    ))
+                })?)
+            }
+        };
+        let mut list: Vec<*mut sys::llama_adapter_lora> = new.iter().map(|a| a.as_ptr()).collect();
+        let mut scales = vec![1f32; list.len()];
+        let (lp, sp) = match list.is_empty() {
+            true => (std::ptr::null_mut(), std::ptr::null_mut()),
+            false => (list.as_mut_ptr(), scales.as_mut_ptr()),
+        };
+        // SAFETY: the context is live; `lp`/`sp` hold `list.len()` entries (or are both null
+        // with a count of 0, which llama.cpp accepts), and the new adapter belongs to this
+        // context's model. The context no longer uses the old adapter after this call.
+        let rc = unsafe { sys::llama_set_adapters_lora(self.ctx.as_ptr(), lp, list.len(), sp) };
+        let old = std::mem::replace(&mut self.adapter, new);
+        if let Some(old) = old {
+            // SAFETY: loaded by this Tracer, no longer applied to the context, freed once here.
+            unsafe { sys::llama_adapter_lora_free(old.as_ptr()) }
+        }
+        match rc {
+            0 => Ok(()),
+            rc => Err(Error::Runtime(format!(
+                "{}: applying an adapter failed ({rc})",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// One decode of `tokens`: FF2's input at `layers` at the last position, and the logits.
+    pub fn last_position(&mut self, tokens: &[u32], layers: &[usize]) -> Result<Traced> {
+        let last = tokens.len().saturating_sub(1);
+        let rows = self.trace(tokens, layers, &[last])?;
+        Ok(Traced {
+            logits: rows.logits,
+            ff2_in: rows
+                .ff2_in
+                .into_iter()
+                .map(|mut at| at.pop().unwrap_or_default())
+                .collect(),
+        })
+    }
+
+    /// One decode of `tokens` (from an empty KV cache): FF2's input at each of `layers` at each
+    /// of `positions` (indices into `tokens`), and the logits after the last token.
+    pub fn trace(
+        &mut self,
+        tokens: &[u32],
+        layers: &[usize],
+        positions: &[usize],
+    ) -> Result<TracedRows> {
+        self.check_request(tokens, layers, positions)?;
+        let mut wanted: Vec<usize> = positions.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let last = tokens.len() - 1;
+        let mut outputs = wanted.clone();
+        if outputs.last() != Some(&last) {
+            outputs.push(last);
+        }
+        {
+            let cap = self.capture_mut();
+            *cap = Capture {
+                armed: true,
+                weights: layers
+                    .iter()
+                    .map(|l| crate::arch::ff2_weight(*l).into_bytes())
+                    .collect(),
+                positions: wanted.clone(),
+                outputs: outputs.clone(),
+                n_tokens: tokens.len(),
+                rows: vec![None; layers.len()],
+                error: None,
+            };
+        }
+        let batch = Batch::new(tokens, &outputs);
+        // SAFETY: the context is live and its memory belongs to it.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
+        // SAFETY: the context and the batch are live; the batch holds `tokens.len()` ≤ n_batch
+        // tokens of sequence 0 with valid ids (checked). No reference to the Capture is alive
+        // during the call, so the callback's exclusive access to it is sound.
+        let rc = unsafe { sys::llama_decode(self.ctx.as_ptr(), batch.0) };
+        drop(batch);
+        let cap = std::mem::take(self.capture_mut());
+        if rc != 0 {
+            return Err(Error::Runtime(format!(
+                "{}: decode failed ({rc})",
+                self.path.display()
+            )));
+        }
+        if let Some(e) = cap.error {
+            return Err(Error::Runtime(format!(
+                "{}: tracing FF2's input: {e}",
+                self.path.display()
+            )));
+        }
+        let logits = self.logits(last)?;
+        let mut ff2_in = Vec::with_capacity(layers.len());
+        for (&layer, got) in layers.iter().zip(cap.rows) {
+            let Some(got) = got else {
+                return Err(Error::Invalid(format!(
+                    "layer {layer}: llama.cpp's graph has no matrix product with {} (its FFN is not one dense down projection)",
+                    crate::arch::ff2_weight(layer)
+                ))
+                .in_file(&self.path));
+            };
+            if let Some(bad) = got.iter().flatten().find(|v| !v.is_finite()) {
+                return Err(Error::Numeric(format!(
+                    "layer {layer}: FF2's input holds {bad} (the model's weights or an applied edit hold NaN or Inf)"
+                ))
+                .in_file(&self.path));
+            }
+            // Back to the caller's order of positions (which may repeat or be unsorted).
+            let rows = positions
+                .iter()
+                .map(|p| got[wanted.binary_search(p).expect("position captured")].clone())
+                .collect();
+            ff2_in.push(rows);
+        }
+        Ok(TracedRows { logits, ff2_in })
+    }
+
+    /// Fails for anything the decode or the trace could not take.
+    fn check_request(&self, tokens: &[u32], layers: &[usize], positions: &[usize]) -> Result<()> {
+        let bad = |e: Error| Err(e.in_file(&self.path));
+        if tokens.is_empty() {
+            return bad(Error::BadRequest("the prompt tokenizes to nothing".into()));
+        }
+        if tokens.len() > self.max_tokens {
+            return bad(Error::BadRequest(format!(
+                "{} tokens: the tracer takes 1 to {}",
+                tokens.len(),
+                self.max_tokens
+            )));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.n_vocab) {
+            return bad(Error::BadRequest(format!(
+                "token id {t} is past the model's vocabulary of {}",
+                self.n_vocab
+            )));
+        }
+        if let Some(p) = positions.iter().find(|&&p| p >= tokens.len()) {
+            return bad(Error::BadRequest(format!(
+                "position {p} is past the {} tokens of the prompt",
+                tokens.len()
+            )));
+        }
+        for (i, &layer) in layers.iter().enumerate() {
+            if layer >= self.layers.len() {
+                return bad(Error::LayerOutOfRange {
+                    layer,
+                    n_layer: self.layers.len(),
+                });
+            }
+            if layers[..i].contains(&layer) {
+                return bad(Error::Invalid(format!("layer {layer} is asked for twice")));
+            }
+            if let Some(e) = layer_problem(&self.layers, layer) {
+                return bad(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Logits after batch position `i` of the last decode.
+    fn logits(&mut self, i: usize) -> Result<Vec<f32>> {
+        // SAFETY: the context is live and position i was an output of its last decode.
+        let p = unsafe { sys::llama_get_logits_ith(self.ctx.as_ptr(), i as i32) };
+        if p.is_null() {
+            return Err(Error::Runtime(format!(
+                "{}: no logits at position {i}",
+                self.path.display()
+            )));
+        }
+        // SAFETY: llama.cpp's logits row for one output holds n_vocab floats and stays valid
+        // until the next decode; it is copied before any.
+        let row = unsafe { std::slice::from_raw_parts(p, self.n_vocab) }.to_vec();
+        if let Some(i) = row.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Numeric(format!(
+                "llama.cpp gives logit {i} = {}: the model's weights (or an applied edit) hold NaN or Inf",
+                row[i]
+            ))
+            .in_file(&self.path));
+        }
+        Ok(row)
+    }
+
+    fn capture_mut(&mut self) -> &mut Capture {
+        // SAFETY: the pointer comes from Box::into_raw and lives until drop. llama.cpp touches
+        // it only inside llama_decode, which runs only inside `&mut self` methods while no
+        // reference from here is alive; `&mut self` makes this reference the only one.
+        unsafe { self.capture.as_mut() }
+    }
+}
+
+/// Why `layer` cannot be traced, if it cannot.
+fn layer_problem(layers: &[Ff2], layer: usize) -> Option<Error> {
+    match layers.get(layer)? {
+        Ff2::Dense => None,
+        Ff2::Experts(t) => Some(Error::Invalid(format!(
+            "layer {layer} has a mixture-of-experts FFN ({t}): forward-pass shifting needs one dense down projection"
+        ))),
+        Ff2::Missing => Some(Error::Invalid(format!(
+            "layer {layer} has no down projection ({}): forward-pass shifting edits that tensor",
+            crate::arch::ff2_weight(layer)
+        ))),
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        // SAFETY: each pointer was created by this Tracer and is freed once, in this order: the
+        // context (the only user of the adapter and of the Capture), the adapter, the model (which
+        // the adapter and context borrowed), then the Capture from its Box.
+        unsafe {
+            sys::llama_free(self.ctx.as_ptr());
+            if let Some(a) = self.adapter.take() {
+                sys::llama_adapter_lora_free(a.as_ptr());
+            }
+            sys::llama_model_free(self.model.as_ptr());
+            drop(Box::from_raw(self.capture.as_ptr()));
+        }
+    }
+}
