@@ -21,6 +21,7 @@ pub mod provenance;
 pub mod report;
 pub mod runtime;
 pub mod source;
+pub mod support;
 pub mod tokenizer;
 pub mod trace;
 pub mod weights;

@@ -2,7 +2,8 @@
 
 use super::print_json;
 use anyhow::Result;
-use backlens::source::{Capabilities, ModelSource};
+use backlens::source::ModelSource;
+use backlens::support::Capabilities;
 use backlens::tokenizer::Tokenizer;
 use serde::Serialize;
 use std::path::PathBuf;
