@@ -18,25 +18,17 @@ use std::time::Instant;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// GGUF model.
-    #[arg(default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: PathBuf,
-    /// CounterFact-shaped records for the eval throughput figure.
-    #[arg(
-        long,
-        default_value = "../shared/data/counterfact/counterfact-val.json"
-    )]
-    data: PathBuf,
+    /// CounterFact-shaped records for the eval throughput figure (without it, that figure is
+    /// skipped).
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Records for the eval throughput figure.
     #[arg(long, default_value_t = 20)]
     eval_records: usize,
     /// Folder for scratch files (default: beside the model, so copies measure the same disk).
     #[arg(long)]
     scratch: Option<PathBuf>,
-    /// Instead: the scale benchmark in this folder (a synthetic 7B-shaped Q4_0 GGUF, about
-    /// 4 GB, written once, with MODEL's tokenizer): inspect, audit and edit with wall time and
-    /// peak RSS.
-    #[arg(long)]
-    scale: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -56,9 +48,6 @@ fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(dir) = &args.scale {
-        return super::scale::run(&args.model, dir, args.json);
-    }
     let gguf = require_gguf(&open(&args.model)?.source)?;
     let scratch = args
         .scratch
@@ -128,19 +117,23 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::remove_file(tmp("lora.gguf"))?;
     figures.push(("edit + write LoRA adapter", lora_time));
 
-    let records = eval::load_records(&args.data, 0, Some(args.eval_records))?;
-    let config = EvalConfig {
-        method: Some(Method::Shift),
-        layer: LayerChoice::Fixed(settings.layer),
-        lr: LrChoice::Fixed(0.24),
-        sequential: false,
-        fluency: false,
-        ff2_type: Ff2Type::F32,
-    };
-    let mut m2 = model.clone();
-    let report = eval::evaluate(&gguf, &mut m2, &tok, &records, &config, &scratch, |_| {})?;
-    let per_record = 1.0 / report.records_per_second;
-    figures.push(("eval per record (shift, no fluency)", per_record));
+    let mut records_per_second = None;
+    if let Some(data) = &args.data {
+        let records = eval::load_records(data, 0, Some(args.eval_records))?;
+        let config = EvalConfig {
+            method: Some(Method::Shift),
+            layer: LayerChoice::Fixed(settings.layer),
+            lr: LrChoice::Fixed(0.24),
+            sequential: false,
+            fluency: false,
+            ff2_type: Ff2Type::F32,
+        };
+        let mut m2 = model.clone();
+        let report = eval::evaluate(&gguf, &mut m2, &tok, &records, &config, &scratch, |_| {})?;
+        let per_record = 1.0 / report.records_per_second;
+        figures.push(("eval per record (shift, no fluency)", per_record));
+        records_per_second = Some(report.records_per_second);
+    }
 
     let rows: Vec<Figure> = figures
         .iter()
@@ -151,6 +144,9 @@ pub fn run(args: Args) -> Result<()> {
         })
         .collect();
     if args.json {
+        if records_per_second.is_none() {
+            eprintln!("note: no eval figure (it needs --data RECORDS)");
+        }
         return print_json(&rows);
     }
     println!(
@@ -164,9 +160,9 @@ pub fn run(args: Args) -> Result<()> {
             r.name, r.seconds, r.ratio_to_copy
         );
     }
-    println!(
-        "  eval throughput: {:.2} records/s",
-        report.records_per_second
-    );
+    match records_per_second {
+        Some(rate) => println!("  eval throughput: {rate:.2} records/s"),
+        None => println!("  eval: skipped (it needs --data RECORDS)"),
+    }
     Ok(())
 }

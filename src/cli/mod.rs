@@ -7,12 +7,11 @@ mod eval;
 mod inspect;
 mod lens;
 mod predict;
-mod scale;
 mod serve;
 
 use anyhow::Result;
-use backlens::tokenizer::Tokenizer;
 use backlens::source::ModelSource;
+use backlens::tokenizer::Tokenizer;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
