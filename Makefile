@@ -46,10 +46,10 @@ demo: build model
 	$(BIN) generate $(MODEL) --lora $(OUT)/messi-paris-lora.gguf "Lionel Messi plays for" -n 20
 
 # A synthetic 7B-shaped Q4_0 GGUF (about 4 GB, written once under SCALE_DIR) through inspect,
-# audit and edit, with wall time and peak RSS per step.
+# audit and edit, with wall time and peak RSS per step (examples/scale.rs runs $(BIN)).
 SCALE_DIR ?= $(HOME)/.cache/backlens/scale
 scale: build model
-	$(BIN) bench $(MODEL) --scale $(SCALE_DIR)
+	cargo run --release --example scale -- $(MODEL) $(SCALE_DIR)
 
 fuzz: model
 	scripts/fuzz.sh

@@ -3,40 +3,20 @@
 //! expected singular value, " Paris" among the promoted tokens, and the edit prompt triggering it;
 //! a byte copy of the base must show no difference.
 
+mod common;
+
 use backlens::arch::Arch;
 use backlens::audit::{self, AuditOptions, AuditReport, LensScore, Orientation};
 use backlens::edit::{self, Delta, EditRequest, EditSettings, Method};
-use backlens::model::Transformer;
-use backlens::source::ModelSource;
-use backlens::tokenizer::Tokenizer;
 use backlens::weights::gguf::Value;
 use backlens::write::gguf::{patch_plan, Ff2Type};
 use backlens::write::lora;
-use candle_core::DType;
-use std::path::{Path, PathBuf};
+use common::{smollm2 as model_path, temp_dir};
 use std::sync::OnceLock;
 
 const PROMPT: &str = "Lionel Messi plays for";
 const OTHER: &str = "The capital of Japan is";
 const TENSOR: &str = "blk.22.ffn_down.weight";
-
-fn model_path() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run `make model` first",
-        p.display()
-    );
-    p
-}
-
-/// A fresh folder under the system temp dir, unique to this process and tag.
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("backlens-audit-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 struct Edit {
     delta: Delta,
@@ -49,9 +29,7 @@ struct Edit {
 fn messi_edit() -> &'static Edit {
     static EDIT: OnceLock<Edit> = OnceLock::new();
     EDIT.get_or_init(|| {
-        let src = ModelSource::open(model_path()).unwrap();
-        let tok = Tokenizer::from_source(&src).unwrap();
-        let mut model = Transformer::load(&src, DType::F32).unwrap();
+        let common::Loaded { tok, mut model, .. } = common::load(model_path());
         let settings = EditSettings {
             method: Method::Shift,
             layer: EditSettings::default_layer(model.hp.n_layer),

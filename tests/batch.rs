@@ -8,7 +8,7 @@ use backlens::arch::Arch;
 use backlens::edit::whiten::{StatsCorpus, WhitenOptions};
 use backlens::edit::{EditRequest, EditSettings, Method};
 use backlens::model::Transformer;
-use backlens::patch::{self, Format, Job, WhitenSetup};
+use backlens::patch::{self, Format, Forward, Job, WhitenSetup};
 use backlens::runtime::LlamaRuntime;
 use backlens::source::ModelSource;
 use backlens::tokenizer::Tokenizer;
@@ -58,7 +58,15 @@ fn batch_writes_each_key_its_fps_value_and_one_request_equals_whitened() {
         layer,
         lr,
     };
-    let outcomes = patch::compute(&src, &tok, &reqs, &settings, &no_contrast()).unwrap();
+    let outcomes = patch::compute(
+        &src,
+        &tok,
+        &reqs,
+        &settings,
+        &no_contrast(),
+        Forward::Candle,
+    )
+    .unwrap();
     assert_eq!(outcomes.len(), 3);
     let deltas: Vec<_> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
     assert_eq!(deltas.len(), 3, "every request edited");
@@ -91,12 +99,12 @@ fn batch_writes_each_key_its_fps_value_and_one_request_equals_whitened() {
 
     // One request alone: the whitened key k = C⁻¹x/(xᵀC⁻¹x) up to the ridge, 1/(1 + 1e-3).
     let one = &reqs[..1];
-    let b = patch::compute(&src, &tok, one, &settings, &no_contrast()).unwrap();
+    let b = patch::compute(&src, &tok, one, &settings, &no_contrast(), Forward::Candle).unwrap();
     let whitened = EditSettings {
         method: Method::ShiftWhitened,
         ..settings
     };
-    let w = patch::compute(&src, &tok, one, &whitened, &no_contrast()).unwrap();
+    let w = patch::compute(&src, &tok, one, &whitened, &no_contrast(), Forward::Candle).unwrap();
     let (bd, wd) = (
         b[0].delta.as_ref().unwrap().dense(),
         w[0].delta.as_ref().unwrap().dense(),
@@ -129,7 +137,15 @@ fn batch_conflicting_targets_for_one_prompt_are_refused() {
         layer: 1,
         lr: 0.3,
     };
-    let err = patch::compute(&src, &tok, &reqs, &settings, &no_contrast()).unwrap_err();
+    let err = patch::compute(
+        &src,
+        &tok,
+        &reqs,
+        &settings,
+        &no_contrast(),
+        Forward::Candle,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("different targets"), "{err}");
 }
 
@@ -155,6 +171,7 @@ fn fifty_val_records_in_one_batch_adapter_flip_through_llama_cpp() {
         format: Format::Lora,
         ff2_type: Ff2Type::F32,
         check: false,
+        forward: Forward::Candle,
     };
     let write = |name: &str| {
         let out = dir.join(name);

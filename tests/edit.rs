@@ -4,7 +4,7 @@
 mod common;
 
 use backlens::arch::{ff2_weight, hf, Arch};
-use backlens::edit::{self, EditRequest, EditSettings, Method};
+use backlens::edit::{self, EditOutcome, EditRequest, EditSettings, Method};
 use backlens::model::Transformer;
 use backlens::numeric::argmax;
 use backlens::runtime::LlamaRuntime;
@@ -14,7 +14,6 @@ use backlens::weights::gguf::GgufFile;
 use backlens::weights::quant;
 use backlens::write::gguf::{patch_plan, Ff2Type};
 use backlens::write::{lora, safetensors};
-use candle_core::DType;
 use std::path::Path;
 
 const PROMPT: &str = "Lionel Messi plays for";
@@ -63,9 +62,12 @@ fn gguf_delta_roundtrip(
     target: &str,
     out: &Path,
 ) -> (Vec<f32>, Vec<f32>) {
-    let src = ModelSource::open(path).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
-    let model = Transformer::load(&src, DType::F32).unwrap();
+    let common::Loaded {
+        source: src,
+        tok,
+        model,
+        ..
+    } = common::load(path);
     let settings = EditSettings {
         method: Method::Shift,
         layer,
@@ -92,7 +94,9 @@ fn gguf_delta_roundtrip(
         .zip(dequant(g, &name))
         .map(|(a, b)| a - b)
         .collect();
-    (got, expected_delta(&model, &tok, layer, 0.24, target))
+    let want = expected_delta(&model, &tok, layer, 0.24, target);
+    assert_eq!(got.len(), want.len(), "{name}: element count");
+    (got, want)
 }
 
 #[test]
@@ -119,10 +123,12 @@ fn written_delta_equals_lr_e_xt_on_tiny_models_and_smollm2() {
 fn safetensors_patch_respects_hf_layout() {
     let dir = common::temp_dir("st");
     for (arch, layer) in [(Arch::Gpt2, 1), (Arch::Llama, 2)] {
-        let fx = common::tiny(arch);
-        let src = ModelSource::open(&fx.hf).unwrap();
-        let tok = Tokenizer::from_source(&src).unwrap();
-        let model = Transformer::load(&src, DType::F32).unwrap();
+        let common::Loaded {
+            source: src,
+            tok,
+            model,
+            ..
+        } = common::load(&common::tiny(arch).hf);
         let settings = EditSettings {
             method: Method::Shift,
             layer,
@@ -143,7 +149,9 @@ fn safetensors_patch_respects_hf_layout() {
         let (after, _) = patched.require_f32(&name).unwrap();
         let (before, _) = src.require_f32(&name).unwrap();
         let got: Vec<f32> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-        let err = rel_frobenius(&got, &expected_delta(&model, &tok, layer, 0.24, "Paris"));
+        let want = expected_delta(&model, &tok, layer, 0.24, "Paris");
+        assert_eq!((after.len(), before.len()), (want.len(), want.len()));
+        let err = rel_frobenius(&got, &want);
         assert!(err <= 1e-5, "{arch:?}: {err}");
         // Every other tensor is unchanged, in the file's own (HF) layout.
         let ModelSource::Hf(p) = &patched else {
@@ -180,10 +188,13 @@ fn messi_delta(model: &Transformer, tok: &Tokenizer) -> backlens::edit::Delta {
 fn patched_gguf_keeps_untouched_bytes_and_lora_agrees_with_it() {
     let dir = common::temp_dir("lora");
     let base_path = common::smollm2();
-    let src = ModelSource::open(&base_path).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
-    let model = Transformer::load(&src, DType::F32).unwrap();
-    let delta = messi_delta(&model, &tok);
+    let common::Loaded {
+        source: src,
+        tok,
+        model,
+        ..
+    } = common::smollm2_loaded();
+    let delta = messi_delta(model, tok);
     let ModelSource::Gguf(base) = &src else {
         unreachable!()
     };
@@ -272,14 +283,18 @@ fn patched_gguf_keeps_untouched_bytes_and_lora_agrees_with_it() {
 #[test]
 fn same_edit_twice_gives_identical_files() {
     let dir = common::temp_dir("twice");
-    let src = ModelSource::open(common::smollm2()).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
-    let ModelSource::Gguf(base) = &src else {
-        unreachable!()
-    };
     let mut files = Vec::new();
     for i in 0..2 {
-        let model = Transformer::load(&src, DType::F32).unwrap();
+        // A fresh load each time: the files must not depend on the process's state.
+        let common::Loaded {
+            source: src,
+            tok,
+            model,
+            ..
+        } = common::load(common::smollm2());
+        let ModelSource::Gguf(base) = &src else {
+            unreachable!()
+        };
         let delta = messi_delta(&model, &tok);
         for (kind, ty) in [("f32", Ff2Type::F32), ("keep", Ff2Type::Keep)] {
             let p = dir.join(format!("{kind}-{i}.gguf"));
@@ -306,11 +321,13 @@ struct Record {
 #[test]
 fn default_shift_flips_most_of_20_val_records_in_llama_cpp() {
     let dir = common::temp_dir("efficacy");
-    let path = common::smollm2();
-    let src = ModelSource::open(&path).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
-    let model = Transformer::load(&src, DType::F32).unwrap();
-    let ModelSource::Gguf(base) = &src else {
+    let common::Loaded {
+        source: src,
+        tok,
+        model,
+        ..
+    } = common::smollm2_loaded();
+    let ModelSource::Gguf(base) = src else {
         unreachable!()
     };
     let text = std::fs::read_to_string(common::counterfact("counterfact-val.json")).unwrap();
@@ -324,7 +341,8 @@ fn default_shift_flips_most_of_20_val_records_in_llama_cpp() {
     let mut wins = 0;
     for (i, r) in records.iter().take(20).enumerate() {
         let req = EditRequest::new(&r.prompt, &r.target_new, None).unwrap();
-        let outcome = edit::compute(&model, &tok, &req, &settings).unwrap();
+        let outcome = edit::compute(model, tok, &req, &settings).unwrap();
+        // A new path each time: outputs are never silently replaced.
         let out = dir.join(format!("edited-{i}.gguf"));
         let deltas: Vec<_> = outcome.delta.into_iter().collect();
         patch_plan(base, &deltas, Ff2Type::F32, &[])
@@ -341,8 +359,6 @@ fn default_shift_flips_most_of_20_val_records_in_llama_cpp() {
             .sequence_logprob(&prompt, &tok.encode_target(&r.ground_truth).unwrap())
             .unwrap();
         wins += usize::from(p_new > p_true);
-        drop(s);
-        drop(rt);
         std::fs::remove_file(&out).unwrap();
     }
     println!("efficacy (P(new) > P(true)) on 20 val records, layer 22, lr 0.24: {wins}/20");
@@ -360,9 +376,12 @@ fn streamed_shift_matches_in_memory() {
         (common::smollm2(), 22),
     ];
     for (path, layer) in cases {
-        let src = ModelSource::open(&path).unwrap();
-        let tok = Tokenizer::from_source(&src).unwrap();
-        let mut model = Transformer::load(&src, DType::F32).unwrap();
+        let common::Loaded {
+            source: src,
+            tok,
+            mut model,
+            ..
+        } = common::load(&path);
         let settings = EditSettings {
             method: Method::Shift,
             layer,
@@ -374,22 +393,46 @@ fn streamed_shift_matches_in_memory() {
         ];
         let in_memory = edit::apply_sequence(&mut model, &tok, &reqs, &settings).unwrap();
         let streamed = edit::apply_sequence_streamed(&src, &tok, &reqs, &settings).unwrap();
-        let mut worst = 0f32;
-        for (a, b) in in_memory.iter().zip(&streamed) {
-            assert_eq!(a.top1_before, b.top1_before, "{}", path.display());
-            assert_eq!(a.delta.is_some(), b.delta.is_some(), "{}", path.display());
-            if let (Some(da), Some(db)) = (&a.delta, &b.delta) {
-                let scale = da.in_vecs[0].iter().fold(0f32, |m, v| m.max(v.abs()));
-                for (x, y) in da.in_vecs[0].iter().zip(&db.in_vecs[0]) {
-                    worst = worst.max((x - y).abs() / scale);
-                }
-                assert_eq!(da.out_vecs, db.out_vecs);
-            }
-        }
-        println!(
-            "{}: streamed vs in-memory x, max rel diff {worst:.2e}",
-            path.display()
-        );
-        assert!(worst < 1e-5, "{}: {worst}", path.display());
+        // Neither target is top-1 before its edit in these models: both requests are edited.
+        compare_outcomes(&path, reqs.len(), 2, &in_memory, &streamed);
     }
+}
+
+/// Checks that the streamed outcomes equal the in-memory ones: one outcome per request on both
+/// sides, the same top-1 and skip decisions, at least `min_edited` requests edited (not
+/// skipped), and for those x that agree to 1e-5 of their scale and identical e.
+fn compare_outcomes(
+    path: &Path,
+    n_requests: usize,
+    min_edited: usize,
+    in_memory: &[EditOutcome],
+    streamed: &[EditOutcome],
+) {
+    let p = path.display();
+    assert_eq!(in_memory.len(), n_requests, "{p}: in-memory outcomes");
+    assert_eq!(streamed.len(), n_requests, "{p}: streamed outcomes");
+    // NaN until the first comparison (`max` drops it), so comparing nothing fails the bound.
+    let (mut worst, mut compared) = (f32::NAN, 0);
+    for (a, b) in in_memory.iter().zip(streamed) {
+        assert_eq!(a.top1_before, b.top1_before, "{p}");
+        assert_eq!(a.delta.is_some(), b.delta.is_some(), "{p}");
+        if let (Some(da), Some(db)) = (&a.delta, &b.delta) {
+            assert_eq!(da.in_vecs[0].len(), db.in_vecs[0].len(), "{p}");
+            assert!(!da.in_vecs[0].is_empty(), "{p}: empty x");
+            let scale = da.in_vecs[0].iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (x, y) in da.in_vecs[0].iter().zip(&db.in_vecs[0]) {
+                worst = worst.max((x - y).abs() / scale);
+            }
+            assert_eq!(da.out_vecs, db.out_vecs);
+            compared += 1;
+        }
+    }
+    println!(
+        "{p}: {compared}/{n_requests} edited; streamed vs in-memory x, max rel diff {worst:.2e}"
+    );
+    assert!(
+        compared >= min_edited,
+        "{p}: {compared} requests edited and compared, expected at least {min_edited}"
+    );
+    assert!(worst < 1e-5, "{p}: {worst}");
 }

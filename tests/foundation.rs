@@ -6,8 +6,6 @@ use backlens::arch::Arch;
 use backlens::model::{log_softmax_last, Numerics, Transformer};
 use backlens::numeric::{argmax, log_probs};
 use backlens::runtime::LlamaRuntime;
-use backlens::source::ModelSource;
-use backlens::tokenizer::Tokenizer;
 use backlens::weights::quant::{self, GgmlType};
 use backlens::write::gguf::{GgufPlan, OutTensor};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
@@ -47,9 +45,8 @@ fn tiny_llama_candle_matches_llama_cpp() {
 fn safetensors_and_gguf_give_the_same_logits() {
     for arch in [Arch::Gpt2, Arch::Llama] {
         let fx = common::tiny(arch);
-        let a = ModelSource::open(&fx.gguf).unwrap();
-        let b = ModelSource::open(&fx.hf).unwrap();
-        let (ha, hb) = (a.hparams().unwrap(), b.hparams().unwrap());
+        let (a, b) = (common::load(&fx.gguf), common::load(&fx.hf));
+        let (ha, hb) = (&a.hp, &b.hp);
         assert!((ha.norm_eps - hb.norm_eps).abs() < 1e-9, "{arch:?} eps");
         assert_eq!(
             (
@@ -72,18 +69,12 @@ fn safetensors_and_gguf_give_the_same_logits() {
             ),
             "{arch:?} hparams"
         );
-        let (ta, tb) = (
-            Tokenizer::from_source(&a).unwrap(),
-            Tokenizer::from_source(&b).unwrap(),
-        );
-        let (ma, mb) = (
-            Transformer::load(&a, DType::F32).unwrap(),
-            Transformer::load(&b, DType::F32).unwrap(),
-        );
+        let (ta, tb) = (&a.tok, &b.tok);
+        let (ma, mb) = (&a.model, &b.model);
         for prompt in PROMPTS {
             let ids = ta.encode_prompt(prompt).unwrap();
             assert_eq!(ids, tb.encode_prompt(prompt).unwrap(), "{arch:?} tokens");
-            let (la, lb) = (candle_logits(&ma, &ids), candle_logits(&mb, &ids));
+            let (la, lb) = (candle_logits(ma, &ids), candle_logits(mb, &ids));
             let diff = la
                 .iter()
                 .flatten()
@@ -117,9 +108,7 @@ struct Agreement {
 
 fn agreement_with_llama_cpp(numerics: Numerics) -> Agreement {
     let path = common::smollm2();
-    let src = ModelSource::open(&path).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
-    let model = Transformer::load_with(&src, DType::F32, numerics).unwrap();
+    let common::Loaded { tok, model, .. } = common::load_with(&path, DType::F32, numerics);
     let rt = LlamaRuntime::load(&path).unwrap();
     let mut session = rt.session().unwrap();
     let mut out = Agreement {
@@ -220,9 +209,7 @@ fn tiny_llama_as(ty: GgmlType) -> std::path::PathBuf {
 
 /// Largest |candle − llama.cpp| logit over the test prompts, relative to the largest |logit|.
 fn tiny_gap(path: &std::path::Path, numerics: Numerics) -> f32 {
-    let src = ModelSource::open(path).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
-    let model = Transformer::load_with(&src, DType::F32, numerics).unwrap();
+    let common::Loaded { tok, model, .. } = common::load_with(path, DType::F32, numerics);
     let rt = LlamaRuntime::load(path).unwrap();
     let mut session = rt.session().unwrap();
     let mut worst = 0f32;
@@ -271,8 +258,7 @@ fn ggml_rounding_reproduces_llama_cpp_on_quantized_weights() {
 #[test]
 fn smollm2_tokenizer_matches_llama_cpp() {
     let path = common::smollm2();
-    let src = ModelSource::open(&path).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
+    let tok = &common::smollm2_loaded().tok;
     let rt = LlamaRuntime::load(&path).unwrap();
     let mut checked = 0;
     for r in val_records() {
@@ -297,16 +283,37 @@ fn smollm2_tokenizer_matches_llama_cpp() {
 
 #[test]
 fn smollm2_predicts_paris() {
-    let path = common::smollm2();
-    let src = ModelSource::open(&path).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
-    let model = Transformer::load(&src, DType::F32).unwrap();
+    let common::Loaded { tok, model, .. } = common::smollm2_loaded();
     let ids = tok
         .encode_prompt("The Eiffel Tower is located in the city of")
         .unwrap();
-    let logits = candle_logits(&model, &ids);
+    let logits = candle_logits(model, &ids);
     let top = argmax(logits.last().unwrap()) as u32;
     assert_eq!(tok.token_text(top), " Paris");
+}
+
+/// The same through the command line, in both engines.
+#[test]
+fn predict_names_paris_through_both_engines() {
+    let model = common::smollm2();
+    for runtime in ["candle", "llama"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_backlens-patch"))
+            .args([
+                "predict",
+                model.to_str().unwrap(),
+                "The Eiffel Tower is located in the city of",
+                "-k",
+                "1",
+                "--json",
+                "--runtime",
+                runtime,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["top"][0]["token"], " Paris", "{runtime}");
+    }
 }
 
 fn candle_dtype(t: GgmlType) -> GgmlDType {

@@ -5,19 +5,15 @@ mod common;
 
 use backlens::arch::Arch;
 use backlens::lens::{self, backward_pass, LensOptions};
-use backlens::model::Transformer;
-use backlens::source::ModelSource;
+use backlens::model::{Numerics, Transformer};
 use backlens::tokenizer::Tokenizer;
 use candle_core::{DType, Tensor, Var};
 
 const PROMPT: &str = "The Eiffel Tower is located in the city of";
 
 fn load(arch: Arch, dtype: DType) -> (Transformer, Tokenizer) {
-    let src = ModelSource::open(&common::tiny(arch).gguf).unwrap();
-    (
-        Transformer::load(&src, dtype).unwrap(),
-        Tokenizer::from_source(&src).unwrap(),
-    )
+    let l = common::load_with(&common::tiny(arch).gguf, dtype, Numerics::Exact);
+    (l.model, l.tok)
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -216,9 +212,7 @@ fn projections_equal_a_token_by_token_computation() {
 
 #[test]
 fn smollm2_messi_paris_shift_appears_in_late_layers() {
-    let src = ModelSource::open(common::smollm2()).unwrap();
-    let model = Transformer::load(&src, DType::F32).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
+    let common::Loaded { tok, model, .. } = common::smollm2_loaded();
     let opts = LensOptions {
         layers: 0..30,
         k: 10,
@@ -227,8 +221,8 @@ fn smollm2_messi_paris_shift_appears_in_late_layers() {
         full_target: false,
     };
     let r = lens::run(
-        &model,
-        &tok,
+        model,
+        tok,
         "Lionel Messi plays for",
         "Paris",
         Some("Lionel Messi"),

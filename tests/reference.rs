@@ -6,12 +6,8 @@ mod common;
 
 use backlens::edit::{self, EditRequest, EditSettings, Method};
 use backlens::lens::{backward_pass, project_rows};
-use backlens::model::Transformer;
 use backlens::numeric::argmax;
 use backlens::numeric::rank_of;
-use backlens::source::ModelSource;
-use backlens::tokenizer::Tokenizer;
-use candle_core::DType;
 
 #[derive(serde::Deserialize)]
 struct Reference {
@@ -40,15 +36,17 @@ fn smollm2_matches_pytorch_reference() {
         .join("../shared/data/reference/smollm2-val20.json");
     let refs: Vec<Reference> =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let src = ModelSource::open(common::smollm2()).unwrap();
-    let tok = Tokenizer::from_source(&src).unwrap();
-    let model = Transformer::load(&src, DType::F32).unwrap();
-    let (mut rank_checked, mut rank_equal, mut worst_norm, mut worst_cos) = (0, 0, 0f32, 1f64);
+    assert_eq!(refs.len(), 20, "reference records");
+    let common::Loaded { tok, model, .. } = common::smollm2_loaded();
+    // The worst-case folds start at NaN, which `min`/`max` drop at the first real value, so a
+    // run that compares nothing fails their thresholds; the counts must match as well.
+    let (mut rank_checked, mut rank_equal, mut worst_norm) = (0, 0, f32::NAN);
+    let (mut fps_compared, mut worst_cos) = (0, f64::NAN);
     for r in &refs {
         let prompt = tok.encode_prompt(&r.prompt).unwrap();
         let target = tok.encode_target(&r.target).unwrap();
         assert_eq!(target[0], r.target_id, "{:?}", r.target);
-        let bp = backward_pass(&model, &prompt, &target, false).unwrap();
+        let bp = backward_pass(model, &prompt, &target, false).unwrap();
         let last = prompt.len() - 1;
         let logits: Vec<f32> = bp
             .logits
@@ -59,6 +57,8 @@ fn smollm2_matches_pytorch_reference() {
             .to_vec1()
             .unwrap();
         assert_eq!(argmax(&logits) as u32, r.top1_id, "top-1 of {:?}", r.prompt);
+        assert_eq!(r.d2_norm.len(), model.hp.n_layer, "{:?}", r.prompt);
+        assert_eq!(r.lens_rank_neg_d2.len(), model.hp.n_layer, "{:?}", r.prompt);
         for l in 0..model.hp.n_layer {
             let d2 = bp.d2[l].narrow(0, last, 1).unwrap();
             let norm = d2
@@ -72,7 +72,7 @@ fn smollm2_matches_pytorch_reference() {
                 .unwrap();
             let rel = (norm - r.d2_norm[l]).abs() / r.d2_norm[l];
             worst_norm = worst_norm.max(rel);
-            let scores = &project_rows(&model, &d2.neg().unwrap(), true).unwrap()[0];
+            let scores = &project_rows(model, &d2.neg().unwrap(), true).unwrap()[0];
             let rank = rank_of(scores, r.target_id);
             // Ranks must agree up to the tokens whose scores tie with the target's within 1e-3
             // of the score scale (f32 noise between frameworks reorders those).
@@ -105,19 +105,30 @@ fn smollm2_matches_pytorch_reference() {
             layer: r.fps_layer,
             lr: r.fps_lr,
         };
-        let outcome = edit::compute(&model, &tok, &req, &settings).unwrap();
-        if let Some(delta) = outcome.delta {
-            worst_cos = worst_cos.min(cosine(&delta.in_vecs[0], &r.fps_x));
-            let d: Vec<f32> = delta.out_vecs[0]
-                .iter()
-                .map(|v| v / r.fps_lr as f32)
-                .collect();
-            assert!(cosine(&d, &r.fps_d) > 0.999_999, "fps d of {:?}", r.prompt);
-        }
+        let outcome = edit::compute(model, tok, &req, &settings).unwrap();
+        // Every reference record has its x and d: a skipped edit is a failure, not a pass.
+        let delta = outcome
+            .delta
+            .unwrap_or_else(|| panic!("{:?}: edit skipped", r.prompt));
+        assert_eq!(delta.in_vecs[0].len(), r.fps_x.len(), "{:?}", r.prompt);
+        assert_eq!(delta.out_vecs[0].len(), r.fps_d.len(), "{:?}", r.prompt);
+        fps_compared += 1;
+        worst_cos = worst_cos.min(cosine(&delta.in_vecs[0], &r.fps_x));
+        let d: Vec<f32> = delta.out_vecs[0]
+            .iter()
+            .map(|v| v / r.fps_lr as f32)
+            .collect();
+        assert!(cosine(&d, &r.fps_d) > 0.999_999, "fps d of {:?}", r.prompt);
     }
     println!(
         "reference: ‖δ‖ worst relative error {worst_norm:.2e}; lens ranks within the tie band {rank_equal}/{rank_checked}; fps x worst cosine {worst_cos:.6}"
     );
+    assert_eq!(
+        rank_checked,
+        refs.len() * model.hp.n_layer,
+        "layers compared"
+    );
+    assert_eq!(fps_compared, refs.len(), "fps vectors compared");
     assert!(worst_norm < 2e-3, "‖δ‖ relative error {worst_norm}");
     assert!(worst_cos > 0.9999, "fps x cosine {worst_cos}");
     assert_eq!(rank_equal, rank_checked, "ranks outside the tie band");

@@ -2,14 +2,14 @@
 
 use super::{open, print_json, require_gguf};
 use anyhow::Result;
-use backlens::edit::{self, EditRequest, EditSettings, Method};
+use backlens::edit::{EditRequest, EditSettings, Method};
 use backlens::eval::{self, EvalConfig, LayerChoice, LrChoice};
 use backlens::lens::{self, LensOptions};
 use backlens::model::Transformer;
+use backlens::patch::{self, Format, Forward, Job, WhitenSetup};
 use backlens::runtime::LlamaRuntime;
-use backlens::source::ModelSource;
-use backlens::write::gguf::{patch_plan, Ff2Type};
-use backlens::write::lora;
+use backlens::write::gguf::Ff2Type;
+use backlens::write::{OutputClaim, OutputKind};
 use candle_core::DType;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -18,25 +18,17 @@ use std::time::Instant;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// GGUF model.
-    #[arg(default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: PathBuf,
-    /// CounterFact-shaped records for the eval throughput figure.
-    #[arg(
-        long,
-        default_value = "../shared/data/counterfact/counterfact-val.json"
-    )]
-    data: PathBuf,
+    /// CounterFact-shaped records for the eval throughput figure (without it, that figure is
+    /// skipped).
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Records for the eval throughput figure.
     #[arg(long, default_value_t = 20)]
     eval_records: usize,
     /// Folder for scratch files (default: beside the model, so copies measure the same disk).
     #[arg(long)]
     scratch: Option<PathBuf>,
-    /// Instead: the scale benchmark in this folder (a synthetic 7B-shaped Q4_0 GGUF, about
-    /// 4 GB, written once, with MODEL's tokenizer): inspect, audit and edit with wall time and
-    /// peak RSS.
-    #[arg(long)]
-    scale: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -56,9 +48,6 @@ fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(dir) = &args.scale {
-        return super::scale::run(&args.model, dir, args.json);
-    }
     let gguf = require_gguf(&open(&args.model)?.source)?;
     let scratch = args
         .scratch
@@ -100,47 +89,76 @@ pub fn run(args: Args) -> Result<()> {
         layer: EditSettings::default_layer(model.hp.n_layer),
         lr: 0.24,
     };
-    let ModelSource::Gguf(g) = &src else {
-        unreachable!("checked GGUF above")
-    };
-    for (name, ty) in [
-        ("edit + write GGUF (f32 FF2)", Ff2Type::F32),
-        ("edit + write GGUF (keep FF2 type)", Ff2Type::Keep),
-    ] {
-        // What `edit` runs: the streamed FPS forward from the file, then the write.
+    // What `edit` runs (`patch::run` without the llama.cpp check): the forward, then the write
+    // to a temporary file, committed, then removed again.
+    let runs = [
+        (
+            "edit + write GGUF (f32 FF2)",
+            Format::Gguf,
+            Ff2Type::F32,
+            Forward::Candle,
+        ),
+        (
+            "edit + write GGUF (keep FF2 type)",
+            Format::Gguf,
+            Ff2Type::Keep,
+            Forward::Candle,
+        ),
+        (
+            "edit + write LoRA adapter",
+            Format::Lora,
+            Ff2Type::F32,
+            Forward::Candle,
+        ),
+        (
+            "edit + write GGUF, llama.cpp forward",
+            Format::Gguf,
+            Ff2Type::F32,
+            Forward::Llama,
+        ),
+        (
+            "edit + write LoRA, llama.cpp forward",
+            Format::Lora,
+            Ff2Type::F32,
+            Forward::Llama,
+        ),
+    ];
+    for (name, format, ff2_type, forward) in runs {
+        let job = Job {
+            requests: vec![req.clone()],
+            settings,
+            whiten: WhitenSetup::default(),
+            format,
+            ff2_type,
+            check: false,
+            forward,
+        };
+        let out = tmp("edit.gguf");
         let (_, t) = time(|| {
-            let outcomes =
-                edit::apply_sequence_streamed(&src, &tok, std::slice::from_ref(&req), &settings)?;
-            let deltas: Vec<_> = outcomes.into_iter().filter_map(|o| o.delta).collect();
-            patch_plan(g, &deltas, ty, &[])?.write(&tmp("patched.gguf"))?;
-            Ok(())
+            let claim = OutputClaim::new(&out, OutputKind::File, &[&gguf], false)?;
+            Ok(patch::run(&src, &tok, &job, claim)?)
         })?;
+        std::fs::remove_file(&out)?;
         figures.push((name, t));
     }
-    std::fs::remove_file(tmp("patched.gguf"))?;
-    let (_, lora_time) = time(|| {
-        let outcomes =
-            edit::apply_sequence_streamed(&src, &tok, std::slice::from_ref(&req), &settings)?;
-        let deltas: Vec<_> = outcomes.into_iter().filter_map(|o| o.delta).collect();
-        lora::write_adapter(&tmp("lora.gguf"), model.hp.arch, &deltas, &[])?;
-        Ok(())
-    })?;
-    std::fs::remove_file(tmp("lora.gguf"))?;
-    figures.push(("edit + write LoRA adapter", lora_time));
 
-    let records = eval::load_records(&args.data, 0, Some(args.eval_records))?;
-    let config = EvalConfig {
-        method: Some(Method::Shift),
-        layer: LayerChoice::Fixed(settings.layer),
-        lr: LrChoice::Fixed(0.24),
-        sequential: false,
-        fluency: false,
-        ff2_type: Ff2Type::F32,
-    };
-    let mut m2 = model.clone();
-    let report = eval::evaluate(&gguf, &mut m2, &tok, &records, &config, &scratch, |_| {})?;
-    let per_record = 1.0 / report.records_per_second;
-    figures.push(("eval per record (shift, no fluency)", per_record));
+    let mut records_per_second = None;
+    if let Some(data) = &args.data {
+        let records = eval::load_records(data, 0, Some(args.eval_records))?;
+        let config = EvalConfig {
+            method: Some(Method::Shift),
+            layer: LayerChoice::Fixed(settings.layer),
+            lr: LrChoice::Fixed(0.24),
+            sequential: false,
+            fluency: false,
+            ff2_type: Ff2Type::F32,
+        };
+        let mut m2 = model.clone();
+        let report = eval::evaluate(&gguf, &mut m2, &tok, &records, &config, &scratch, |_| {})?;
+        let per_record = 1.0 / report.records_per_second;
+        figures.push(("eval per record (shift, no fluency)", per_record));
+        records_per_second = Some(report.records_per_second);
+    }
 
     let rows: Vec<Figure> = figures
         .iter()
@@ -151,6 +169,9 @@ pub fn run(args: Args) -> Result<()> {
         })
         .collect();
     if args.json {
+        if records_per_second.is_none() {
+            eprintln!("note: no eval figure (it needs --data RECORDS)");
+        }
         return print_json(&rows);
     }
     println!(
@@ -164,9 +185,9 @@ pub fn run(args: Args) -> Result<()> {
             r.name, r.seconds, r.ratio_to_copy
         );
     }
-    println!(
-        "  eval throughput: {:.2} records/s",
-        report.records_per_second
-    );
+    match records_per_second {
+        Some(rate) => println!("  eval throughput: {rate:.2} records/s"),
+        None => println!("  eval: skipped (it needs --data RECORDS)"),
+    }
     Ok(())
 }

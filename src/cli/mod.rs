@@ -7,7 +7,6 @@ mod eval;
 mod inspect;
 mod lens;
 mod predict;
-mod scale;
 mod serve;
 
 use anyhow::Result;

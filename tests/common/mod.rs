@@ -1,20 +1,63 @@
 //! Test fixtures: tiny random GPT-2 and Llama models with a small byte-level BPE vocabulary
-//! learned from a built-in text, written both as GGUF and as an HF safetensors folder.
+//! learned from a built-in text, written both as GGUF (by `synth`, the generator the scale
+//! example shares) and as an HF safetensors folder; paths of the real model and data; and
+//! [`load`], the one way tests open a model.
 #![allow(dead_code)]
 
+pub mod synth;
+
 use backlens::arch::{hf, Arch, HParams};
+use backlens::model::{Numerics, Transformer};
+use backlens::source::ModelSource;
 use backlens::tokenizer::Tokenizer;
 use backlens::weights::gguf::{GgufFile, Value, ValueType};
-use backlens::write::gguf::{GgufPlan, OutTensor};
+use backlens::weights::quant::GgmlType;
+use candle_core::DType;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use synth::Synth;
 
 /// Path of the real default model (fetched by `make model`).
 pub fn smollm2() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(p.is_file(), "{} is missing: run `make model`", p.display());
     p
+}
+
+/// A model opened the way the tool opens it: source, hyperparameters, tokenizer, and the
+/// dequantized transformer.
+pub struct Loaded {
+    pub source: ModelSource,
+    pub hp: HParams,
+    pub tok: Tokenizer,
+    pub model: Transformer,
+}
+
+/// Opens `path` and loads it in f32 with exact arithmetic.
+pub fn load(path: impl AsRef<Path>) -> Loaded {
+    load_with(path, DType::F32, Numerics::Exact)
+}
+
+/// Opens `path` and loads it in `dtype` with the chosen arithmetic.
+pub fn load_with(path: impl AsRef<Path>, dtype: DType, numerics: Numerics) -> Loaded {
+    let path = path.as_ref();
+    let source = ModelSource::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let hp = source.hparams().unwrap();
+    let tok = Tokenizer::from_source(&source).unwrap();
+    let model = Transformer::load_with(&source, dtype, numerics).unwrap();
+    Loaded {
+        source,
+        hp,
+        tok,
+        model,
+    }
+}
+
+/// The real default model, loaded once per test process (clone `model` to edit it).
+pub fn smollm2_loaded() -> &'static Loaded {
+    static LOADED: OnceLock<Loaded> = OnceLock::new();
+    LOADED.get_or_init(|| load(smollm2()))
 }
 
 /// The shared CounterFact data folder beside the checkout.
@@ -117,21 +160,6 @@ pub fn tiny_bpe(n_merges: usize) -> (Vec<String>, Vec<String>) {
     (tokens, merges)
 }
 
-/// Deterministic pseudo-random numbers in [-1, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32, offset: f32) -> Vec<f32> {
-        (0..n).map(|_| offset + scale * self.next()).collect()
-    }
-}
-
 /// Paths of one generated fixture.
 #[derive(Debug, Clone)]
 pub struct Fixture {
@@ -192,45 +220,8 @@ pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
 pub fn write_gguf_fixture(arch: Arch, dir: &Path, n_pad: usize) -> (PathBuf, HParams) {
     let (mut tokens, merges) = tiny_bpe(200);
     tokens.extend((0..n_pad).map(|i| format!("<|pad{i}|>")));
-    let hp = tiny_hparams(arch, tokens.len());
-    let a = arch.name();
-    let mut plan = GgufPlan::default();
-    let md: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(a.into())),
-        ("general.name".into(), Value::String(format!("tiny-{a}"))),
-        (format!("{a}.block_count"), Value::U32(hp.n_layer as u32)),
-        (format!("{a}.context_length"), Value::U32(hp.n_ctx as u32)),
-        (
-            format!("{a}.embedding_length"),
-            Value::U32(hp.n_embd as u32),
-        ),
-        (
-            format!("{a}.feed_forward_length"),
-            Value::U32(hp.n_ff as u32),
-        ),
-        (
-            format!("{a}.attention.head_count"),
-            Value::U32(hp.n_head as u32),
-        ),
-        (
-            format!("{a}.attention.head_count_kv"),
-            Value::U32(hp.n_head_kv as u32),
-        ),
-        match arch {
-            Arch::Gpt2 => (
-                format!("{a}.attention.layer_norm_epsilon"),
-                Value::F32(1e-5),
-            ),
-            Arch::Llama => (
-                format!("{a}.attention.layer_norm_rms_epsilon"),
-                Value::F32(1e-5),
-            ),
-        },
-        (format!("{a}.rope.freq_base"), Value::F32(10_000.0)),
-        (
-            format!("{a}.rope.dimension_count"),
-            Value::U32(hp.head_dim() as u32),
-        ),
+    let n_tokens = tokens.len();
+    let tokenizer: Vec<(String, Value)> = vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
         ("tokenizer.ggml.tokens".into(), strings(&tokens)),
@@ -238,7 +229,7 @@ pub fn write_gguf_fixture(arch: Arch, dir: &Path, n_pad: usize) -> (PathBuf, HPa
             "tokenizer.ggml.token_type".into(),
             Value::Array(
                 ValueType::I32,
-                (0..tokens.len())
+                (0..n_tokens)
                     .map(|i| Value::I32(if i == 0 { 3 } else { 1 }))
                     .collect(),
             ),
@@ -248,43 +239,16 @@ pub fn write_gguf_fixture(arch: Arch, dir: &Path, n_pad: usize) -> (PathBuf, HPa
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
     ];
-    for (k, v) in md {
-        plan.set(&k, v);
-    }
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ arch as u64);
-    let mut add = |plan: &mut GgufPlan, name: &str, shape: Vec<usize>, scale: f32, offset: f32| {
-        let n = shape.iter().product();
-        plan.tensors
-            .push(OutTensor::f32(name, &shape, &rng.vec(n, scale, offset)));
+    let synth = Synth {
+        hp: tiny_hparams(arch, n_tokens),
+        name: format!("tiny-{}", arch.name()),
+        tokenizer,
+        matrix_type: GgmlType::F32,
+        seed: 0x9e37_79b9_7f4a_7c15 ^ arch as u64,
     };
-    let (d, v) = (hp.n_embd, hp.n_vocab);
-    add(&mut plan, "token_embd.weight", vec![v, d], 0.5, 0.0);
-    if arch == Arch::Gpt2 {
-        add(
-            &mut plan,
-            "position_embd.weight",
-            vec![hp.n_ctx, d],
-            0.2,
-            0.0,
-        );
-    }
-    for (name, shape) in backlens::arch::required_tensors(&hp) {
-        if name.starts_with("token_embd") || name.starts_with("position_embd") {
-            continue;
-        }
-        let is_norm = name.contains("norm");
-        let is_bias = name.ends_with(".bias");
-        let fan_in = *shape.last().unwrap() as f32;
-        let (scale, offset) = match (is_norm, is_bias) {
-            (true, false) => (0.2, 1.0),
-            (_, true) => (0.1, 0.0),
-            _ => (1.7 / fan_in.sqrt(), 0.0),
-        };
-        add(&mut plan, &name, shape, scale, offset);
-    }
-    let gguf = dir.join(format!("tiny-{a}.gguf"));
-    plan.write(&gguf).unwrap();
-    (gguf, hp)
+    let gguf = dir.join(format!("tiny-{}.gguf", arch.name()));
+    synth.write(&gguf).unwrap();
+    (gguf, synth.hp)
 }
 
 /// Writes an HF folder (config.json, model.safetensors, tokenizer.json) from a fixture GGUF.

@@ -1,25 +1,64 @@
-//! `bench --scale DIR`: a synthetic 7B-shaped Llama GGUF (Q4_0, random weights, the tokenizer
-//! of the given model) goes through `inspect`, `audit` against a copy and a shift `edit` to a
-//! LoRA adapter and to a patched GGUF, each run as a child process so that its wall time and
-//! peak resident memory can be measured on its own.
+//! The scale benchmark: a synthetic 7B-shaped Llama GGUF (Q4_0, random weights, the tokenizer
+//! of the given model; about 4 GB, written once into DIR) goes through `inspect`, `audit`
+//! against a copy and a shift `edit` to a LoRA adapter and to a patched GGUF, each run as a
+//! `backlens-patch` child process so that its wall time and peak resident memory are measured
+//! on their own.
+//!
+//! `make scale`, or: `cargo build --release && cargo run --release --example scale -- MODEL DIR
+//! [--json]`. The binary is the `backlens-patch` beside this example's target folder
+//! (`target/release/backlens-patch`), or the one named by `BACKLENS_PATCH`.
 
-use super::print_json;
+#[path = "../tests/common/synth.rs"]
+mod synth;
+
 use anyhow::{bail, Context, Result};
+use backlens::arch::{Arch, HParams};
 use backlens::weights::gguf::{GgufFile, Value};
 use backlens::weights::quant::GgmlType;
-use backlens::write::gguf::{write_generated, GeneratedTensor};
+use clap::Parser;
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+#[derive(Debug, Parser)]
+#[command(
+    about = "inspect, audit and edit a synthetic 7B-shaped Q4_0 GGUF: wall time and peak RSS"
+)]
+struct Args {
+    /// GGUF model whose tokenizer (and vocabulary size) the synthetic model takes.
+    model: PathBuf,
+    /// Folder for the synthetic model (written once, reused) and the step outputs.
+    dir: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The `backlens-patch` binary: `BACKLENS_PATCH`, or beside this example's folder.
+fn backlens_patch() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BACKLENS_PATCH") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("backlens-patch"))
+        .context("no folder above this executable")?;
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: run `cargo build --release` first (or set BACKLENS_PATCH)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 /// Llama-2-7B's shape.
-const N_LAYER: u64 = 32;
-const N_EMBD: u64 = 4096;
-const N_FF: u64 = 11008;
-const N_HEAD: u32 = 32;
-/// Scale of the random Q4_0 blocks: weights d·(q − 8) with q uniform in 0..16 have a standard
-/// deviation of about 0.02, as in trained 7B models.
-const BLOCK_SCALE: f32 = 0.0043;
+const N_LAYER: usize = 32;
+const N_EMBD: usize = 4096;
+const N_FF: usize = 11008;
+const N_HEAD: usize = 32;
 
 /// One measured step.
 #[derive(Debug, Serialize)]
@@ -33,14 +72,18 @@ struct Step {
     error: Option<String>,
 }
 
-/// Runs the scale benchmark in `dir`, taking the tokenizer from `tokenizer_model`.
-pub fn run(tokenizer_model: &Path, dir: &Path, json: bool) -> Result<()> {
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let exe = backlens_patch()?;
+    let dir = &args.dir;
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     let synthetic = dir.join("synthetic-7b-q4_0.gguf");
     let mut steps = Vec::new();
     if GgufFile::open(&synthetic).is_err() {
+        // Absent, or an unreadable leftover: (re)write it.
+        let _ = std::fs::remove_file(&synthetic);
         let start = Instant::now();
-        write_synthetic(tokenizer_model, &synthetic)?;
+        write_synthetic(&args.model, &synthetic)?;
         steps.push(Step {
             name: "write synthetic model (not backlens work)".into(),
             seconds: start.elapsed().as_secs_f64(),
@@ -107,7 +150,7 @@ pub fn run(tokenizer_model: &Path, dir: &Path, json: bool) -> Result<()> {
         ),
     ];
     for (name, argv, goal) in runs {
-        let (seconds, peak_rss_mb, error) = measure(&argv)?;
+        let (seconds, peak_rss_mb, error) = measure(&exe, &argv)?;
         steps.push(Step {
             name: name.into(),
             seconds,
@@ -119,8 +162,9 @@ pub fn run(tokenizer_model: &Path, dir: &Path, json: bool) -> Result<()> {
     for f in [copy, dir.join("edit.gguf"), dir.join("edit-lora.gguf")] {
         let _ = std::fs::remove_file(f);
     }
-    if json {
-        return print_json(&steps);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&steps)?);
+        return Ok(());
     }
     println!("{} ({size_mb:.0} MB)", synthetic.display());
     for st in &steps {
@@ -142,10 +186,9 @@ pub fn run(tokenizer_model: &Path, dir: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Runs this executable with `argv` (output discarded); wall seconds, peak RSS in MB, and the
-/// failure (exit status and stderr), if any.
-fn measure(argv: &[String]) -> Result<(f64, f64, Option<String>)> {
-    let exe = std::env::current_exe()?;
+/// Runs `exe` with `argv` (output discarded); wall seconds, peak RSS in MB, and the failure
+/// (exit status and stderr), if any.
+fn measure(exe: &Path, argv: &[String]) -> Result<(f64, f64, Option<String>)> {
     let start = Instant::now();
     let child = std::process::Command::new(exe)
         .args(argv)
@@ -180,90 +223,40 @@ fn measure(argv: &[String]) -> Result<(f64, f64, Option<String>)> {
     Ok((seconds, usage.ru_maxrss as f64 / 1024.0, error))
 }
 
-/// Writes the synthetic model: Llama-2-7B's shape, random Q4_0 weights, unit norms, and the
-/// tokenizer (and so the vocabulary size) of `tokenizer_model`.
+/// Writes the synthetic model: Llama-2-7B's shape, random Q4_0 matrices (weights with a standard
+/// deviation of about 0.015, as in trained 7B models), and the tokenizer (and so the vocabulary
+/// size) of `tokenizer_model`.
 fn write_synthetic(tokenizer_model: &Path, path: &Path) -> Result<()> {
     let tok = GgufFile::open(tokenizer_model)?;
     let n_vocab = tok
         .get("tokenizer.ggml.tokens")
         .and_then(Value::as_array)
         .map(<[Value]>::len)
-        .context("the tokenizer model has no tokenizer.ggml.tokens")? as u64;
-    let mut metadata: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String("llama".into())),
-        (
-            "general.name".into(),
-            Value::String("backlens synthetic 7B".into()),
-        ),
-        ("general.file_type".into(), Value::U32(2)),
-        ("llama.block_count".into(), Value::U32(N_LAYER as u32)),
-        ("llama.context_length".into(), Value::U32(4096)),
-        ("llama.embedding_length".into(), Value::U32(N_EMBD as u32)),
-        ("llama.feed_forward_length".into(), Value::U32(N_FF as u32)),
-        ("llama.attention.head_count".into(), Value::U32(N_HEAD)),
-        ("llama.attention.head_count_kv".into(), Value::U32(N_HEAD)),
-        ("llama.rope.freq_base".into(), Value::F32(10_000.0)),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            Value::F32(1e-5),
-        ),
-    ];
-    metadata.extend(
-        tok.metadata
+        .context("the tokenizer model has no tokenizer.ggml.tokens")?;
+    let model = synth::Synth {
+        hp: HParams {
+            arch: Arch::Llama,
+            n_layer: N_LAYER,
+            n_embd: N_EMBD,
+            n_ff: N_FF,
+            n_head: N_HEAD,
+            n_head_kv: N_HEAD,
+            n_vocab,
+            n_ctx: 4096,
+            norm_eps: 1e-5,
+            rope_base: 10_000.0,
+            tied_embeddings: false,
+        },
+        name: "backlens synthetic 7B".into(),
+        tokenizer: tok
+            .metadata
             .iter()
             .filter(|(k, _)| k.starts_with("tokenizer."))
-            .cloned(),
-    );
-    let q4 = GgmlType::Q4_0;
-    let tensor = |name: String, dims: Vec<u64>, ggml_type| GeneratedTensor {
-        name,
-        dims,
-        ggml_type,
+            .cloned()
+            .collect(),
+        matrix_type: GgmlType::Q4_0,
+        seed: 0x9E37_79B9_7F4A_7C15,
     };
-    let mut tensors = vec![tensor(
-        "token_embd.weight".into(),
-        vec![N_EMBD, n_vocab],
-        q4,
-    )];
-    for l in 0..N_LAYER {
-        let b = |role: &str| format!("blk.{l}.{role}.weight");
-        tensors.extend([
-            tensor(b("attn_norm"), vec![N_EMBD], GgmlType::F32),
-            tensor(b("attn_q"), vec![N_EMBD, N_EMBD], q4),
-            tensor(b("attn_k"), vec![N_EMBD, N_EMBD], q4),
-            tensor(b("attn_v"), vec![N_EMBD, N_EMBD], q4),
-            tensor(b("attn_output"), vec![N_EMBD, N_EMBD], q4),
-            tensor(b("ffn_norm"), vec![N_EMBD], GgmlType::F32),
-            tensor(b("ffn_gate"), vec![N_EMBD, N_FF], q4),
-            tensor(b("ffn_up"), vec![N_EMBD, N_FF], q4),
-            tensor(b("ffn_down"), vec![N_FF, N_EMBD], q4),
-        ]);
-    }
-    tensors.push(tensor(
-        "output_norm.weight".into(),
-        vec![N_EMBD],
-        GgmlType::F32,
-    ));
-    tensors.push(tensor("output.weight".into(), vec![N_EMBD, n_vocab], q4));
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    let scale = half::f16::from_f32(BLOCK_SCALE).to_le_bytes();
-    write_generated(path, &metadata, &tensors, |i, buf| {
-        if tensors[i].ggml_type == GgmlType::F32 {
-            for c in buf.chunks_exact_mut(4) {
-                c.copy_from_slice(&1f32.to_le_bytes());
-            }
-            return Ok(());
-        }
-        for c in buf.chunks_mut(8) {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            c.copy_from_slice(&rng.to_le_bytes()[..c.len()]);
-        }
-        for block in buf.chunks_exact_mut(18) {
-            block[..2].copy_from_slice(&scale);
-        }
-        Ok(())
-    })?;
+    model.write(path)?;
     Ok(())
 }

@@ -1,0 +1,141 @@
+//! The one synthetic-GGUF generator, shared by the test fixtures (`tests/common/mod.rs`: tiny
+//! F32 GPT-2 and Llama models) and the scale benchmark (`examples/scale.rs`: a 7B-shaped Q4_0
+//! Llama): llama.cpp metadata for given hyperparameters, every tensor the architecture requires,
+//! and seeded pseudo-random weights, written to disk one tensor at a time (so a 4 GB model never
+//! sits in memory).
+#![allow(dead_code)]
+
+use backlens::arch::{self, Arch, HParams};
+use backlens::weights::gguf::Value;
+use backlens::weights::quant::GgmlType;
+use backlens::write::gguf::{write_generated, GeneratedTensor};
+use std::path::Path;
+
+/// A synthetic model to write.
+#[derive(Debug, Clone)]
+pub struct Synth {
+    /// Shape (`n_vocab` must equal the tokenizer's token count).
+    pub hp: HParams,
+    /// `general.name`.
+    pub name: String,
+    /// The `tokenizer.*` metadata entries.
+    pub tokenizer: Vec<(String, Value)>,
+    /// Storage type of the matrices and embeddings: F32 or Q4_0 (norms and biases stay F32).
+    pub matrix_type: GgmlType,
+    /// Seed of the weights.
+    pub seed: u64,
+}
+
+/// Deterministic pseudo-random numbers (xorshift64).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next raw 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn next(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// Uniform weights `offset + scale · u`, u in [-1, 1), by the tensor's role: embeddings 0.5
+/// (position 0.2), norm weights 1 ± 0.2, biases 0.1, matrices 1.7/√fan_in.
+fn spread(name: &str, fan_in: u64) -> (f32, f32) {
+    match name {
+        "token_embd.weight" | "output.weight" => (0.5, 0.0),
+        "position_embd.weight" => (0.2, 0.0),
+        _ if name.ends_with(".bias") => (0.1, 0.0),
+        _ if name.contains("norm") => (0.2, 1.0),
+        _ => (1.7 / (fan_in as f32).sqrt(), 0.0),
+    }
+}
+
+impl Synth {
+    /// Metadata in file order: architecture, name, hyperparameters, then the tokenizer.
+    pub fn metadata(&self) -> Vec<(String, Value)> {
+        let hp = &self.hp;
+        let a = hp.arch.name();
+        let u = |v: usize| Value::U32(v as u32);
+        let mut md: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(a.into())),
+            ("general.name".into(), Value::String(self.name.clone())),
+            (format!("{a}.block_count"), u(hp.n_layer)),
+            (format!("{a}.context_length"), u(hp.n_ctx)),
+            (format!("{a}.embedding_length"), u(hp.n_embd)),
+            (format!("{a}.feed_forward_length"), u(hp.n_ff)),
+            (format!("{a}.attention.head_count"), u(hp.n_head)),
+            (format!("{a}.attention.head_count_kv"), u(hp.n_head_kv)),
+        ];
+        let eps = Value::F32(hp.norm_eps as f32);
+        match hp.arch {
+            Arch::Gpt2 => md.push((format!("{a}.attention.layer_norm_epsilon"), eps)),
+            Arch::Llama => md.extend([
+                (format!("{a}.attention.layer_norm_rms_epsilon"), eps),
+                (
+                    format!("{a}.rope.freq_base"),
+                    Value::F32(hp.rope_base as f32),
+                ),
+                (format!("{a}.rope.dimension_count"), u(hp.head_dim())),
+            ]),
+        }
+        md.extend(self.tokenizer.iter().cloned());
+        md
+    }
+
+    /// The tensors the architecture requires, in its order; 1-D ones (norms, biases) are F32.
+    pub fn tensors(&self) -> Vec<GeneratedTensor> {
+        arch::required_tensors(&self.hp)
+            .into_iter()
+            .map(|(name, shape)| GeneratedTensor {
+                ggml_type: if shape.len() == 1 {
+                    GgmlType::F32
+                } else {
+                    self.matrix_type
+                },
+                dims: shape.iter().rev().map(|&d| d as u64).collect(),
+                name,
+            })
+            .collect()
+    }
+
+    /// Writes the model to `path` (atomically, streamed one tensor at a time).
+    pub fn write(&self, path: &Path) -> backlens::Result<()> {
+        let tensors = self.tensors();
+        let mut rng = Rng(self.seed);
+        write_generated(path, &self.metadata(), &tensors, |i, buf| {
+            let t = &tensors[i];
+            let (scale, offset) = spread(&t.name, t.dims[0]);
+            match t.ggml_type {
+                GgmlType::F32 => {
+                    for c in buf.chunks_exact_mut(4) {
+                        c.copy_from_slice(&(offset + scale * rng.next()).to_le_bytes());
+                    }
+                }
+                GgmlType::Q4_0 => {
+                    // Blocks of an f16 scale d and 32 random 4-bit q: values d·(q − 8) have a
+                    // standard deviation of 4.61·d, set to that of the uniform F32 weights.
+                    let d = half::f16::from_f32(scale / 3f32.sqrt() / 4.61).to_le_bytes();
+                    for c in buf.chunks_mut(8) {
+                        c.copy_from_slice(&rng.next_u64().to_le_bytes()[..c.len()]);
+                    }
+                    for block in buf.chunks_exact_mut(18) {
+                        block[..2].copy_from_slice(&d);
+                    }
+                }
+                other => {
+                    return Err(backlens::Error::Invalid(format!(
+                        "synthetic weights of type {} are not supported",
+                        other.name()
+                    )))
+                }
+            }
+            Ok(())
+        })
+    }
+}
