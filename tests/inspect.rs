@@ -95,5 +95,5 @@ fn inspect_reports_capabilities_of_a_supported_model() {
         .iter()
         .map(|m| m.as_str().unwrap())
         .collect();
-    assert_eq!(methods, ["shift", "shift-whitened", "grad"]);
+    assert_eq!(methods, ["shift", "shift-whitened", "grad", "batch"]);
 }

@@ -97,7 +97,7 @@ impl OutputClaim {
             let input_abs = std::fs::canonicalize(input).unwrap_or_else(|_| absolute(input));
             let out_real = std::fs::canonicalize(out).unwrap_or_else(|_| out_abs.clone());
             if input_abs == out_real || absolute(input) == out_abs {
-                return Err(bad(out, "is the input file; choose another path"));
+                return Err(bad(out, "is an input of this run; choose another path"));
             }
             if kind == OutputKind::Folder && input_abs.starts_with(&out_real) {
                 return Err(bad(out, format!("holds the input {}", input.display())));
