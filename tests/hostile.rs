@@ -654,7 +654,7 @@ fn case10_every_bad_input_gets_one_clear_line() {
     });
     expect_error(
         &["predict", s(&short_embd), "The city of"],
-        &["short-embd.gguf", "vocabulary"],
+        &["short-embd.gguf", "token_embd.weight"],
     );
     // Hyperparameters that would predict NaN, or that llama.cpp refuses.
     let bad: [(&str, &str, Value, &str); 4] = [
