@@ -5,13 +5,13 @@
 
 use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};
 use crate::lens::backward_pass;
+use crate::lora;
 use crate::model::Transformer;
 use crate::numeric::{argmax, rank_of};
 use crate::runtime::{LlamaRuntime, PromptQuery, Session};
 use crate::tokenizer::Tokenizer;
 use crate::weights::gguf::GgufFile;
 use crate::write::gguf::{stored_deltas, Ff2Type};
-use crate::write::lora;
 use crate::{Error, Result};
 use candle_core::DType;
 use llama_cpp_2::model::LlamaLoraAdapter;

@@ -2,20 +2,22 @@
 //!
 //! Read GGUF and HF safetensors models ([`weights`], [`arch`]), run them in candle with capture
 //! points and a backward pass ([`model`], [`lens`]), edit FF2 with forward-pass shifting or a
-//! gradient step ([`edit`]), write patched GGUF, LoRA adapters and safetensors ([`write`]),
-//! explain a patch ([`audit`]), and check everything through llama.cpp itself ([`runtime`]).
+//! gradient step ([`edit`]), write patched GGUF and safetensors ([`write`]) or LoRA adapters
+//! ([`lora`], which also checks adapters the way llama.cpp loads them), explain a patch
+//! ([`audit`]), and check everything through llama.cpp itself ([`runtime`]).
 
 pub mod arch;
-pub mod delta;
 pub mod audit;
 pub mod cleanup;
+pub mod delta;
 pub mod edit;
 mod error;
 pub mod eval;
 pub mod lens;
+pub mod lora;
 pub mod model;
-pub mod patch;
 pub mod numeric;
+pub mod patch;
 pub mod provenance;
 pub mod report;
 pub mod runtime;

@@ -5,15 +5,16 @@ mod common;
 
 use backlens::arch::{ff2_weight, hf, Arch};
 use backlens::edit::{self, EditRequest, EditSettings, Method};
+use backlens::lora;
 use backlens::model::Transformer;
 use backlens::numeric::argmax;
 use backlens::runtime::LlamaRuntime;
+use backlens::source::ModelSource;
 use backlens::tokenizer::Tokenizer;
 use backlens::weights::gguf::GgufFile;
-use backlens::source::ModelSource;
 use backlens::weights::quant;
 use backlens::write::gguf::{patch_plan, Ff2Type};
-use backlens::write::{lora, safetensors};
+use backlens::write::safetensors;
 use candle_core::DType;
 use std::path::Path;
 
