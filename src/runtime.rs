@@ -43,6 +43,8 @@ pub struct LlamaRuntime {
     model: LlamaModel,
     /// The model's file, which adapters are validated against.
     path: PathBuf,
+    /// That file parsed by backlens, on the first adapter (eval loads one per record).
+    header: Option<GgufFile>,
 }
 
 impl std::fmt::Debug for LlamaRuntime {
@@ -63,6 +65,7 @@ impl LlamaRuntime {
         Ok(LlamaRuntime {
             model,
             path: path.to_path_buf(),
+            header: None,
         })
     }
 
@@ -76,11 +79,11 @@ impl LlamaRuntime {
     /// error naming the file, never an abort inside llama.cpp. (The file must not change between
     /// the check and llama.cpp's own read of it.)
     pub fn load_lora(&mut self, path: &Path) -> Result<LlamaLoraAdapter> {
-        {
-            let base = GgufFile::open(&self.path)?;
-            let adapter = GgufFile::open(path)?;
-            lora::validate(&base, &adapter)?;
+        if self.header.is_none() {
+            self.header = Some(GgufFile::open(&self.path)?);
         }
+        let base = self.header.as_ref().expect("parsed just above");
+        lora::validate(base, &GgufFile::open(path)?)?;
         self.model
             .lora_adapter_init(path)
             .map_err(|e| rt_err(&format!("loading adapter {}", path.display()), e))
