@@ -14,6 +14,9 @@ pub enum Error {
     /// A GGUF file is malformed or unsupported.
     #[error("{path}: {problem}")]
     Gguf { path: PathBuf, problem: String },
+    /// A LoRA adapter that llama.cpp would refuse or crash on, or that does not fit its base.
+    #[error("{path}: {problem}")]
+    Adapter { path: PathBuf, problem: String },
     /// A safetensors file or HF checkpoint folder is malformed or unsupported.
     #[error("{path}: {problem}")]
     Safetensors { path: PathBuf, problem: String },
@@ -74,6 +77,7 @@ impl Error {
     pub fn in_file(self, path: &std::path::Path) -> Error {
         match self {
             Error::Io { .. }
+            | Error::Adapter { .. }
             | Error::Gguf { .. }
             | Error::Safetensors { .. }
             | Error::Output { .. }

@@ -2,9 +2,10 @@
 //!
 //! Read GGUF and HF safetensors models ([`weights`], [`arch`]), run them in candle with capture
 //! points and a backward pass ([`model`], [`lens`]), edit FF2 with forward-pass shifting or a
-//! gradient step ([`edit`]), write patched GGUF, LoRA adapters and safetensors ([`write`]),
-//! explain a patch ([`audit`]), and check everything through llama.cpp itself ([`runtime`]); read
-//! FF2's inputs off llama.cpp's own graph ([`trace`]).
+//! gradient step ([`edit`]), write patched GGUF and safetensors ([`write`]) or LoRA adapters
+//! ([`lora`], which also checks adapters the way llama.cpp loads them), explain a patch
+//! ([`audit`]), check everything through llama.cpp itself ([`runtime`]), and read FF2's inputs
+//! off llama.cpp's own graph ([`trace`]).
 
 pub mod arch;
 pub mod audit;
@@ -14,6 +15,7 @@ pub mod edit;
 mod error;
 pub mod eval;
 pub mod lens;
+pub mod lora;
 pub mod model;
 pub mod numeric;
 pub mod patch;

@@ -1,7 +1,11 @@
 //! llama.cpp in process (crate `llama-cpp-2`): load a GGUF, optionally with LoRA adapters, and
-//! compute next-token logits or greedy continuations exactly as llama.cpp serves them.
+//! compute next-token logits or greedy continuations exactly as llama.cpp serves them. Adapters
+//! pass [`crate::lora::validate`] against the model's file before llama.cpp sees them, because
+//! llama.cpp aborts the process on some malformed adapters instead of returning an error.
 
+use crate::lora;
 use crate::numeric::{argmax, log_probs};
+use crate::weights::gguf::GgufFile;
 use crate::{Error, Result};
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
@@ -11,7 +15,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use std::num::NonZeroU32;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// Context window of the sessions backlens opens.
@@ -38,11 +42,17 @@ fn rt_err(what: &str, e: impl std::fmt::Display) -> Error {
 /// A GGUF model loaded by llama.cpp.
 pub struct LlamaRuntime {
     model: LlamaModel,
+    /// The model's file, which adapters are validated against.
+    path: PathBuf,
+    /// That file parsed by backlens, on the first adapter (eval loads one per record).
+    header: Option<GgufFile>,
 }
 
 impl std::fmt::Debug for LlamaRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LlamaRuntime").finish_non_exhaustive()
+        f.debug_struct("LlamaRuntime")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -51,7 +61,7 @@ impl LlamaRuntime {
     pub fn load(path: &Path) -> Result<LlamaRuntime> {
         // backlens's own reader first: it names what is wrong where llama.cpp would only say
         // that loading failed (or abort on a typed getter).
-        crate::weights::gguf::GgufFile::open(path)?;
+        let header = GgufFile::open(path)?;
         let backend = backend()?;
         let params = LlamaModelParams::default().with_n_gpu_layers(0);
         let model = LlamaModel::load_from_file(backend, path, &params).map_err(|_| {
@@ -60,11 +70,28 @@ impl LlamaRuntime {
                 path.display()
             ))
         })?;
-        Ok(LlamaRuntime { model })
+        Ok(LlamaRuntime {
+            model,
+            path: path.to_path_buf(),
+            header: Some(header),
+        })
     }
 
-    /// Loads a LoRA adapter GGUF against this model (not yet applied to any session).
+    /// The model file this runtime loaded.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads a LoRA adapter GGUF against this model (not yet applied to any session), after
+    /// [`lora::validate`] has checked it against the model's file: a malformed adapter is an
+    /// error naming the file, never an abort inside llama.cpp. (The file must not change between
+    /// the check and llama.cpp's own read of it.)
     pub fn load_lora(&mut self, path: &Path) -> Result<LlamaLoraAdapter> {
+        if self.header.is_none() {
+            self.header = Some(GgufFile::open(&self.path)?);
+        }
+        let base = self.header.as_ref().expect("parsed just above");
+        lora::validate(base, &GgufFile::open(path)?)?;
         self.model
             .lora_adapter_init(path)
             .map_err(|e| rt_err(&format!("loading adapter {}", path.display()), e))

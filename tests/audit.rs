@@ -1,17 +1,22 @@
 //! `audit` on the real SmolLM2 model: a forward-pass-shifting edit written as a patched GGUF and
 //! as a LoRA adapter must be recognised as one rank-1 change of FF2 at the edited layer, with the
 //! expected singular value, " Paris" among the promoted tokens, and the edit prompt triggering it;
-//! a byte copy of the base must show no difference.
+//! a byte copy of the base must show no difference. Adapters that break llama.cpp's rules must be
+//! refused, naming the file, by `lora::validate`, by `LlamaRuntime::load_lora`, by `audit` and
+//! by the CLI (exit code 2, never an abort inside llama.cpp).
 
 mod common;
 
 use backlens::arch::Arch;
 use backlens::audit::{self, AuditOptions, AuditReport, LensScore, Orientation};
 use backlens::edit::{self, Delta, EditRequest, EditSettings, Method};
-use backlens::weights::gguf::Value;
-use backlens::write::gguf::{patch_plan, Ff2Type};
-use backlens::write::lora;
+use backlens::lora;
+use backlens::runtime::LlamaRuntime;
+use backlens::weights::gguf::{GgufFile, Value};
+use backlens::weights::quant::{self, GgmlType};
+use backlens::write::gguf::{patch_plan, Ff2Type, GgufPlan, OutTensor};
 use common::{smollm2 as model_path, temp_dir};
+use std::process::Command;
 use std::sync::OnceLock;
 
 const PROMPT: &str = "Lionel Messi plays for";
@@ -183,5 +188,207 @@ fn unchanged_copy_and_bad_input() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a GGUF"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_backlens-patch");
+
+/// A rank-1 delta on `tensor` of the real model with constant factors (no edit computed).
+fn constant_delta(tensor: &str, n_out: usize, n_in: usize) -> Delta {
+    Delta {
+        tensor: tensor.into(),
+        layer: 22,
+        out_vecs: vec![vec![0.01; n_out]],
+        in_vecs: vec![vec![0.02; n_in]],
+    }
+}
+
+/// A valid adapter on FF2 of layer 22, to break.
+fn small_adapter() -> GgufPlan<'static> {
+    lora::adapter_plan(Arch::Llama, &[constant_delta(TENSOR, 576, 1536)], &[])
+}
+
+/// Replaces one factor of [`small_adapter`] by an F32 tensor of the row-major `shape`.
+fn replace_factor(plan: &mut GgufPlan<'static>, half: &str, shape: &[usize]) {
+    let n = shape.iter().product();
+    plan.replace(OutTensor::f32(
+        &format!("{TENSOR}.{half}"),
+        shape,
+        &vec![0.01; n],
+    ))
+    .unwrap();
+}
+
+type Break = fn(&mut GgufPlan<'static>);
+
+#[test]
+fn adapters_that_break_llama_cpp_rules_are_refused_everywhere() {
+    let base = model_path();
+    let base_g = GgufFile::open(&base).unwrap();
+    let dir = temp_dir("bad-lora");
+    let mut rt = LlamaRuntime::load(&base).unwrap();
+    let cases: Vec<(&str, Break, &str)> = vec![
+        (
+            "alpha-u32",
+            |p| p.set("adapter.lora.alpha", Value::U32(1)),
+            "adapter.lora.alpha must be an F32",
+        ),
+        (
+            "alpha-string",
+            |p| p.set("adapter.lora.alpha", Value::String("1.0".into())),
+            "adapter.lora.alpha must be an F32",
+        ),
+        (
+            "general-type-u32",
+            |p| p.set("general.type", Value::U32(1)),
+            "general.type must be a string",
+        ),
+        (
+            "no-adapter-type",
+            |p| p.metadata.retain(|(k, _)| k != "adapter.type"),
+            "adapter.type is missing",
+        ),
+        (
+            "general-type-model",
+            |p| p.set("general.type", Value::String("model".into())),
+            "not a LoRA adapter",
+        ),
+        (
+            "architecture",
+            |p| p.set("general.architecture", Value::String("gpt2".into())),
+            "does not match",
+        ),
+        (
+            "shape",
+            |p| replace_factor(p, "lora_b", &[575, 1]),
+            "do not fit",
+        ),
+        (
+            "ranks",
+            |p| replace_factor(p, "lora_a", &[2, 1536]),
+            "ranks",
+        ),
+        (
+            "lone-half",
+            |p| p.tensors.retain(|t| !t.name.ends_with(".lora_b")),
+            "only one of its two factors",
+        ),
+        (
+            "unknown-base-tensor",
+            |p| {
+                *p = lora::adapter_plan(
+                    Arch::Llama,
+                    &[constant_delta("blk.99.ffn_down.weight", 576, 1536)],
+                    &[],
+                )
+            },
+            "does not have",
+        ),
+        (
+            // SmolLM2 ties its output projection to token_embd: llama.cpp would apply the pair
+            // there unflipped and abort in ggml_mul_mat (checked with stock llama.cpp).
+            "tied-embedding",
+            |p| {
+                *p = lora::adapter_plan(
+                    Arch::Llama,
+                    &[constant_delta("token_embd.weight", 49152, 576)],
+                    &[],
+                )
+            },
+            "output.weight",
+        ),
+    ];
+    for (name, damage, needle) in cases {
+        let path = dir.join(format!("{name}.gguf"));
+        let mut plan = small_adapter();
+        damage(&mut plan);
+        plan.write(&path).unwrap();
+        let shown = path.to_str().unwrap();
+        let check = |what: &str, e: String| {
+            assert!(
+                e.starts_with(&format!("{shown}: ")) && e.contains(needle),
+                "{name} ({what}): {e:?} lacks the file or {needle:?}"
+            );
+        };
+        let adapter_g = GgufFile::open(&path).unwrap();
+        check(
+            "validate",
+            lora::validate(&base_g, &adapter_g).unwrap_err().to_string(),
+        );
+        match rt.load_lora(&path) {
+            Ok(_) => panic!("{name}: load_lora accepted it"),
+            Err(e) => check("load_lora", e.to_string()),
+        }
+        let report = audit::audit(&base, &path, &AuditOptions::default());
+        check("audit", report.unwrap_err().to_string());
+        let out = Command::new(BIN)
+            .args([
+                "generate",
+                base.to_str().unwrap(),
+                "--lora",
+                shown,
+                "x",
+                "-n",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{name}: {}", stderr.trim_end());
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr:?}");
+        check(
+            "generate",
+            stderr.trim_end().trim_start_matches("error: ").into(),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What llama.cpp loads must load: a skipped `_norm.weight` tensor and F16 factors.
+#[test]
+fn adapters_llama_cpp_accepts_are_accepted() {
+    let base = model_path();
+    let base_g = GgufFile::open(&base).unwrap();
+    let dir = temp_dir("good-lora");
+    let mut rt = LlamaRuntime::load(&base).unwrap();
+    let mut plan = small_adapter();
+    plan.tensors.push(OutTensor::f32(
+        "blk.0.attn_norm.weight",
+        &[576],
+        &[1.0; 576],
+    ));
+    for t in plan
+        .tensors
+        .iter_mut()
+        .filter(|t| t.name.contains(".lora_"))
+    {
+        let values: Vec<f32> = t
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        t.data = quant::quantize(GgmlType::F16, &values, t.dims[0] as usize, &t.name)
+            .unwrap()
+            .into();
+        t.ggml_type = GgmlType::F16;
+    }
+    let path = dir.join("f16-with-norm.gguf");
+    plan.write(&path).unwrap();
+    let adapter = lora::validate(&base_g, &GgufFile::open(&path).unwrap()).unwrap();
+    assert_eq!(adapter.ignored, ["blk.0.attn_norm.weight"]);
+    assert_eq!(adapter.pairs.len(), 1);
+    assert_eq!((adapter.pairs[0].rank, adapter.pairs[0].scale), (1, 1.0));
+    rt.load_lora(&path).expect("llama.cpp loads it");
+    let report = audit::audit(&base, &path, &AuditOptions::default()).unwrap();
+    assert_eq!(report.changed_names(), vec![TENSOR]);
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("blk.0.attn_norm.weight")),
+        "{:?}",
+        report.notes
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

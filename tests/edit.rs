@@ -5,6 +5,7 @@ mod common;
 
 use backlens::arch::{ff2_weight, hf, Arch};
 use backlens::edit::{self, EditOutcome, EditRequest, EditSettings, Method};
+use backlens::lora;
 use backlens::model::Transformer;
 use backlens::numeric::argmax;
 use backlens::runtime::LlamaRuntime;
@@ -13,7 +14,7 @@ use backlens::tokenizer::Tokenizer;
 use backlens::weights::gguf::GgufFile;
 use backlens::weights::quant;
 use backlens::write::gguf::{patch_plan, Ff2Type};
-use backlens::write::{lora, safetensors};
+use backlens::write::safetensors;
 use std::path::Path;
 
 const PROMPT: &str = "Lionel Messi plays for";

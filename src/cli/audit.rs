@@ -21,8 +21,8 @@ pub struct Args {
     probes: Vec<String>,
     /// How u₁ is scored against the vocabulary after the final norm: cosine with each
     /// unembedding row, logit (the logit lens: dot product, favors long rows), or raw (dot
-    /// product without the final norm).
-    #[arg(long, value_enum, default_value_t = LensScore::Cosine)]
+    /// product without the final norm) [possible values: cosine, logit, raw].
+    #[arg(long, default_value = "cosine")]
     score: LensScore,
     /// Print the JSON report (schema in the `backlens::audit` docs).
     #[arg(long)]

@@ -3,6 +3,8 @@
 //! with `POST /lora-adapters`.
 
 use anyhow::{bail, Context, Result};
+use backlens::lora;
+use backlens::provenance::Provenance;
 use backlens::weights::gguf::GgufFile;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -71,49 +73,35 @@ fn open_gguf(path: &Path) -> Result<GgufFile> {
     })
 }
 
-/// Checks that `model` is a GGUF model and every adapter a LoRA GGUF of the same architecture.
-/// Returns the first edited prompt recorded in their provenance, for the curl example.
+/// Checks that `model` is a GGUF model and every adapter a LoRA GGUF that llama.cpp will load
+/// against it ([`lora::validate`]). Returns the first edited prompt recorded in their
+/// provenance, for the curl example.
 fn validate(model: &Path, adapters: &[PathBuf]) -> Result<Option<String>> {
     let m = open_gguf(model)?;
-    let kind = |g: &GgufFile| {
-        g.get("general.type")
-            .and_then(|v| v.as_str())
-            .map(String::from)
-    };
-    if kind(&m).as_deref() == Some("adapter") {
+    if lora::looks_like_adapter(&m) {
         bail!(
             "{}: this is a LoRA adapter, not a model; serve the base model and pass the adapter with --lora",
             model.display()
         );
     }
-    let arch = m.get_str("general.architecture")?.to_string();
+    if m.get_str("general.architecture").is_err() {
+        bail!(
+            "{}: no general.architecture string: not a model GGUF",
+            model.display()
+        );
+    }
     let mut prompt = edited_prompt(&m);
     for a in adapters {
         let g = open_gguf(a)?;
-        if kind(&g).as_deref() != Some("adapter") {
-            bail!(
-                "{}: not a LoRA adapter (general.type is {:?}, expected \"adapter\")",
-                a.display(),
-                kind(&g).unwrap_or_default()
-            );
-        }
-        let a_arch = g.get_str("general.architecture")?;
-        if a_arch != arch {
-            bail!(
-                "{}: adapter architecture {a_arch:?} does not match the model's {arch:?} ({})",
-                a.display(),
-                model.display()
-            );
-        }
+        lora::validate(&m, &g)?;
         prompt = prompt.or_else(|| edited_prompt(&g));
     }
     Ok(prompt)
 }
 
-/// The first prompt in `backlens.edits` provenance, if any.
+/// The first prompt in the file's edit provenance, if any.
 fn edited_prompt(g: &GgufFile) -> Option<String> {
-    let edits: serde_json::Value = serde_json::from_str(g.get("backlens.edits")?.as_str()?).ok()?;
-    Some(edits.get(0)?.get("prompt")?.as_str()?.to_string())
+    Provenance::edits_of(g).into_iter().next().map(|e| e.prompt)
 }
 
 /// Binds 127.0.0.1:`port` once to report a busy port clearly (0: pick a free port).

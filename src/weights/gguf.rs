@@ -160,6 +160,23 @@ impl Value {
         }
     }
 
+    /// The value as JSON: strings, bools, numbers (a non-finite float is null) and arrays.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        match self {
+            Value::String(s) => J::String(s.clone()),
+            Value::Bool(b) => J::Bool(*b),
+            Value::Array(_, items) => J::Array(items.iter().map(Value::to_json).collect()),
+            Value::F32(f) => serde_json::Number::from_f64(f64::from(*f)).map_or(J::Null, J::Number),
+            Value::F64(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+            Value::I8(x) => J::from(*x),
+            Value::I16(x) => J::from(*x),
+            Value::I32(x) => J::from(*x),
+            Value::I64(x) => J::from(*x),
+            other => other.as_u64().map_or(J::Null, J::from),
+        }
+    }
+
     /// A short human-readable rendering (arrays are summarized).
     pub fn summary(&self) -> String {
         match self {

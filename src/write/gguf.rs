@@ -113,6 +113,19 @@ impl<'a> GgufPlan<'a> {
         ))
     }
 
+    /// The whole file in memory, laid out exactly as [`Self::write_to`] writes it (tests,
+    /// fuzzing).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let alignment = self.alignment() as usize;
+        let mut out = self.header()?;
+        out.resize(out.len().next_multiple_of(alignment), 0);
+        for t in &self.tensors {
+            out.extend_from_slice(&t.data);
+            out.resize(out.len().next_multiple_of(alignment), 0);
+        }
+        Ok(out)
+    }
+
     /// Writes the file atomically to a new `path`.
     pub fn write(&self, path: &Path) -> Result<()> {
         self.write_to(AtomicOutput::create(path)?)?.commit()

@@ -1,10 +1,9 @@
-//! Writers for patched models: GGUF, LoRA adapter GGUF and safetensors. Every writer goes through
-//! [`output`]: the path is checked and locked before any work, bytes go to a temporary file beside
-//! the target, are fsynced, and are renamed into place only when everything has passed, so a
-//! failed or interrupted write never leaves a half-written or overwritten output.
+//! Writers for patched models: GGUF and safetensors (LoRA adapters are [`crate::lora`]'s). Every
+//! writer goes through [`output`]: the path is checked and locked before any work, bytes go to a
+//! temporary file beside the target, are fsynced, and are renamed into place only when everything
+//! has passed, so a failed or interrupted write never leaves a half-written or overwritten output.
 
 pub mod gguf;
-pub mod lora;
 pub mod output;
 pub mod safetensors;
 
