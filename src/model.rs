@@ -396,6 +396,31 @@ impl Transformer {
 
     /// Runs the model on `tokens`; returns logits (tokens, n_vocab) and the per-layer trace.
     pub fn forward(&self, tokens: &[u32], probes: Option<&Probes>) -> Result<(Tensor, Trace)> {
+        let (h, trace) = self.run_blocks(tokens, probes, self.blocks.len())?;
+        let logits = self.unembed(&h)?;
+        Ok((logits, trace))
+    }
+
+    /// [`Self::forward`] cut after block `layer`: the trace of blocks 0..=`layer` only, without
+    /// the later blocks and the unembedding (for statistics of one layer's activations).
+    pub fn trace_through(&self, tokens: &[u32], layer: usize) -> Result<Trace> {
+        if layer >= self.blocks.len() {
+            return Err(Error::Invalid(format!(
+                "layer {layer} out of range: the model has {} layers",
+                self.blocks.len()
+            )));
+        }
+        Ok(self.run_blocks(tokens, None, layer + 1)?.1)
+    }
+
+    /// The embedding and the first `n_blocks` blocks: the residual stream after them and the
+    /// trace of each.
+    fn run_blocks(
+        &self,
+        tokens: &[u32],
+        probes: Option<&Probes>,
+        n_blocks: usize,
+    ) -> Result<(Tensor, Trace)> {
         let n = tokens.len();
         check_tokens(&self.hp, tokens)?;
         let ids = Tensor::new(tokens, &Device::Cpu)?;
@@ -405,7 +430,7 @@ impl Transformer {
         }
         let (mask, rope) = position_tables(&self.hp, n, self.dtype())?;
         let mut trace = Trace::default();
-        for (l, block) in self.blocks.iter().enumerate() {
+        for (l, block) in self.blocks.iter().take(n_blocks).enumerate() {
             trace.resid_in.push(h.clone());
             let step = block.step(&self.hp, &h, &mask, rope.as_ref(), probes.map(|p| (p, l)))?;
             h = step.resid_out;
@@ -413,8 +438,7 @@ impl Transformer {
             trace.ff2_in.push(step.ff2_in);
             trace.ff2_out.push(step.ff2_out);
         }
-        let logits = self.unembed(&h)?;
-        Ok((logits, trace))
+        Ok((h, trace))
     }
 
     /// Final norm + unembedding of residual vectors (rows of `h`).

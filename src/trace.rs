@@ -14,9 +14,9 @@
 
 use crate::arch::Arch;
 use crate::delta::Delta;
+use crate::lora;
 use crate::runtime::{backend, decode_threads, SESSION_CTX};
 use crate::weights::gguf::GgufFile;
-use crate::lora;
 use crate::write::{OutputClaim, OutputKind};
 use crate::{Error, Result};
 use llama_cpp_sys_2 as sys;
