@@ -157,18 +157,19 @@ fn solve(
     // R' = R G⁻¹: row o of R' solves G y = (row o of R) since G is symmetric.
     let n_out = keyed[0].e.len();
     let scale: Vec<f64> = xs.iter().map(|x| lr * dot(x, x)).collect();
-    let mut out_vecs = vec![vec![0f32; n_out]; m];
-    for o in 0..n_out {
-        let row: Vec<f64> = keyed
-            .iter()
-            .zip(&scale)
-            .map(|(k, s)| s * k.e[o] as f64)
-            .collect();
-        let y = cholesky_solve(&g, m, row);
-        for (i, v) in y.into_iter().enumerate() {
-            out_vecs[i][o] = v as f32;
-        }
-    }
+    let solved: Vec<Vec<f64>> = (0..n_out)
+        .map(|o| {
+            let row: Vec<f64> = keyed
+                .iter()
+                .zip(&scale)
+                .map(|(k, s)| s * k.e[o] as f64)
+                .collect();
+            cholesky_solve(&g, m, row)
+        })
+        .collect();
+    let out_vecs: Vec<Vec<f32>> = (0..m)
+        .map(|i| solved.iter().map(|y| y[i] as f32).collect())
+        .collect();
     Ok(out_vecs
         .into_iter()
         .zip(zs)
