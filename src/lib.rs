@@ -17,6 +17,7 @@ pub mod eval;
 pub mod lens;
 pub mod lora;
 pub mod model;
+mod names;
 pub mod numeric;
 pub mod patch;
 pub mod provenance;

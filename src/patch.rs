@@ -164,34 +164,7 @@ pub enum Forward {
     Candle,
 }
 
-impl Forward {
-    /// The command-line name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Forward::Llama => "llama",
-            Forward::Candle => "candle",
-        }
-    }
-}
-
-impl std::fmt::Display for Forward {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Forward {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Forward, String> {
-        match s {
-            "llama" => Ok(Forward::Llama),
-            "candle" => Ok(Forward::Candle),
-            other => Err(format!(
-                "unknown forward '{other}' (choose llama or candle)"
-            )),
-        }
-    }
-}
+crate::named_enum!(Forward, "forward", [Llama => "llama", Candle => "candle"]);
 
 /// Computes the edits of `requests` in order, each on the model with the ones before applied.
 /// Plain FPS on a GGUF runs its forward through llama.cpp ([`Forward::Llama`], the earlier

@@ -182,6 +182,26 @@ struct Panel<'a> {
     legend: Legend,
 }
 
+impl<'a> Panel<'a> {
+    fn new(
+        title: &str,
+        view: impl Fn(usize, &Cell) -> CellView + 'a,
+        palette: &'static [u32],
+        caption: &str,
+        ticks: Vec<(f64, String)>,
+    ) -> Panel<'a> {
+        Panel {
+            title: title.to_string(),
+            view: Box::new(view),
+            legend: Legend {
+                palette,
+                caption: caption.to_string(),
+                ticks,
+            },
+        }
+    }
+}
+
 fn legend_svg(o: &mut Svg, g: &Legend, x: f64, y: f64, w: f64) {
     o.text((x, y - 4.0), GREY, &esc(&g.caption));
     let (steps, step_w) = (48, w / 48.0);
@@ -312,18 +332,8 @@ fn lens_panel<'a>(r: &'a LensReport, title: &str, pick: fn(&Cell) -> &Projection
         .iter()
         .zip(names)
         .map(|(&k, s)| (rank_t(k), s.to_string()));
-    let ticks = ticks.collect();
-    let caption = "colour: target rank (log scale)".to_string();
-    let legend = Legend {
-        palette: &RANK_COLOURS,
-        caption,
-        ticks,
-    };
-    Panel {
-        title: title.to_string(),
-        view: Box::new(view),
-        legend,
-    }
+    let caption = "colour: target rank (log scale)";
+    Panel::new(title, view, &RANK_COLOURS, caption, ticks.collect())
 }
 
 /// The lens grid (the paper's Figure 11): layer × prompt token, FF1 input x1 on the left and
@@ -381,17 +391,8 @@ fn norm_panel<'a>(r: &'a LensReport, title: &str, value: fn(&Cell) -> f32) -> Pa
             ]
         }
     };
-    let caption = "colour: log scale, this panel".to_string();
-    let legend = Legend {
-        palette: &NORM_COLOURS,
-        caption,
-        ticks,
-    };
-    Panel {
-        title: title.to_string(),
-        view: Box::new(view),
-        legend,
-    }
+    let caption = "colour: log scale, this panel";
+    Panel::new(title, view, &NORM_COLOURS, caption, ticks)
 }
 
 /// The FF2 gradient norms (the paper's Figure 16): layer × prompt token heatmaps of ‖δ‖·‖a‖

@@ -109,32 +109,7 @@ pub enum LensScore {
     Cosine,
 }
 
-impl LensScore {
-    /// The name used on the command line and in the JSON report.
-    pub fn name(self) -> &'static str {
-        match self {
-            LensScore::Logit => "logit",
-            LensScore::Raw => "raw",
-            LensScore::Cosine => "cosine",
-        }
-    }
-}
-
-impl std::fmt::Display for LensScore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for LensScore {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<LensScore, String> {
-        [LensScore::Cosine, LensScore::Logit, LensScore::Raw]
-            .into_iter()
-            .find(|l| l.name() == s)
-            .ok_or_else(|| format!("unknown lens score '{s}' (choose cosine, logit or raw)"))
-    }
-}
+crate::named_enum!(LensScore, "lens score", [Cosine => "cosine", Logit => "logit", Raw => "raw"]);
 
 impl Default for AuditOptions {
     fn default() -> Self {

@@ -115,43 +115,14 @@ impl Method {
     pub fn needs_stats(self) -> bool {
         matches!(self, Method::ShiftWhitened | Method::Batch)
     }
-
-    /// Every method, in the order the help lists them.
-    pub const ALL: [Method; 4] = [
-        Method::Shift,
-        Method::ShiftWhitened,
-        Method::Grad,
-        Method::Batch,
-    ];
-
-    /// The method's command-line / provenance name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Shift => "shift",
-            Method::ShiftWhitened => "shift-whitened",
-            Method::Grad => "grad",
-            Method::Batch => "batch",
-        }
-    }
 }
 
-impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Method, String> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                format!("unknown method '{s}' (choose shift, shift-whitened, grad or batch)")
-            })
-    }
-}
+crate::named_enum!(Method, "method", [
+    Shift => "shift",
+    ShiftWhitened => "shift-whitened",
+    Grad => "grad",
+    Batch => "batch",
+]);
 
 /// What an edit may need besides the model and the request.
 #[derive(Clone, Copy, Default)]

@@ -54,20 +54,7 @@ pub fn compute_streamed(
     let prompt = tok.encode_prompt(&req.prompt)?;
     let target_id = super::first_target_token(tok, req)?;
     let pass = crate::model::streamed_last_position(src, &prompt, prior, &[layer])?;
-    let top1 = finite_argmax(&pass.logits)? as u32;
-    if top1 == target_id {
-        return Ok(EditOutcome::skipped(req, target_id, top1));
-    }
-    let e = src
-        .rows_f32("token_embd.weight", &[target_id as usize])?
-        .remove(0);
-    let x = pass.ff2_in.into_iter().next().unwrap_or_default();
-    Ok(EditOutcome::edited(
-        req,
-        target_id,
-        top1,
-        fps_delta(layer, lr, &e, x),
-    ))
+    from_last_position(src, req, target_id, &pass.logits, pass.ff2_in, layer, lr)
 }
 
 /// [`compute_streamed`] with the forward run by llama.cpp itself ([`crate::trace::Tracer`],
@@ -87,14 +74,28 @@ pub fn compute_traced(
     let target_id = super::first_target_token(tok, req)?;
     tracer.apply_deltas(src.hparams()?.arch, prior)?;
     let pass = tracer.last_position(&prompt, &[layer])?;
-    let top1 = finite_argmax(&pass.logits)? as u32;
+    from_last_position(src, req, target_id, &pass.logits, pass.ff2_in, layer, lr)
+}
+
+/// The FPS outcome from one forward's last-position logits and FF2 input (either engine): the
+/// skip rule, then e from one dequantized embedding row.
+fn from_last_position(
+    src: &ModelSource,
+    req: &EditRequest,
+    target_id: u32,
+    logits: &[f32],
+    ff2_in: Vec<Vec<f32>>,
+    layer: usize,
+    lr: f64,
+) -> Result<EditOutcome> {
+    let top1 = finite_argmax(logits)? as u32;
     if top1 == target_id {
         return Ok(EditOutcome::skipped(req, target_id, top1));
     }
     let e = src
         .rows_f32("token_embd.weight", &[target_id as usize])?
         .remove(0);
-    let x = pass.ff2_in.into_iter().next().unwrap_or_default();
+    let x = ff2_in.into_iter().next().unwrap_or_default();
     Ok(EditOutcome::edited(
         req,
         target_id,

@@ -278,25 +278,7 @@ pub enum Ff2Type {
     Keep,
 }
 
-impl std::fmt::Display for Ff2Type {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Ff2Type::F32 => "f32",
-            Ff2Type::Keep => "keep",
-        })
-    }
-}
-
-impl std::str::FromStr for Ff2Type {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Ff2Type, String> {
-        match s {
-            "f32" => Ok(Ff2Type::F32),
-            "keep" => Ok(Ff2Type::Keep),
-            other => Err(format!("unknown FF2 type '{other}' (choose f32 or keep)")),
-        }
-    }
-}
+crate::named_enum!(Ff2Type, "FF2 type", [F32 => "f32", Keep => "keep"]);
 
 /// A copy of `src` with each delta added to its (dequantized) tensor, which is then stored as
 /// F32 or requantized; every other tensor is borrowed byte for byte. `provenance` keys are set.

@@ -85,23 +85,7 @@ impl KeyStats {
 
     /// Solves C z = v.
     pub fn solve(&self, v: &[f64]) -> Vec<f64> {
-        let n = self.n;
-        let l = &self.chol;
-        // L y = v
-        let mut y = v.to_vec();
-        for i in 0..n {
-            let s = dot(&l[i * n..i * n + i], &y[..i]);
-            y[i] = (y[i] - s) / l[i * n + i];
-        }
-        // Lᵀ z = y, row-oriented: once z[i] is known, remove its share from the rows above.
-        for i in (0..n).rev() {
-            y[i] /= l[i * n + i];
-            let zi = y[i];
-            for (yk, &lik) in y[..i].iter_mut().zip(&l[i * n..i * n + i]) {
-                *yk -= lik * zi;
-            }
-        }
-        y
+        cholesky_solve(&self.chol, self.n, v.to_vec())
     }
 
     /// The whitened key k = C⁻¹x / (xᵀC⁻¹x), so that k·x = 1.
