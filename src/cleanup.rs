@@ -30,22 +30,17 @@ pub fn install() {
             continue;
         }
         let children = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
+        remove_all();
+        if children.is_empty() {
+            std::process::exit(128 + sig);
+        }
         for &pid in &children {
             // SAFETY: signals only processes this one started and registered.
             unsafe { libc::kill(pid, sig) };
         }
-        // Give them a few seconds to end (the thread that started them reaps them).
-        for _ in 0..50 {
-            // SAFETY: signal 0 only checks that the process still exists.
-            if children
-                .iter()
-                .all(|&pid| unsafe { libc::kill(pid, 0) } != 0)
-            {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        remove_all();
+        // The thread that started the children reaps them and exits with their status (serve
+        // ends as llama-server did); only if they outlive a few seconds does this one exit.
+        std::thread::sleep(std::time::Duration::from_secs(5));
         std::process::exit(128 + sig);
     });
 }
