@@ -45,6 +45,21 @@ pub fn install() {
     });
 }
 
+/// Unblocks the signals [`install`] blocks. For the child side of a fork before exec (a blocked
+/// mask survives exec, and a child such as llama-server must see SIGINT/SIGTERM); only
+/// async-signal-safe calls.
+pub fn unblock_in_child() {
+    // SAFETY: sigemptyset/sigaddset on a local set and pthread_sigmask are async-signal-safe.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// Removes every registered path (files, or folders this process created).
 fn remove_all() {
     let paths = PATHS.lock().map(|p| p.clone()).unwrap_or_default();

@@ -206,12 +206,14 @@ pub fn run(args: Args) -> Result<()> {
     // Own process group, so a terminal's Ctrl-C reaches llama-server once (forwarded by us),
     // and no stdin: the server never reads it.
     cmd.stdin(Stdio::null()).process_group(0);
-    // SAFETY: only prctl(2), which is async-signal-safe, runs between fork and exec.
+    // SAFETY: only prctl(2) and pthread_sigmask(3), both async-signal-safe, run between fork and
+    // exec.
     #[cfg(target_os = "linux")]
     unsafe {
         // If backlens-patch dies, the server goes with it.
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            backlens::cleanup::unblock_in_child();
             Ok(())
         });
     }
