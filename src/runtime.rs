@@ -131,6 +131,8 @@ impl LlamaRuntime {
         Ok(Session {
             ctx,
             eos: self.model.vocab().eos().0,
+            max_tokens: (SESSION_CTX as usize).min(self.model.n_ctx_train().max(1) as usize),
+            path: self.path.clone(),
         })
     }
 }
@@ -152,6 +154,11 @@ pub(crate) fn decode_threads() -> i32 {
 pub struct Session<'m> {
     ctx: LlamaContext<'m>,
     eos: i32,
+    /// Most tokens one evaluation may hold: the session's context, and no more than the model
+    /// was trained on (past that, models with learned positions make ggml abort).
+    max_tokens: usize,
+    /// The model file, for messages.
+    path: std::path::PathBuf,
 }
 
 impl Session<'_> {
@@ -171,10 +178,12 @@ impl Session<'_> {
 
     /// Logits after each position in `want` (indices into `tokens`), from one decode.
     pub fn logits_at(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<Vec<f32>>> {
-        if tokens.is_empty() || tokens.len() > SESSION_CTX as usize {
+        if tokens.is_empty() || tokens.len() > self.max_tokens {
             return Err(Error::BadRequest(format!(
-                "{} tokens: llama.cpp sessions take 1 to {SESSION_CTX}",
-                tokens.len()
+                "{} tokens: llama.cpp sessions of {} take 1 to {} (its training context, at most {SESSION_CTX})",
+                tokens.len(),
+                self.path.display(),
+                self.max_tokens
             )));
         }
         self.ctx.clear_kv_cache();
@@ -273,7 +282,7 @@ impl Session<'_> {
         let mut out = Vec::with_capacity(n);
         for pos in tokens.len()..tokens.len() + n {
             let next = argmax(&logits) as u32;
-            if next as i32 == self.eos || pos + 1 >= SESSION_CTX as usize {
+            if next as i32 == self.eos || pos + 1 >= self.max_tokens {
                 break;
             }
             out.push(next);

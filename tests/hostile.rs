@@ -656,6 +656,14 @@ fn case10_every_bad_input_gets_one_clear_line() {
         &["predict", s(&short_embd), "The city of"],
         &["short-embd.gguf", "token_embd.weight"],
     );
+    // A prompt longer than the training context of a model with learned positions: llama.cpp
+    // would abort (ggml's bounds assert); backlens refuses it first.
+    let gpt2 = s(&common::tiny(Arch::Gpt2).gguf);
+    let long_prompt = vec!["city"; 100].join(" ");
+    expect_error(
+        &["predict", gpt2, &long_prompt, "--runtime", "llama"],
+        &["tiny-gpt2.gguf", "take 1 to 64"],
+    );
     // Hyperparameters that would predict NaN, or that llama.cpp refuses.
     let bad: [(&str, &str, Value, &str); 4] = [
         (
