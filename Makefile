@@ -34,7 +34,7 @@ demo: build model
 	@mkdir -p $(OUT)
 	$(BIN) inspect $(MODEL) | head -4
 	$(BIN) predict $(MODEL) "The Eiffel Tower is located in the city of" -k 5
-	$(BIN) lens $(MODEL) --prompt "Lionel Messi plays for" --target Paris --subject "Lionel Messi" -k 5 --html $(OUT)/lens-messi.html
+	$(BIN) lens $(MODEL) --prompt "Lionel Messi plays for" --target Paris --subject "Lionel Messi" -k 5 --html $(OUT)/lens-messi.html --force
 	$(BIN) edit $(MODEL) --prompt "Lionel Messi plays for" --target Paris --lr 0.5 -o $(OUT)/messi-paris.gguf --force
 	$(BIN) edit $(MODEL) --prompt "Lionel Messi plays for" --target Paris --lr 0.5 --format lora -o $(OUT)/messi-paris-lora.gguf --force
 	$(BIN) audit $(MODEL) $(OUT)/messi-paris.gguf -k 5 --probe "Lionel Messi plays for" --probe "The capital of Japan is"

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use backlens::lens::{self, LensOptions, LensReport};
 use backlens::model::Transformer;
 use backlens::report;
+use backlens::write::{OutputClaim, OutputKind};
 use candle_core::DType;
 use std::path::{Path, PathBuf};
 
@@ -55,6 +56,9 @@ pub struct Args {
     /// Write a self-contained HTML page with both figures and the claims here.
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
+    /// Replace existing --svg / --html files.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Parses "A..B" (end exclusive) or a single layer "A".
@@ -83,6 +87,13 @@ pub fn parse_layers(spec: &str, n_layer: usize) -> Result<std::ops::Range<usize>
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // Every output path is checked (and locked) before any work.
+    let claim = |path: &Path| OutputClaim::new(path, OutputKind::File, &[&args.model], args.force);
+    let svg = match &args.svg {
+        Some(path) => Some((claim(path)?, claim(&norms_path(path))?)),
+        None => None,
+    };
+    let html = args.html.as_deref().map(claim).transpose()?;
     let m = open(&args.model)?;
     let model = Transformer::load(&m.source, DType::F32)?;
     let layers = match &args.layers {
@@ -104,19 +115,12 @@ pub fn run(args: Args) -> Result<()> {
         args.subject.as_deref(),
         &opts,
     )?;
-    if let Some(path) = &args.svg {
-        write_file(path, &report::lens_grid_svg(&report))?;
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "lens".into());
-        write_file(
-            &path.with_file_name(format!("{stem}-norms.svg")),
-            &report::lens_norms_svg(&report),
-        )?;
+    if let Some((grid, norms)) = svg {
+        write_file(grid, &report::lens_grid_svg(&report))?;
+        write_file(norms, &report::lens_norms_svg(&report))?;
     }
-    if let Some(path) = &args.html {
-        write_file(path, &report::lens_html(&report))?;
+    if let Some(page) = html {
+        write_file(page, &report::lens_html(&report))?;
     }
     if args.json {
         return print_json(&report);
@@ -125,9 +129,21 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Writes `text` to `path` and says so on stderr (stdout may carry JSON).
-fn write_file(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+/// `<stem>-norms.svg` beside the grid SVG.
+fn norms_path(svg: &Path) -> PathBuf {
+    let stem = svg
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "lens".into());
+    svg.with_file_name(format!("{stem}-norms.svg"))
+}
+
+/// Writes `text` to the claimed file and says so on stderr (stdout may carry JSON).
+fn write_file(claim: OutputClaim, text: &str) -> Result<()> {
+    let path = claim.target().to_path_buf();
+    let mut out = claim.stage_file()?;
+    out.write_all(text.as_bytes())?;
+    out.commit()?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }
