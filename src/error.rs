@@ -107,11 +107,3 @@ impl Error {
         }
     }
 }
-
-/// Shorthand for `Err(Error::Invalid(format!(...)))`.
-#[macro_export]
-macro_rules! invalid {
-    ($($arg:tt)*) => {
-        Err($crate::Error::Invalid(format!($($arg)*)))
-    };
-}

@@ -267,11 +267,11 @@ pub fn symmetric_eigen(mut a: Vec<f64>, n: usize) -> Result<(Vec<f64>, Vec<Vec<f
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// Deterministic pseudo-random numbers in [−1, 1).
-    fn lcg(seed: &mut u64) -> f64 {
+    /// Deterministic pseudo-random numbers in [−1, 1) (also used by other modules' tests).
+    pub(crate) fn lcg(seed: &mut u64) -> f64 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

@@ -183,21 +183,10 @@ pub fn compute(
         (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => {
             settings.check(source.hparams()?.n_layer)?;
             let mut tracer = crate::trace::Tracer::load(g.path())?;
-            let mut outcomes: Vec<EditOutcome> = Vec::with_capacity(requests.len());
-            for req in requests {
-                req.validate()?;
-                let prior: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
-                outcomes.push(edit::shift::compute_traced(
-                    &mut tracer,
-                    source,
-                    tok,
-                    req,
-                    settings.layer,
-                    settings.lr,
-                    &prior,
-                )?);
-            }
-            Ok(outcomes)
+            let (layer, lr) = (settings.layer, settings.lr);
+            edit::apply_in_order(requests, |req, prior| {
+                edit::shift::compute_traced(&mut tracer, source, tok, req, layer, lr, prior)
+            })
         }
         (ModelSource::Hf(_), _, Forward::Llama) => Err(Error::Invalid(
             "--forward llama needs a GGUF input (llama.cpp reads GGUF only); use --forward candle"

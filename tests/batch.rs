@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::ff2_in_last;
+
 use backlens::arch::Arch;
 use backlens::edit::whiten::{StatsCorpus, WhitenOptions};
 use backlens::edit::{EditRequest, EditSettings, Method};
@@ -16,16 +18,6 @@ use backlens::weights::gguf::GgufFile;
 use backlens::write::gguf::Ff2Type;
 use backlens::write::{OutputClaim, OutputKind};
 use candle_core::DType;
-
-fn ff2_in_last(model: &Transformer, tok: &Tokenizer, prompt: &str, layer: usize) -> Vec<f32> {
-    let ids = tok.encode_prompt(prompt).unwrap();
-    let (_, trace) = model.forward(&ids, None).unwrap();
-    trace.ff2_in[layer]
-        .get(ids.len() - 1)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 fn no_contrast() -> WhitenSetup {
     WhitenSetup {

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::ff2_in_last;
+
 use backlens::arch::Arch;
 use backlens::delta::Delta;
 use backlens::edit::whiten::{
@@ -19,17 +21,6 @@ use std::path::{Path, PathBuf};
 
 const LAYER: usize = 22;
 const LR: f64 = 0.24;
-
-/// FF2 input at the last token of `prompt`.
-fn ff2_in_last(model: &Transformer, tok: &Tokenizer, prompt: &str, layer: usize) -> Vec<f32> {
-    let ids = tok.encode_prompt(prompt).unwrap();
-    let (_, trace) = model.forward(&ids, None).unwrap();
-    trace.ff2_in[layer]
-        .get(ids.len() - 1)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 /// ΔW·v in f64 from the dense delta (out, in).
 fn apply_dense(dense: &[f32], v: &[f32]) -> Vec<f64> {

@@ -248,13 +248,7 @@ pub(super) fn orient_by_input_sum(u: &mut [f64], v: &mut [f64]) {
 mod tests {
     use super::*;
 
-    /// Deterministic pseudo-random numbers in [−1, 1).
-    fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    }
+    use crate::numeric::tests::lcg;
 
     #[test]
     fn dense_and_factored_spectra_agree() {

@@ -208,18 +208,22 @@ pub fn apply_sequence_streamed(
         )));
     }
     settings.check(src.hparams()?.n_layer)?;
+    apply_in_order(requests, |req, prior| {
+        shift::compute_streamed(src, tok, req, settings.layer, settings.lr, prior)
+    })
+}
+
+/// Computes each request with `step(request, deltas of the requests before it)`, for engines
+/// that read the file and so take earlier edits as deltas rather than as an edited model.
+pub fn apply_in_order(
+    requests: &[EditRequest],
+    mut step: impl FnMut(&EditRequest, &[Delta]) -> Result<EditOutcome>,
+) -> Result<Vec<EditOutcome>> {
     let mut outcomes: Vec<EditOutcome> = Vec::with_capacity(requests.len());
     for req in requests {
         req.validate()?;
         let prior: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
-        outcomes.push(shift::compute_streamed(
-            src,
-            tok,
-            req,
-            settings.layer,
-            settings.lr,
-            &prior,
-        )?);
+        outcomes.push(step(req, &prior)?);
     }
     Ok(outcomes)
 }

@@ -18,6 +18,17 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use synth::Synth;
 
+/// FF2 input at the last token of `prompt` (the FPS key), from candle's forward.
+pub fn ff2_in_last(model: &Transformer, tok: &Tokenizer, prompt: &str, layer: usize) -> Vec<f32> {
+    let ids = tok.encode_prompt(prompt).unwrap();
+    let (_, trace) = model.forward(&ids, None).unwrap();
+    trace.ff2_in[layer]
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// Path of the real default model (fetched by `make model`).
 pub fn smollm2() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
