@@ -49,7 +49,11 @@ fn words(texts: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for t in texts {
         for (i, w) in t.split(' ').enumerate() {
-            out.push(if i == 0 { w.to_string() } else { format!(" {w}") });
+            out.push(if i == 0 {
+                w.to_string()
+            } else {
+                format!(" {w}")
+            });
         }
     }
     out
@@ -108,7 +112,10 @@ fn strings(items: &[String]) -> Value {
 }
 
 fn types(items: &[i32]) -> Value {
-    Value::Array(ValueType::I32, items.iter().map(|&t| Value::I32(t)).collect())
+    Value::Array(
+        ValueType::I32,
+        items.iter().map(|&t| Value::I32(t)).collect(),
+    )
 }
 
 /// llama.cpp token types.
@@ -120,7 +127,7 @@ const BYTE: i32 = 6;
 
 /// A SentencePiece vocabulary: `<unk>`, `<s>`, `</s>`, the 256 byte tokens, the characters of
 /// the texts except non-ASCII ones (but `é`) and `q`, `Q`, `X` (which fall back to bytes), 400
-/// learned pieces scored by rank with pairs of equal scores (so ties are broken by position),
+/// learned pieces scored by rank in groups of 50 equal scores (so ties are broken by position),
 /// and the user-defined `York`.
 fn spm_vocab(texts: &[String]) -> (Vec<String>, Vec<f32>, Vec<i32>) {
     let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
@@ -139,7 +146,9 @@ fn spm_vocab(texts: &[String]) -> (Vec<String>, Vec<f32>, Vec<i32>) {
     let mut chars: Vec<String> = escaped.iter().flatten().cloned().collect();
     chars.sort();
     chars.dedup();
-    chars.retain(|c| (c.is_ascii() || c == "é" || c == "\u{2581}") && !["q", "Q", "X"].contains(&c.as_str()));
+    chars.retain(|c| {
+        (c.is_ascii() || c == "é" || c == "\u{2581}") && !["q", "Q", "X"].contains(&c.as_str())
+    });
     let mut scores = vec![0.0; tokens.len()];
     for c in chars {
         tokens.push(c);
@@ -151,7 +160,7 @@ fn spm_vocab(texts: &[String]) -> (Vec<String>, Vec<f32>, Vec<i32>) {
         if !tokens.contains(&piece) {
             tokens.push(piece);
             kinds.push(NORMAL);
-            scores.push(-((i / 2) as f32));
+            scores.push(-((i / 50) as f32));
         }
     }
     tokens.push("York".into());
@@ -165,9 +174,8 @@ fn spm_vocab(texts: &[String]) -> (Vec<String>, Vec<f32>, Vec<i32>) {
 /// reaches), and the user-defined `York`.
 fn bpe_vocab(texts: &[String]) -> (Vec<String>, Vec<String>, Vec<i32>) {
     let chars = common::byte_chars();
-    let encode = |w: &str| -> Vec<String> {
-        w.bytes().map(|b| chars[b as usize].to_string()).collect()
-    };
+    let encode =
+        |w: &str| -> Vec<String> { w.bytes().map(|b| chars[b as usize].to_string()).collect() };
     let symbolized: Vec<Vec<String>> = words(texts).iter().map(|w| encode(w)).collect();
     let merges = learn_merges(symbolized, 400);
     let mut tokens: Vec<String> = vec!["<|endoftext|>".into()];
@@ -189,7 +197,10 @@ fn bpe_vocab(texts: &[String]) -> (Vec<String>, Vec<String>, Vec<i32>) {
     let mut kinds = vec![NORMAL; tokens.len()];
     kinds[0] = CONTROL;
     *kinds.last_mut().unwrap() = USER_DEFINED;
-    let merges = merges.into_iter().map(|(a, b)| format!("{a} {b}")).collect();
+    let merges = merges
+        .into_iter()
+        .map(|(a, b)| format!("{a} {b}"))
+        .collect();
     (tokens, merges, kinds)
 }
 
@@ -203,11 +214,17 @@ fn kinds(texts: &[String]) -> Vec<Kind> {
     let (spm_tokens, scores, spm_types) = spm_vocab(texts);
     let spm = |prefix: Option<bool>| {
         let mut md = vec![
-            ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("llama".into()),
+            ),
             ("tokenizer.ggml.tokens".into(), strings(&spm_tokens)),
             (
                 "tokenizer.ggml.scores".into(),
-                Value::Array(ValueType::F32, scores.iter().map(|&s| Value::F32(s)).collect()),
+                Value::Array(
+                    ValueType::F32,
+                    scores.iter().map(|&s| Value::F32(s)).collect(),
+                ),
             ),
             ("tokenizer.ggml.token_type".into(), types(&spm_types)),
         ];
@@ -222,7 +239,10 @@ fn kinds(texts: &[String]) -> Vec<Kind> {
     let (bpe_tokens, merges, bpe_types) = bpe_vocab(texts);
     let bpe = |pre: Option<&str>, add_bos: Option<bool>| {
         let mut md = vec![
-            ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("gpt2".into()),
+            ),
             ("tokenizer.ggml.tokens".into(), strings(&bpe_tokens)),
             ("tokenizer.ggml.token_type".into(), types(&bpe_types)),
             ("tokenizer.ggml.merges".into(), strings(&merges)),
@@ -238,13 +258,34 @@ fn kinds(texts: &[String]) -> Vec<Kind> {
         md
     };
     vec![
-        Kind { name: "spm-llama2", metadata: spm(None) },
-        Kind { name: "spm-gemma", metadata: spm(Some(false)) },
-        Kind { name: "bpe-gpt2", metadata: bpe(Some("gpt-2"), None) },
-        Kind { name: "bpe-smollm", metadata: bpe(Some("smollm"), Some(false)) },
-        Kind { name: "bpe-llama3", metadata: bpe(Some("llama-bpe"), None) },
-        Kind { name: "bpe-qwen2", metadata: bpe(Some("qwen2"), Some(false)) },
-        Kind { name: "bpe-default", metadata: bpe(None, None) },
+        Kind {
+            name: "spm-llama2",
+            metadata: spm(None),
+        },
+        Kind {
+            name: "spm-gemma",
+            metadata: spm(Some(false)),
+        },
+        Kind {
+            name: "bpe-gpt2",
+            metadata: bpe(Some("gpt-2"), None),
+        },
+        Kind {
+            name: "bpe-smollm",
+            metadata: bpe(Some("smollm"), Some(false)),
+        },
+        Kind {
+            name: "bpe-llama3",
+            metadata: bpe(Some("llama-bpe"), None),
+        },
+        Kind {
+            name: "bpe-qwen2",
+            metadata: bpe(Some("qwen2"), Some(false)),
+        },
+        Kind {
+            name: "bpe-default",
+            metadata: bpe(None, None),
+        },
     ]
 }
 
@@ -282,22 +323,52 @@ fn token_ids_equal_llama_cpp_for_every_tokenizer_kind() {
         let g = GgufFile::open(&path).unwrap();
         let tok = Tokenizer::from_gguf(&g).unwrap();
         let rt = LlamaRuntime::load(&path).unwrap();
-        let (mut compared, mut fallback) = (0, 0);
+        let spm = kind.name.starts_with("spm");
+        let (mut compared, mut byte_tokens) = (0, 0);
         for text in val.iter().map(String::as_str).chain(EXTRA) {
             let ours = tok.encode_prompt(text).unwrap();
             let theirs = rt.tokenize(text, true);
             assert_eq!(ours, theirs, "{}: {text:?}", kind.name);
-            fallback += ours.iter().filter(|&&t| (3..259).contains(&t)).count();
+            byte_tokens += ours
+                .iter()
+                .filter(|&&t| spm && (3..259).contains(&t))
+                .count();
             compared += 1;
         }
         assert_eq!(compared, 2 * 1919 + EXTRA.len(), "{}", kind.name);
+        // What the lens and the edits use: prompt ids then target ids are the ids of the whole.
+        let joined = records
+            .iter()
+            .filter(|r| {
+                let mut ids = tok.encode_prompt(&r.prompt).unwrap();
+                ids.extend(tok.encode_target(&r.target_new).unwrap());
+                ids == tok
+                    .encode_prompt(&format!("{} {}", r.prompt, r.target_new))
+                    .unwrap()
+            })
+            .count();
         println!(
-            "{}: {} tokens, {compared} strings identical to llama.cpp ({fallback} ids in 3..259)",
+            "{}: {} tokens, {compared} strings identical to llama.cpp, {byte_tokens} byte-fallback ids, prompt + target = whole in {joined} of {}",
             kind.name,
-            tok.vocab_size()
+            tok.vocab_size(),
+            records.len()
         );
-        if kind.name.starts_with("spm") {
-            assert!(fallback > 100, "{}: byte fallback not exercised", kind.name);
+        assert_eq!(joined, records.len(), "{}", kind.name);
+        for r in &records {
+            let ids = tok.encode_target(&r.target_new).unwrap();
+            assert_eq!(
+                tok.decode(&ids),
+                format!(" {}", r.target_new),
+                "{}",
+                kind.name
+            );
+        }
+        if spm {
+            assert!(
+                byte_tokens > 100,
+                "{}: byte fallback not exercised",
+                kind.name
+            );
         }
     }
 }

@@ -219,14 +219,16 @@ fn added_special(
             .ok_or_else(|| Error::MissingKey(format!("{add_key} (not a bool)")))?,
         None => add_default,
     };
-    let id = special_id(g, id_key, id_default, n_tokens)?;
-    match (add, id) {
-        (false, _) => Ok(None),
-        (true, Some(id)) => Ok(Some(id)),
-        (true, None) => Err(Error::MissingKey(format!(
-            "{id_key} (needed by {add_key}, and the default {id_default} is past the {n_tokens} tokens)"
-        ))),
+    if !add {
+        return Ok(None);
     }
+    special_id(g, id_key, id_default, n_tokens)?
+        .map(Some)
+        .ok_or_else(|| {
+            Error::MissingKey(format!(
+                "{id_key} (needed by {add_key}, and the default {id_default} is past the {n_tokens} tokens)"
+            ))
+        })
 }
 
 /// Names accepted for `tokenizer.ggml.pre`, for the error message.
@@ -331,7 +333,11 @@ impl Tokenizer {
                     })?,
                     None => true,
                 };
-                (Kind::Spm(spm::Spm::new(vocab, scores, prefix)?), true, (1, 2))
+                (
+                    Kind::Spm(spm::Spm::new(vocab, scores, prefix)?),
+                    true,
+                    (1, 2),
+                )
             }
             other => {
                 return Err(Error::UnsupportedTokenizer {
@@ -364,7 +370,11 @@ impl Tokenizer {
     /// Token ids of `text` alone; `at_start` when it begins the input.
     fn encode(&self, text: &str, at_start: bool) -> Result<Vec<u32>> {
         match &self.kind {
-            Kind::Bpe(inner) => Ok(inner.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec()),
+            Kind::Bpe(inner) => Ok(inner
+                .encode_fast(text, false)
+                .map_err(tok_err)?
+                .get_ids()
+                .to_vec()),
             Kind::Spm(spm) => spm.encode(text, at_start),
         }
     }
