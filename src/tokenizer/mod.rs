@@ -29,7 +29,7 @@ pub struct Tokenizer {
 
 enum Kind {
     /// Byte-level BPE (GGUF `gpt2`) or any HF `tokenizer.json`.
-    Bpe(tokenizers::Tokenizer),
+    Bpe(Box<tokenizers::Tokenizer>),
     /// SentencePiece-style (GGUF `llama`).
     Spm(spm::Spm),
 }
@@ -250,7 +250,7 @@ impl Tokenizer {
                 let inner = tokenizers::Tokenizer::from_file(&path)
                     .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
                 Tokenizer {
-                    kind: Kind::Bpe(inner),
+                    kind: Kind::Bpe(Box::new(inner)),
                     bos: None,
                     eos: None,
                     embedding: None,
@@ -311,7 +311,7 @@ impl Tokenizer {
                 })?;
                 let merges = strings(g, "tokenizer.ggml.merges")?;
                 let inner = bpe::build(&vocab, &merges, pre)?;
-                (Kind::Bpe(inner), pre.add_bos, (11, 11))
+                (Kind::Bpe(Box::new(inner)), pre.add_bos, (11, 11))
             }
             "llama" => {
                 let scores = match array(g, "tokenizer.ggml.scores", Some(n))? {
