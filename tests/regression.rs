@@ -309,6 +309,30 @@ deepseek-r1-qwen, kormo, f2llmv2, megrez, stablelm2, hunyuan, solar-open";
     }
 }
 
+// docs/errors.md row 35
+#[test]
+fn repeated_token_is_refused_before_llama_cpp_asserts() {
+    let dir = common::temp_dir("dup");
+    let src = GgufFile::open(&common::tiny(Arch::Llama).gguf).unwrap();
+    let mut tokens = src.get("tokenizer.ggml.tokens").unwrap().clone();
+    let Value::Array(_, items) = &mut tokens else {
+        panic!("tokens are not an array")
+    };
+    items[5] = items[4].clone();
+    let mut plan = GgufPlan::copy_of(&src);
+    plan.set("tokenizer.ggml.tokens", tokens);
+    let path = dir.join("dup.gguf");
+    plan.write(&path).unwrap();
+    let p = path.to_str().unwrap();
+    expect_error(
+        &["predict", p, "The city of", "--runtime", "llama"],
+        &format!(
+            "{p}: missing or invalid metadata key 'tokenizer.ggml.tokens (token 5 repeats token 4, \"ă\")'"
+        ),
+        &dir,
+    );
+}
+
 // docs/errors.md row 12
 #[test]
 fn folder_without_config_json_is_not_an_hf_checkpoint() {
