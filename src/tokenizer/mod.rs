@@ -1,6 +1,6 @@
 //! Tokenizers whose ids are llama.cpp's, from GGUF `tokenizer.ggml.*` metadata (byte-level BPE
 //! with llama.cpp's pre-tokenizers in [`bpe`], SentencePiece-style in [`spm`]) or from an HF
-//! `tokenizer.json`; BOS and EOS per the file, as llama.cpp adds them.
+//! `tokenizer.json`; BOS per the file, as llama.cpp adds it.
 
 mod bpe;
 mod spm;
@@ -16,13 +16,11 @@ const TYPE_USER_DEFINED: i32 = 4;
 /// llama.cpp token type of byte tokens (`<0x0A>`).
 const TYPE_BYTE: i32 = 6;
 
-/// A text tokenizer with the model's BOS and EOS conventions.
+/// A text tokenizer with the model's BOS convention.
 pub struct Tokenizer {
     kind: Kind,
     /// Prepended to a prompt (`tokenizer.ggml.add_bos_token`, default per tokenizer kind).
     bos: Option<u32>,
-    /// Appended to a prompt (`tokenizer.ggml.add_eos_token`).
-    eos: Option<u32>,
     /// Rows of the model's token embedding and the file it is in: ids past it are refused.
     embedding: Option<(usize, PathBuf)>,
 }
@@ -39,7 +37,6 @@ impl std::fmt::Debug for Tokenizer {
         f.debug_struct("Tokenizer")
             .field("vocab", &self.vocab_size())
             .field("bos", &self.bos)
-            .field("eos", &self.eos)
             .finish()
     }
 }
@@ -205,14 +202,19 @@ fn special_id(g: &GgufFile, key: &str, default: u32, n_tokens: usize) -> Result<
     Ok(Some(id))
 }
 
-/// BOS or EOS to add: `add_key` (else `add_default`) says whether, `id_key` (else `id_default`)
-/// which; asked for but absent is an error (llama.cpp would abort).
-fn added_special(
+/// The BOS to prepend: `tokenizer.ggml.add_bos_token` (else `add_default`) says whether,
+/// `tokenizer.ggml.bos_token_id` (else `id_default`) which; asked for but absent is an error
+/// (llama.cpp would abort).
+fn bos_to_add(
     g: &GgufFile,
-    (add_key, add_default): (&str, bool),
-    (id_key, id_default): (&str, u32),
+    add_default: bool,
+    id_default: u32,
     n_tokens: usize,
 ) -> Result<Option<u32>> {
+    let (add_key, id_key) = (
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.bos_token_id",
+    );
     let add = match g.get(add_key) {
         Some(v) => v
             .as_bool()
@@ -252,7 +254,6 @@ impl Tokenizer {
                 Tokenizer {
                     kind: Kind::Bpe(Box::new(inner)),
                     bos: None,
-                    eos: None,
                     embedding: None,
                 }
             }
@@ -295,7 +296,7 @@ impl Tokenizer {
         let model = g.get_str("tokenizer.ggml.model")?;
         let vocab = Vocab::from_gguf(g)?;
         let n = vocab.len();
-        let (kind, bos_default, id_defaults) = match model {
+        let (kind, bos_default, bos_id_default) = match model {
             "gpt2" => {
                 let name = match g.get("tokenizer.ggml.pre") {
                     Some(v) => v.as_str().ok_or_else(|| {
@@ -311,7 +312,7 @@ impl Tokenizer {
                 })?;
                 let merges = strings(g, "tokenizer.ggml.merges")?;
                 let inner = bpe::build(&vocab, &merges, pre)?;
-                (Kind::Bpe(Box::new(inner)), pre.add_bos, (11, 11))
+                (Kind::Bpe(Box::new(inner)), pre.add_bos, 11)
             }
             "llama" => {
                 let scores = match array(g, "tokenizer.ggml.scores", Some(n))? {
@@ -333,11 +334,7 @@ impl Tokenizer {
                     })?,
                     None => true,
                 };
-                (
-                    Kind::Spm(spm::Spm::new(vocab, scores, prefix)?),
-                    true,
-                    (1, 2),
-                )
+                (Kind::Spm(spm::Spm::new(vocab, scores, prefix)?), true, 1)
             }
             other => {
                 return Err(Error::UnsupportedTokenizer {
@@ -347,22 +344,10 @@ impl Tokenizer {
                 })
             }
         };
-        let bos = added_special(
-            g,
-            ("tokenizer.ggml.add_bos_token", bos_default),
-            ("tokenizer.ggml.bos_token_id", id_defaults.0),
-            n,
-        )?;
-        let eos = added_special(
-            g,
-            ("tokenizer.ggml.add_eos_token", false),
-            ("tokenizer.ggml.eos_token_id", id_defaults.1),
-            n,
-        )?;
+        let bos = bos_to_add(g, bos_default, bos_id_default, n)?;
         Ok(Tokenizer {
             kind,
             bos,
-            eos,
             embedding: None,
         })
     }
@@ -379,12 +364,12 @@ impl Tokenizer {
         }
     }
 
-    /// Token ids of a prompt, as llama.cpp tokenizes it with special tokens added: BOS and EOS
-    /// when the model asks for them.
+    /// Token ids of a prompt, as llama.cpp tokenizes it with special tokens added: BOS when the
+    /// model asks for it. EOS is never appended (a prompt is to be continued), unlike
+    /// `llama_tokenize` for the rare files with `tokenizer.ggml.add_eos_token`.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids: Vec<u32> = self.bos.into_iter().collect();
         ids.extend(self.encode(text, true)?);
-        ids.extend(self.eos);
         self.check_ids(text, ids)
     }
 
