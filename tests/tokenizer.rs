@@ -372,3 +372,46 @@ fn token_ids_equal_llama_cpp_for_every_tokenizer_kind() {
         }
     }
 }
+
+/// An HF folder's prompts get the BOS its `tokenizer.json` post-processor adds (as Llama's and
+/// Gemma's do); targets do not.
+#[test]
+fn hf_tokenizer_json_post_processor_adds_bos_to_prompts_only() {
+    let fixture = common::tiny(Arch::Llama);
+    let dir = common::temp_dir("hf-bos");
+    for entry in std::fs::read_dir(&fixture.hf).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let json_path = dir.join("tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let bos = "<|endoftext|>";
+    json["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [0], "tokens": [bos]}},
+    });
+    std::fs::write(&json_path, json.to_string()).unwrap();
+    let hf = Tokenizer::from_source(&backlens::source::ModelSource::open(&dir).unwrap()).unwrap();
+    let gguf = Tokenizer::from_gguf(&GgufFile::open(&fixture.gguf).unwrap()).unwrap();
+    let records = val_records();
+    for r in &records {
+        let mut expected = vec![0];
+        expected.extend(gguf.encode_prompt(&r.prompt).unwrap());
+        assert_eq!(
+            hf.encode_prompt(&r.prompt).unwrap(),
+            expected,
+            "{:?}",
+            r.prompt
+        );
+        assert_eq!(
+            hf.encode_target(&r.target_new).unwrap(),
+            gguf.encode_target(&r.target_new).unwrap(),
+            "{:?}",
+            r.target_new
+        );
+    }
+    assert_eq!(records.len(), 1919);
+}

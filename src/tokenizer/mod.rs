@@ -352,11 +352,12 @@ impl Tokenizer {
         })
     }
 
-    /// Token ids of `text` alone; `at_start` when it begins the input.
+    /// Token ids of `text` alone; `at_start` when it begins the input (SentencePiece: the space
+    /// prefix; an HF `tokenizer.json`: its post-processor's tokens, BOS for Llama and Gemma).
     fn encode(&self, text: &str, at_start: bool) -> Result<Vec<u32>> {
         match &self.kind {
             Kind::Bpe(inner) => Ok(inner
-                .encode_fast(text, false)
+                .encode_fast(text, at_start)
                 .map_err(tok_err)?
                 .get_ids()
                 .to_vec()),
