@@ -160,6 +160,12 @@ impl Vocab {
         let mut out = vec![Fragment::Text(text)];
         for &id in &self.user_defined {
             let piece = self.tokens[id as usize].as_str();
+            if !out
+                .iter()
+                .any(|f| matches!(f, Fragment::Text(t) if t.contains(piece)))
+            {
+                continue;
+            }
             out = out
                 .into_iter()
                 .flat_map(|f| match f {
