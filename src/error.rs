@@ -48,6 +48,13 @@ pub enum Error {
     /// The tokenizer could not be built or failed on the input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A tokenizer kind or pre-tokenizer backlens does not implement.
+    #[error("{key} = '{value}' is not supported (supported: {supported})")]
+    UnsupportedTokenizer {
+        key: String,
+        value: String,
+        supported: String,
+    },
     /// llama.cpp refused to load or run something.
     #[error("llama.cpp: {0}")]
     Runtime(String),

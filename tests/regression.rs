@@ -282,6 +282,57 @@ fn unknown_architecture_lists_the_supported_ones() {
     );
 }
 
+// docs/errors.md row 34
+#[test]
+fn unknown_tokenizer_names_the_key_the_value_and_the_supported_ones() {
+    let dir = common::temp_dir("pre");
+    let src = GgufFile::open(&common::tiny(Arch::Llama).gguf).unwrap();
+    let supported_pre = "default, gpt-2, phi-2, jina-es, jina-de, gigachat, jina-v2-es, \
+jina-v2-de, a.x-4.0, mellum, modern-bert, mpt, olmo, jais, trillion, granite-docling, smollm, \
+starcoder, refact, command-r, codeshell, exaone, minerva-7b, mellum2, llama-bpe, llama3, \
+llama-v3, falcon3, falcon-h1, pixtral, midm-2.0, lfm2, jina-v5-nano, dbrx, smaug-bpe, qwen2, \
+deepseek-r1-qwen, kormo, f2llmv2, megrez, stablelm2, hunyuan, solar-open";
+    for (name, key, value, supported) in [
+        ("pre", "tokenizer.ggml.pre", "tekken", supported_pre),
+        ("model", "tokenizer.ggml.model", "bert", "gpt2, llama"),
+    ] {
+        let mut plan = GgufPlan::copy_of(&src);
+        plan.set(key, Value::String(value.into()));
+        let path = dir.join(format!("{name}.gguf"));
+        plan.write(&path).unwrap();
+        let p = path.to_str().unwrap();
+        expect_error(
+            &["predict", p, "The city of"],
+            &format!("{p}: {key} = '{value}' is not supported (supported: {supported})"),
+            &dir,
+        );
+    }
+}
+
+// docs/errors.md row 35
+#[test]
+fn repeated_token_is_refused_before_llama_cpp_asserts() {
+    let dir = common::temp_dir("dup");
+    let src = GgufFile::open(&common::tiny(Arch::Llama).gguf).unwrap();
+    let mut tokens = src.get("tokenizer.ggml.tokens").unwrap().clone();
+    let Value::Array(_, items) = &mut tokens else {
+        panic!("tokens are not an array")
+    };
+    items[5] = items[4].clone();
+    let mut plan = GgufPlan::copy_of(&src);
+    plan.set("tokenizer.ggml.tokens", tokens);
+    let path = dir.join("dup.gguf");
+    plan.write(&path).unwrap();
+    let p = path.to_str().unwrap();
+    expect_error(
+        &["predict", p, "The city of", "--runtime", "llama"],
+        &format!(
+            "{p}: missing or invalid metadata key 'tokenizer.ggml.tokens (token 5 repeats token 4, \"ă\")'"
+        ),
+        &dir,
+    );
+}
+
 // docs/errors.md row 12
 #[test]
 fn folder_without_config_json_is_not_an_hf_checkpoint() {

@@ -96,7 +96,7 @@ is Tokyo, and the capital of France is Paris. Football players play football in 
 The tower is tall; the city is old. She speaks French and English in the city of London.";
 
 /// GPT-2's reversible map from bytes to printable characters.
-fn byte_chars() -> Vec<char> {
+pub fn byte_chars() -> Vec<char> {
     let mut printable: Vec<u32> = ('!' as u32..='~' as u32).collect();
     printable.extend('¡' as u32..='¬' as u32);
     printable.extend('®' as u32..='ÿ' as u32);
