@@ -607,7 +607,7 @@ fn load_adapter(
     let path: PathBuf = scratch.join(format!("eval-adapter-{}-{index}.gguf", std::process::id()));
     let claim = OutputClaim::new(&path, OutputKind::File, &[], false)?;
     // Staged only: llama.cpp reads it, and dropping it removes the file.
-    let staged = patch::stage_adapter(arch, deltas, claim)?;
+    let staged = patch::stage_adapter(arch.name(), deltas, claim)?;
     rt.load_lora(staged.path())
 }
 

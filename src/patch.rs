@@ -3,7 +3,7 @@
 //! The CLI (`edit`), `eval` (its per-record adapters) and `bench` all go through these steps:
 //! [`compute`] → [`stage`] → [`check`] → [`Staged::commit`], or [`run`] for all four.
 
-use crate::arch::Arch;
+use crate::arch::generic::Shape;
 use crate::delta::Delta;
 use crate::edit::whiten::{self, StatsCorpus, StatsStore, WhitenOptions};
 use crate::edit::{self, EditContext, EditOutcome, EditRequest, EditSettings, Method};
@@ -166,6 +166,30 @@ pub enum Forward {
 
 crate::named_enum!(Forward, "forward", [Llama => "llama", Candle => "candle"]);
 
+impl Forward {
+    /// The engine `edit` uses when none is given: llama.cpp for a GGUF whose architecture
+    /// candle does not implement (the only engine that runs it), candle otherwise (the exact
+    /// f32 reference; shift on a GGUF streams one block at a time, so the f32 copy of the whole
+    /// model is never needed and model size does not change the choice).
+    pub fn default_for(source: &ModelSource) -> Forward {
+        match source {
+            ModelSource::Gguf(_) if source.hparams().is_err_and(|e| e.is_unknown_arch()) => {
+                Forward::Llama
+            }
+            _ => Forward::Candle,
+        }
+    }
+}
+
+/// Layer count of `source`: from the forward-only shape of a GGUF (any architecture the pinned
+/// llama.cpp loads), from the hyperparameters of an HF folder.
+pub fn n_layer(source: &ModelSource) -> Result<usize> {
+    match source {
+        ModelSource::Gguf(g) => Ok(Shape::from_gguf(g)?.n_layer),
+        ModelSource::Hf(h) => Ok(h.hparams.n_layer),
+    }
+}
+
 /// Computes the edits of `requests` in order, each on the model with the ones before applied.
 /// Plain FPS on a GGUF runs its forward through llama.cpp ([`Forward::Llama`], the earlier
 /// edits applied as an adapter) or streams the model one block at a time in candle
@@ -181,7 +205,9 @@ pub fn compute(
 ) -> Result<Vec<EditOutcome>> {
     match (source, settings.method, forward) {
         (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => {
-            settings.check(source.hparams()?.n_layer)?;
+            let shape = Shape::from_gguf(g)?;
+            settings.check(shape.n_layer)?;
+            shape.ff2_width(settings.layer).map_err(|e| e.in_file(g.path()))?;
             let mut tracer = crate::trace::Tracer::load(g.path())?;
             let (layer, lr) = (settings.layer, settings.lr);
             edit::apply_in_order(requests, |req, prior| {
@@ -257,9 +283,9 @@ pub fn stage(
         (ModelSource::Gguf(g), Format::Gguf) => {
             patch_plan(g, deltas, ff2_type, &keys)?.write_to(claim.stage_file()?)
         }
-        (ModelSource::Gguf(_), Format::Lora) => {
-            let arch = source.hparams()?.arch;
-            lora::adapter_plan(arch, deltas, &keys).write_to(claim.stage_file()?)
+        (ModelSource::Gguf(g), Format::Lora) => {
+            let arch = Shape::from_gguf(g)?.arch;
+            lora::adapter_plan(&arch, deltas, &keys).write_to(claim.stage_file()?)
         }
         (ModelSource::Hf(h), Format::Safetensors) => {
             safetensors::stage_patched(h, deltas, claim.stage_folder()?)
@@ -268,9 +294,9 @@ pub fn stage(
     }
 }
 
-/// Writes `deltas` as a LoRA adapter for `arch` to the claimed output, finished but not
-/// committed (eval's per-record adapters).
-pub fn stage_adapter(arch: Arch, deltas: &[Delta], claim: OutputClaim) -> Result<Staged> {
+/// Writes `deltas` as a LoRA adapter for architecture `arch` to the claimed output, finished
+/// but not committed (eval's per-record adapters).
+pub fn stage_adapter(arch: &str, deltas: &[Delta], claim: OutputClaim) -> Result<Staged> {
     lora::adapter_plan(arch, deltas, &[]).write_to(claim.stage_file()?)
 }
 
@@ -443,7 +469,7 @@ pub fn run(
     claim: OutputClaim,
 ) -> Result<PatchReport> {
     job.format.check_input(source)?;
-    job.settings.check(source.hparams()?.n_layer)?;
+    job.settings.check(n_layer(source)?)?;
     for r in &job.requests {
         r.validate()?;
         if job.check && job.format != Format::Safetensors {

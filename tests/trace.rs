@@ -188,7 +188,7 @@ fn applied_deltas_reach_the_trace() {
     let last = ids.len() - 1;
     let mut tracer = Tracer::load(&f.gguf).unwrap();
     let before = tracer.last_position(&ids, &[0, 1, 2]).unwrap();
-    tracer.apply_deltas(Arch::Llama, &[delta]).unwrap();
+    tracer.apply_deltas(&[delta]).unwrap();
     let after = tracer.last_position(&ids, &[0, 1, 2]).unwrap();
     for l in 0..3 {
         let (cos, rel) = compare(&after.ff2_in[l], &row(&trace.ff2_in[l], last));
@@ -200,7 +200,7 @@ fn applied_deltas_reach_the_trace() {
     assert_ne!(after.ff2_in[2], before.ff2_in[2]);
     let (cos, rel) = compare(&after.logits, &row(&logits, last));
     assert!(cos >= 0.99999 && rel <= 1e-4, "logits {cos} {rel}");
-    tracer.apply_deltas(Arch::Llama, &[]).unwrap();
+    tracer.apply_deltas(&[]).unwrap();
     let cleared = tracer.last_position(&ids, &[0, 1, 2]).unwrap();
     assert_eq!(cleared.ff2_in, before.ff2_in);
     assert_eq!(cleared.logits, before.logits);
