@@ -8,6 +8,7 @@ use backlens::lens::{self, LensOptions};
 use backlens::model::Transformer;
 use backlens::patch::{self, Format, Forward, Job, WhitenSetup};
 use backlens::runtime::LlamaRuntime;
+use backlens::trace::Tracer;
 use backlens::write::gguf::Ff2Type;
 use backlens::write::{OutputClaim, OutputKind};
 use candle_core::DType;
@@ -70,10 +71,22 @@ pub fn run(args: Args) -> Result<()> {
     figures.push(("load + dequantize (candle)", load));
     let (_, llama_load) = time(|| Ok(LlamaRuntime::load(&gguf)?))?;
     figures.push(("load (llama.cpp)", llama_load));
+    // Where an edit through llama.cpp spends its time besides the write: the base's hash for
+    // provenance, the tracer's load, and one traced forward.
+    if let backlens::source::ModelSource::Gguf(g) = &src {
+        let (_, hash) = time(|| Ok(g.sha256_hex()))?;
+        figures.push(("sha256 of the base (provenance)", hash));
+    }
+    let (mut tracer, tracer_load) = time(|| Ok(Tracer::load(&gguf)?))?;
+    figures.push(("load tracer (llama.cpp)", tracer_load));
 
     let ids = tok.encode_prompt("The Eiffel Tower is located in the city of")?;
     let (_, predict) = time(|| Ok(model.forward(&ids, None)?))?;
     figures.push(("predict forward (candle, 10 tokens)", predict));
+    let layer = EditSettings::default_layer(model.hp.n_layer);
+    let (_, traced) = time(|| Ok(tracer.last_position(&ids, &[layer])?))?;
+    figures.push(("traced forward (llama.cpp, 10 tokens)", traced));
+    drop(tracer);
     let opts = LensOptions {
         layers: 0..model.hp.n_layer,
         k: 10,
@@ -86,7 +99,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let settings = EditSettings {
         method: Method::Shift,
-        layer: EditSettings::default_layer(model.hp.n_layer),
+        layer,
         lr: 0.24,
     };
     // What `edit` runs (`patch::run` without the llama.cpp check): the forward, then the write
