@@ -235,20 +235,15 @@ pub fn compute(
     }
 }
 
-/// The provenance of a run: its settings, requests and base file.
+/// The provenance of a run: its settings, requests and the sha256 of its base file.
 pub fn provenance(
-    source: &ModelSource,
     settings: &EditSettings,
     outcomes: &[EditOutcome],
     whiten: &WhitenSetup,
-) -> Result<Provenance> {
-    let ModelSource::Gguf(g) = source else {
-        return Err(Error::Invalid(
-            "provenance is recorded in GGUF outputs only".into(),
-        ));
-    };
+    base_sha256: String,
+) -> Provenance {
     let stats = settings.method.needs_stats();
-    Ok(Provenance {
+    Provenance {
         method: settings.method.name().to_string(),
         layer: settings.layer,
         lr: settings.lr,
@@ -261,11 +256,11 @@ pub fn provenance(
                 skipped: o.delta.is_none(),
             })
             .collect(),
-        base_sha256: g.sha256_hex(),
+        base_sha256,
         whiten: stats
             .then(|| serde_json::to_string(&whiten.options).expect("whiten options serialize")),
         stats_corpus: stats.then(|| whiten.corpus.describe()),
-    })
+    }
 }
 
 /// Writes `deltas` from `source` in `format` to the claimed output, finished but not committed.
@@ -476,14 +471,29 @@ pub fn run(
             check_fits_session(tok, r)?;
         }
     }
-    let outcomes = compute(
-        source,
-        tok,
-        &job.requests,
-        &job.settings,
-        &job.whiten,
-        job.forward,
-    )?;
+    if job.forward == Forward::Candle {
+        // Cheap checks first, so that a model candle cannot run fails before any hashing.
+        source.hparams()?;
+    }
+    // The base's hash (provenance of a GGUF output) reads the whole file: it runs on a second
+    // thread beside the forward.
+    let (outcomes, base_sha256) = std::thread::scope(|s| {
+        let hash = match source {
+            ModelSource::Gguf(g) => Some(s.spawn(|| g.sha256_hex())),
+            ModelSource::Hf(_) => None,
+        };
+        let outcomes = compute(
+            source,
+            tok,
+            &job.requests,
+            &job.settings,
+            &job.whiten,
+            job.forward,
+        );
+        let hash = hash.map(|h| h.join().expect("hashing a mapped file does not panic"));
+        (outcomes, hash)
+    });
+    let outcomes = outcomes?;
     let deltas: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
     if deltas.is_empty() {
         return Err(Error::Invalid(
@@ -494,10 +504,7 @@ pub fn run(
     for d in &deltas {
         d.check_finite()?;
     }
-    let prov = match source {
-        ModelSource::Gguf(_) => Some(provenance(source, &job.settings, &outcomes, &job.whiten)?),
-        ModelSource::Hf(_) => None,
-    };
+    let prov = base_sha256.map(|h| provenance(&job.settings, &outcomes, &job.whiten, h));
     let output = claim.target().to_path_buf();
     let staged = stage(
         source,
