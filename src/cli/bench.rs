@@ -155,22 +155,27 @@ pub fn run(args: Args) -> Result<()> {
         figures.push((name, t));
     }
 
-    let mut records_per_second = None;
+    let mut records_per_second: Vec<(Forward, f64)> = Vec::new();
     if let Some(data) = &args.data {
         let records = eval::load_records(data, 0, Some(args.eval_records))?;
-        let config = EvalConfig {
-            method: Some(Method::Shift),
-            layer: LayerChoice::Fixed(settings.layer),
-            lr: LrChoice::Fixed(0.24),
-            sequential: false,
-            fluency: false,
-            ff2_type: Ff2Type::F32,
-        };
-        let mut m2 = model.clone();
-        let report = eval::evaluate(&gguf, &mut m2, &tok, &records, &config, &scratch, |_| {})?;
-        let per_record = 1.0 / report.records_per_second;
-        figures.push(("eval per record (shift, no fluency)", per_record));
-        records_per_second = Some(report.records_per_second);
+        for (name, forward) in [
+            ("eval per record (shift, no fluency)", Forward::Candle),
+            ("eval per record, llama.cpp forward", Forward::Llama),
+        ] {
+            let config = EvalConfig {
+                method: Some(Method::Shift),
+                layer: LayerChoice::Fixed(settings.layer),
+                lr: LrChoice::Fixed(0.24),
+                sequential: false,
+                fluency: false,
+                ff2_type: Ff2Type::F32,
+                forward,
+            };
+            let mut m2 = model.clone();
+            let report = eval::evaluate(&gguf, &mut m2, &tok, &records, &config, &scratch, |_| {})?;
+            figures.push((name, 1.0 / report.records_per_second));
+            records_per_second.push((forward, report.records_per_second));
+        }
     }
 
     let rows: Vec<Figure> = figures
@@ -182,7 +187,7 @@ pub fn run(args: Args) -> Result<()> {
         })
         .collect();
     if args.json {
-        if records_per_second.is_none() {
+        if records_per_second.is_empty() {
             eprintln!("note: no eval figure (it needs --data RECORDS)");
         }
         return print_json(&rows);
@@ -198,9 +203,11 @@ pub fn run(args: Args) -> Result<()> {
             r.name, r.seconds, r.ratio_to_copy
         );
     }
-    match records_per_second {
-        Some(rate) => println!("  eval throughput: {rate:.2} records/s"),
-        None => println!("  eval: skipped (it needs --data RECORDS)"),
+    for (forward, rate) in &records_per_second {
+        println!("  eval throughput, {forward} forward: {rate:.2} records/s");
+    }
+    if records_per_second.is_empty() {
+        println!("  eval: skipped (it needs --data RECORDS)");
     }
     Ok(())
 }
