@@ -288,8 +288,12 @@ impl Tracer {
         // SAFETY: returns a plain struct of defaults.
         let mut mparams = unsafe { sys::llama_model_default_params() };
         mparams.n_gpu_layers = 0;
+        // No repacked copies of the weights (llama.cpp's CPU "extra buffer types" interleave
+        // Q4_0 and others into new allocations): the tracer reads the weights from the map, so
+        // a 7B Q4_0 edit holds one copy of the model, not two.
+        mparams.use_extra_bufts = false;
         // SAFETY: the backend is initialized (above), `cpath` is a NUL-terminated path that
-        // outlives the call, and the params are llama.cpp's defaults with the GPU layers off.
+        // outlives the call, and the params are llama.cpp's defaults with the GPU layers and repacking off.
         let model = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), mparams) };
         let model = NonNull::new(model).ok_or_else(|| {
             Error::Runtime(format!(
