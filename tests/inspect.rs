@@ -54,6 +54,7 @@ fn inspect_lists_every_tensor_of_an_architecture_backlens_does_not_implement() {
     assert_eq!(report["lens"], false);
     assert!(report["hparams"].is_null());
     assert!(report["why_not"].as_str().unwrap().contains("starcoder2"));
+    assert_eq!(report["edit_methods"], serde_json::json!(["shift"]));
     assert!(report["tokenizer"]["vocab_size"].as_u64().unwrap() > 100);
 
     // The terminal view says the same in one line.
@@ -62,7 +63,10 @@ fn inspect_lists_every_tensor_of_an_architecture_backlens_does_not_implement() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("backlens: lens no, edit no"), "{text}");
+    assert!(
+        text.contains("backlens: lens no, edit shift, audit yes"),
+        "{text}"
+    );
 
     // A command that needs backlens's forward refuses in one line naming the architecture.
     let out = Command::new(BIN)
