@@ -1,6 +1,7 @@
 //! The scale benchmark: a synthetic 7B-shaped Llama GGUF (Q4_0, random weights, the tokenizer
 //! of the given model; about 4 GB, written once into DIR) goes through `inspect`, `audit`
-//! against a copy and a shift `edit` to a LoRA adapter and to a patched GGUF, each run as a
+//! against a copy and a shift `edit` to a LoRA adapter and to a patched GGUF (with either
+//! forward: candle streamed one block at a time, or llama.cpp's own graph), each run as a
 //! `backlens-patch` child process so that its wall time and peak resident memory are measured
 //! on their own.
 //!
@@ -105,7 +106,7 @@ fn main() -> Result<()> {
     });
     let s = synthetic.to_str().context("non-UTF-8 path")?;
     let out = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    let edit = |format: &str, output: String| -> Vec<String> {
+    let edit = |format: &str, forward: &str, output: String| -> Vec<String> {
         [
             "edit",
             s,
@@ -115,6 +116,8 @@ fn main() -> Result<()> {
             "Paris",
             "--format",
             format,
+            "--forward",
+            forward,
             "--no-check",
             "--force",
             "-o",
@@ -135,12 +138,22 @@ fn main() -> Result<()> {
         ),
         (
             "edit to LoRA",
-            edit("lora", out("edit-lora.gguf")),
+            edit("lora", "candle", out("edit-lora.gguf")),
+            Some(size_mb + 2000.0),
+        ),
+        (
+            "edit to LoRA, llama.cpp forward",
+            edit("lora", "llama", out("edit-lora.gguf")),
+            Some(size_mb + 2000.0),
+        ),
+        (
+            "edit to GGUF, llama.cpp forward",
+            edit("gguf", "llama", out("edit.gguf")),
             Some(size_mb + 2000.0),
         ),
         (
             "edit to GGUF",
-            edit("gguf", out("edit.gguf")),
+            edit("gguf", "candle", out("edit.gguf")),
             Some(size_mb + 2000.0),
         ),
         (

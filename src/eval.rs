@@ -7,9 +7,11 @@ use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};
 use crate::lens::backward_pass;
 use crate::model::Transformer;
 use crate::numeric::{argmax, rank_of};
-use crate::patch;
+use crate::patch::{self, Forward};
 use crate::runtime::{LlamaRuntime, PromptQuery, Session};
+use crate::source::ModelSource;
 use crate::tokenizer::Tokenizer;
+use crate::trace::Tracer;
 use crate::weights::gguf::GgufFile;
 use crate::write::gguf::{stored_deltas, Ff2Type};
 use crate::write::{OutputClaim, OutputKind};
@@ -124,6 +126,25 @@ pub struct EvalConfig {
     /// How the edited FF2 is stored: F32 (the edit exactly) or requantized to its type; the
     /// adapter carries exactly the change such a patched file makes.
     pub ff2_type: Ff2Type,
+    /// Engine of each record's shift key and skip rule: candle (the loaded model) or llama.cpp's
+    /// own graph (a tracer on the same file, earlier edits of a sequential run applied as an
+    /// adapter); llama.cpp needs `shift` with a fixed layer and step.
+    pub forward: Forward,
+}
+
+impl EvalConfig {
+    /// Fails when the forward engine cannot compute this configuration's edits.
+    fn check_forward(&self) -> Result<()> {
+        match (self.forward, self.method, self.layer, self.lr) {
+            (Forward::Candle, ..) | (Forward::Llama, None, ..) => Ok(()),
+            (Forward::Llama, Some(Method::Shift), LayerChoice::Fixed(_), LrChoice::Fixed(_)) => {
+                Ok(())
+            }
+            (Forward::Llama, Some(m), ..) => Err(Error::Invalid(format!(
+                "--forward llama runs shift with a fixed --layer and --lr ({m}, --layer auto and --lr auto need candle's backward pass or statistics); use --forward candle"
+            ))),
+        }
+    }
 }
 
 /// Scores of one record.
@@ -423,8 +444,14 @@ pub fn evaluate_with(
             });
         }
     }
+    config.check_forward()?;
     let start = std::time::Instant::now();
     let mut rt = LlamaRuntime::load(gguf)?;
+    // The llama.cpp forward of the keys: a tracer and the file's embedding rows.
+    let mut traced = match (config.forward, config.method) {
+        (Forward::Llama, Some(_)) => Some((Tracer::load(gguf)?, ModelSource::open(gguf)?)),
+        _ => None,
+    };
     let file = GgufFile::open(gguf)?;
     let arch = model.hp.arch;
     let encoded = records
@@ -438,11 +465,18 @@ pub fn evaluate_with(
         let mut edits = Vec::with_capacity(recs.len());
         let mut adapters = Vec::with_capacity(recs.len());
         for (i, (r, enc)) in recs.iter().zip(encs).enumerate() {
-            let edit = edit_record(model, tok, r, enc, config, ctx)?;
+            let edit = match traced.as_mut() {
+                Some((tracer, src)) => {
+                    edit_record_traced(tracer, src, tok, r, config, &all_deltas)?
+                }
+                None => edit_record(model, tok, r, enc, config, ctx)?,
+            };
             let active: Vec<Delta> = match (&edit.delta, config.sequential) {
                 (Some(d), true) => {
                     all_deltas.push(d.clone());
-                    model.apply_delta(d)?;
+                    if traced.is_none() {
+                        model.apply_delta(d)?;
+                    }
                     all_deltas.clone()
                 }
                 (Some(d), false) => vec![d.clone()],
@@ -576,6 +610,32 @@ fn edit_record(
     })
 }
 
+/// [`edit_record`] for `shift` with a fixed layer and step through llama.cpp's own graph, with
+/// the `prior` deltas (earlier records of a sequential run) applied to the tracer.
+fn edit_record_traced(
+    tracer: &mut Tracer,
+    src: &ModelSource,
+    tok: &Tokenizer,
+    r: &EditRequest,
+    config: &EvalConfig,
+    prior: &[Delta],
+) -> Result<RecordEdit> {
+    let (LayerChoice::Fixed(layer), LrChoice::Fixed(lr)) = (config.layer, config.lr) else {
+        unreachable!("checked by EvalConfig::check_forward")
+    };
+    let prior = match config.sequential {
+        true => prior,
+        false => &[],
+    };
+    let outcome = edit::shift::compute_traced(tracer, src, tok, r, layer, lr, prior)?;
+    Ok(RecordEdit {
+        layer: Some(layer),
+        lr: outcome.delta.as_ref().map(|_| lr),
+        skipped: outcome.delta.is_none(),
+        delta: outcome.delta,
+    })
+}
+
 /// The unedited model's top-1 token after each record's locality prompt (batched decodes).
 fn locality_top1(session: &mut Session, encoded: &[Encoded]) -> Result<Vec<Option<usize>>> {
     let queries: Vec<PromptQuery> = encoded
@@ -607,7 +667,7 @@ fn load_adapter(
     let path: PathBuf = scratch.join(format!("eval-adapter-{}-{index}.gguf", std::process::id()));
     let claim = OutputClaim::new(&path, OutputKind::File, &[], false)?;
     // Staged only: llama.cpp reads it, and dropping it removes the file.
-    let staged = patch::stage_adapter(arch, deltas, claim)?;
+    let staged = patch::stage_adapter(arch.name(), deltas, claim)?;
     rt.load_lora(staged.path())
 }
 

@@ -39,7 +39,6 @@
 //! llama.cpp applies a pair as y = W·x + scale·B·(A·x) with scale = alpha / rank, or 1 when
 //! alpha is absent or 0 ([`Pair::scale`]).
 
-use crate::arch::Arch;
 use crate::delta::Delta;
 use crate::weights::gguf::{GgufFile, TensorInfo, Value, ValueType};
 use crate::weights::quant::{self, GgmlType};
@@ -71,12 +70,12 @@ pub const FACTOR_TYPES: [GgmlType; 4] =
 
 /// Builds the adapter file contents for `deltas` (several deltas on one tensor are stacked).
 pub fn adapter_plan(
-    arch: Arch,
+    arch: &str,
     deltas: &[Delta],
     provenance: &[(String, Value)],
 ) -> GgufPlan<'static> {
     let mut plan = GgufPlan::default();
-    plan.set(ARCHITECTURE, Value::String(arch.name().into()));
+    plan.set(ARCHITECTURE, Value::String(arch.into()));
     plan.set(GENERAL_TYPE, Value::String("adapter".into()));
     plan.set(ADAPTER_TYPE, Value::String("lora".into()));
     // Per edited tensor: its name, output-side vectors and input-side vectors.
@@ -124,7 +123,7 @@ pub fn adapter_plan(
 /// Writes the adapter atomically.
 pub fn write_adapter(
     path: &Path,
-    arch: Arch,
+    arch: &str,
     deltas: &[Delta],
     provenance: &[(String, Value)],
 ) -> Result<()> {
@@ -550,7 +549,7 @@ mod tests {
             delta("blk.0.ffn_down.weight", 4, 5, -0.25),
             delta("token_embd.weight", 6, 4, 2.0),
         ];
-        let plan = adapter_plan(Arch::Llama, &deltas, &[]);
+        let plan = adapter_plan("llama", &deltas, &[]);
         let file = GgufFile::from_bytes("a.gguf", plan.to_bytes().unwrap()).unwrap();
         let adapter = validate(&base, &file).unwrap();
         assert_eq!(adapter.alpha, Some(2.0));
@@ -578,7 +577,7 @@ mod tests {
             out_vecs: vec![vec![1.0; 6]],
             in_vecs: vec![vec![1.0; 4]],
         };
-        let plan = adapter_plan(Arch::Llama, &[delta], &[]);
+        let plan = adapter_plan("llama", &[delta], &[]);
         let file = GgufFile::from_bytes("a.gguf", plan.to_bytes().unwrap()).unwrap();
         assert!(validate(&base(false), &file).is_ok());
         let err = validate(&base(true), &file).unwrap_err().to_string();
@@ -608,7 +607,7 @@ mod tests {
                 in_vecs: vec![vec![0.25; 4]],
             },
         ];
-        let good = adapter_plan(Arch::Llama, &deltas, &[]).to_bytes().unwrap();
+        let good = adapter_plan("llama", &deltas, &[]).to_bytes().unwrap();
         let mut seed = 7u64;
         let mut next = || {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);

@@ -3,7 +3,7 @@
 //! The CLI (`edit`), `eval` (its per-record adapters) and `bench` all go through these steps:
 //! [`compute`] → [`stage`] → [`check`] → [`Staged::commit`], or [`run`] for all four.
 
-use crate::arch::Arch;
+use crate::arch::generic::Shape;
 use crate::delta::Delta;
 use crate::edit::whiten::{self, StatsCorpus, StatsStore, WhitenOptions};
 use crate::edit::{self, EditContext, EditOutcome, EditRequest, EditSettings, Method};
@@ -166,6 +166,30 @@ pub enum Forward {
 
 crate::named_enum!(Forward, "forward", [Llama => "llama", Candle => "candle"]);
 
+impl Forward {
+    /// The engine `edit` uses when none is given: llama.cpp for a GGUF whose architecture
+    /// candle does not implement (the only engine that runs it), candle otherwise (the exact
+    /// f32 reference; shift on a GGUF streams one block at a time, so the f32 copy of the whole
+    /// model is never needed and model size does not change the choice).
+    pub fn default_for(source: &ModelSource) -> Forward {
+        match source {
+            ModelSource::Gguf(_) if source.hparams().is_err_and(|e| e.is_unknown_arch()) => {
+                Forward::Llama
+            }
+            _ => Forward::Candle,
+        }
+    }
+}
+
+/// Layer count of `source`: from the forward-only shape of a GGUF (any architecture the pinned
+/// llama.cpp loads), from the hyperparameters of an HF folder.
+pub fn n_layer(source: &ModelSource) -> Result<usize> {
+    match source {
+        ModelSource::Gguf(g) => Ok(Shape::from_gguf(g)?.n_layer),
+        ModelSource::Hf(h) => Ok(h.hparams.n_layer),
+    }
+}
+
 /// Computes the edits of `requests` in order, each on the model with the ones before applied.
 /// Plain FPS on a GGUF runs its forward through llama.cpp ([`Forward::Llama`], the earlier
 /// edits applied as an adapter) or streams the model one block at a time in candle
@@ -181,7 +205,9 @@ pub fn compute(
 ) -> Result<Vec<EditOutcome>> {
     match (source, settings.method, forward) {
         (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => {
-            settings.check(source.hparams()?.n_layer)?;
+            let shape = Shape::from_gguf(g)?;
+            settings.check(shape.n_layer)?;
+            shape.ff2_width(settings.layer).map_err(|e| e.in_file(g.path()))?;
             let mut tracer = crate::trace::Tracer::load(g.path())?;
             let (layer, lr) = (settings.layer, settings.lr);
             edit::apply_in_order(requests, |req, prior| {
@@ -209,20 +235,15 @@ pub fn compute(
     }
 }
 
-/// The provenance of a run: its settings, requests and base file.
+/// The provenance of a run: its settings, requests and the sha256 of its base file.
 pub fn provenance(
-    source: &ModelSource,
     settings: &EditSettings,
     outcomes: &[EditOutcome],
     whiten: &WhitenSetup,
-) -> Result<Provenance> {
-    let ModelSource::Gguf(g) = source else {
-        return Err(Error::Invalid(
-            "provenance is recorded in GGUF outputs only".into(),
-        ));
-    };
+    base_sha256: String,
+) -> Provenance {
     let stats = settings.method.needs_stats();
-    Ok(Provenance {
+    Provenance {
         method: settings.method.name().to_string(),
         layer: settings.layer,
         lr: settings.lr,
@@ -235,11 +256,11 @@ pub fn provenance(
                 skipped: o.delta.is_none(),
             })
             .collect(),
-        base_sha256: g.sha256_hex(),
+        base_sha256,
         whiten: stats
             .then(|| serde_json::to_string(&whiten.options).expect("whiten options serialize")),
         stats_corpus: stats.then(|| whiten.corpus.describe()),
-    })
+    }
 }
 
 /// Writes `deltas` from `source` in `format` to the claimed output, finished but not committed.
@@ -257,9 +278,9 @@ pub fn stage(
         (ModelSource::Gguf(g), Format::Gguf) => {
             patch_plan(g, deltas, ff2_type, &keys)?.write_to(claim.stage_file()?)
         }
-        (ModelSource::Gguf(_), Format::Lora) => {
-            let arch = source.hparams()?.arch;
-            lora::adapter_plan(arch, deltas, &keys).write_to(claim.stage_file()?)
+        (ModelSource::Gguf(g), Format::Lora) => {
+            let arch = Shape::from_gguf(g)?.arch;
+            lora::adapter_plan(&arch, deltas, &keys).write_to(claim.stage_file()?)
         }
         (ModelSource::Hf(h), Format::Safetensors) => {
             safetensors::stage_patched(h, deltas, claim.stage_folder()?)
@@ -268,9 +289,9 @@ pub fn stage(
     }
 }
 
-/// Writes `deltas` as a LoRA adapter for `arch` to the claimed output, finished but not
-/// committed (eval's per-record adapters).
-pub fn stage_adapter(arch: Arch, deltas: &[Delta], claim: OutputClaim) -> Result<Staged> {
+/// Writes `deltas` as a LoRA adapter for architecture `arch` to the claimed output, finished
+/// but not committed (eval's per-record adapters).
+pub fn stage_adapter(arch: &str, deltas: &[Delta], claim: OutputClaim) -> Result<Staged> {
     lora::adapter_plan(arch, deltas, &[]).write_to(claim.stage_file()?)
 }
 
@@ -443,21 +464,36 @@ pub fn run(
     claim: OutputClaim,
 ) -> Result<PatchReport> {
     job.format.check_input(source)?;
-    job.settings.check(source.hparams()?.n_layer)?;
+    job.settings.check(n_layer(source)?)?;
     for r in &job.requests {
         r.validate()?;
         if job.check && job.format != Format::Safetensors {
             check_fits_session(tok, r)?;
         }
     }
-    let outcomes = compute(
-        source,
-        tok,
-        &job.requests,
-        &job.settings,
-        &job.whiten,
-        job.forward,
-    )?;
+    if job.forward == Forward::Candle {
+        // Cheap checks first, so that a model candle cannot run fails before any hashing.
+        source.hparams()?;
+    }
+    // The base's hash (provenance of a GGUF output) reads the whole file: it runs on a second
+    // thread beside the forward.
+    let (outcomes, base_sha256) = std::thread::scope(|s| {
+        let hash = match source {
+            ModelSource::Gguf(g) => Some(s.spawn(|| g.sha256_hex())),
+            ModelSource::Hf(_) => None,
+        };
+        let outcomes = compute(
+            source,
+            tok,
+            &job.requests,
+            &job.settings,
+            &job.whiten,
+            job.forward,
+        );
+        let hash = hash.map(|h| h.join().expect("hashing a mapped file does not panic"));
+        (outcomes, hash)
+    });
+    let outcomes = outcomes?;
     let deltas: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
     if deltas.is_empty() {
         return Err(Error::Invalid(
@@ -468,10 +504,7 @@ pub fn run(
     for d in &deltas {
         d.check_finite()?;
     }
-    let prov = match source {
-        ModelSource::Gguf(_) => Some(provenance(source, &job.settings, &outcomes, &job.whiten)?),
-        ModelSource::Hf(_) => None,
-    };
+    let prov = base_sha256.map(|h| provenance(&job.settings, &outcomes, &job.whiten, h));
     let output = claim.target().to_path_buf();
     let staged = stage(
         source,

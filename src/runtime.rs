@@ -3,6 +3,7 @@
 //! pass [`crate::lora::validate`] against the model's file before llama.cpp sees them, because
 //! llama.cpp aborts the process on some malformed adapters instead of returning an error.
 
+use crate::arch::generic::Shape;
 use crate::lora;
 use crate::numeric::{argmax, log_probs};
 use crate::weights::gguf::GgufFile;
@@ -57,11 +58,13 @@ impl std::fmt::Debug for LlamaRuntime {
 }
 
 impl LlamaRuntime {
-    /// Loads `path` on the CPU. The file should already have passed backlens's own GGUF checks.
+    /// Loads `path` on the CPU, after backlens's own GGUF checks and the forward-only shape
+    /// ([`Shape`]: an architecture the pinned llama.cpp knows, a layer count it takes).
     pub fn load(path: &Path) -> Result<LlamaRuntime> {
         // backlens's own reader first: it names what is wrong where llama.cpp would only say
-        // that loading failed (or abort on a typed getter).
+        // that loading failed (or abort on a typed getter or an assert).
         let header = GgufFile::open(path)?;
+        Shape::from_gguf(&header)?;
         let backend = backend()?;
         let params = LlamaModelParams::default().with_n_gpu_layers(0);
         let model = LlamaModel::load_from_file(backend, path, &params).map_err(|_| {

@@ -1,6 +1,7 @@
 //! What backlens can do with a model file (lens, edit methods, audit, eval), and why not where it
 //! cannot: `inspect`'s last line.
 
+use crate::arch::generic::Shape;
 use crate::arch::{Arch, HParams};
 use crate::edit::Method;
 use crate::source::ModelSource;
@@ -48,18 +49,35 @@ impl Capabilities {
                     ),
                 },
             }),
-            Err(e) if e.is_unknown_arch() => Ok(Capabilities {
-                why_not: Some(format!(
-                    "backlens has no forward for architecture '{architecture}' (its families: {}); llama.cpp-only commands (generate, serve) run it if the pinned llama.cpp does",
-                    Arch::NAMES.join(", ")
-                )),
-                architecture,
-                hparams: None,
-                lens: false,
-                edit_methods: Vec::new(),
-                audit: false,
-                eval: false,
-            }),
+            Err(e) if e.is_unknown_arch() => {
+                // Forward-only work runs through llama.cpp's own graph where it loads the file.
+                let llama = match source {
+                    ModelSource::Gguf(g) => Shape::from_gguf(g).map_err(|e| e.to_string()),
+                    ModelSource::Hf(_) => Err("not a GGUF file".to_string()),
+                };
+                let shift = llama.as_ref().is_ok_and(|s| s.no_editable_layer().is_none());
+                Ok(Capabilities {
+                    why_not: Some(match &llama {
+                        Ok(_) => format!(
+                            "backlens has no candle forward for architecture '{architecture}' (its families: {}): no lens; shift edits, audit probes, predict --runtime llama and generate run through llama.cpp's own graph",
+                            Arch::NAMES.join(", ")
+                        ),
+                        Err(why) => format!(
+                            "backlens has no forward for architecture '{architecture}' (its families: {}), and llama.cpp cannot run it here: {why}",
+                            Arch::NAMES.join(", ")
+                        ),
+                    }),
+                    architecture,
+                    hparams: None,
+                    lens: false,
+                    edit_methods: match shift {
+                        true => vec![Method::Shift.name()],
+                        false => Vec::new(),
+                    },
+                    audit: llama.is_ok(),
+                    eval: false,
+                })
+            }
             Err(e) => Err(e),
         }
     }

@@ -12,7 +12,7 @@
 //! `llama-cpp-2` wrappers expose neither `cb_eval` nor their raw pointers), the callback and its
 //! user data, the batch, the adapters and the reads of graph tensors.
 
-use crate::arch::Arch;
+use crate::arch::generic::Shape;
 use crate::delta::Delta;
 use crate::lora;
 use crate::runtime::{backend, decode_threads, SESSION_CTX};
@@ -40,17 +40,6 @@ pub struct TracedRows {
     pub logits: Vec<f32>,
     /// `ff2_in[l][p]`: FF2 input of the `l`-th requested layer at the `p`-th requested position.
     pub ff2_in: Vec<Vec<Vec<f32>>>,
-}
-
-/// What one layer's FFN is, from the file's tensor names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Ff2 {
-    /// One dense down projection, `blk.L.ffn_down.weight`.
-    Dense,
-    /// A mixture of experts (the named tensor shows it).
-    Experts(String),
-    /// No down projection at all.
-    Missing,
 }
 
 /// What the callback collects during one decode. Lives on the heap at a fixed address for as
@@ -266,7 +255,8 @@ pub struct Tracer {
     capture: NonNull<Capture>,
     /// The applied adapter, if any.
     adapter: Option<NonNull<sys::llama_adapter_lora>>,
-    layers: Vec<Ff2>,
+    /// The model's forward-only shape (architecture, layers and their FFNs).
+    shape: Shape,
     n_vocab: usize,
     max_tokens: usize,
 }
@@ -275,27 +265,10 @@ impl std::fmt::Debug for Tracer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracer")
             .field("path", &self.path)
-            .field("n_layer", &self.layers.len())
+            .field("arch", &self.shape.arch)
+            .field("n_layer", &self.shape.n_layer)
             .finish_non_exhaustive()
     }
-}
-
-/// Each layer's FFN as the file's tensor names show it.
-fn ff2_kinds(g: &GgufFile, n_layer: usize) -> Vec<Ff2> {
-    (0..n_layer)
-        .map(|l| {
-            let name = |suffix: &str| format!("blk.{l}.{suffix}");
-            let experts = ["ffn_down_exps.weight", "ffn_gate_inp.weight"]
-                .into_iter()
-                .map(name)
-                .find(|n| g.tensor(n).is_some());
-            match (experts, g.tensor(&name("ffn_down.weight")).is_some()) {
-                (Some(t), _) => Ff2::Experts(t),
-                (None, true) => Ff2::Dense,
-                (None, false) => Ff2::Missing,
-            }
-        })
-        .collect()
 }
 
 impl Tracer {
@@ -303,19 +276,9 @@ impl Tracer {
     /// attention off, [`decode_threads`] threads, like [`crate::runtime::LlamaRuntime`]'s
     /// sessions). Fails, naming the file, when no layer has a dense down projection.
     pub fn load(path: &Path) -> Result<Tracer> {
-        let g = GgufFile::open(path)?;
-        let arch = g
-            .get_str("general.architecture")
-            .map_err(|e| e.in_file(path))?;
-        let n_layer = g
-            .get_u64(&format!("{arch}.block_count"))
-            .map_err(|e| e.in_file(path))? as usize;
-        let layers = ff2_kinds(&g, n_layer);
-        drop(g);
-        if !layers.contains(&Ff2::Dense) {
-            if let Some(problem) = layer_problem(&layers, 0) {
-                return Err(problem.in_file(path));
-            }
+        let shape = Shape::from_gguf(&GgufFile::open(path)?)?;
+        if let Some(problem) = shape.no_editable_layer() {
+            return Err(problem.in_file(path));
         }
         backend()?;
         let cpath = path
@@ -325,8 +288,12 @@ impl Tracer {
         // SAFETY: returns a plain struct of defaults.
         let mut mparams = unsafe { sys::llama_model_default_params() };
         mparams.n_gpu_layers = 0;
+        // No repacked copies of the weights (llama.cpp's CPU "extra buffer types" interleave
+        // Q4_0 and others into new allocations): the tracer reads the weights from the map, so
+        // a 7B Q4_0 edit holds one copy of the model, not two.
+        mparams.use_extra_bufts = false;
         // SAFETY: the backend is initialized (above), `cpath` is a NUL-terminated path that
-        // outlives the call, and the params are llama.cpp's defaults with the GPU layers off.
+        // outlives the call, and the params are llama.cpp's defaults with the GPU layers and repacking off.
         let model = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), mparams) };
         let model = NonNull::new(model).ok_or_else(|| {
             Error::Runtime(format!(
@@ -378,18 +345,21 @@ impl Tracer {
             ctx,
             capture,
             adapter: None,
-            layers,
+            shape,
             n_vocab: n_vocab.max(0) as usize,
             max_tokens: match n_ctx_train {
                 n if n > 0 => (n as usize).min(SESSION_CTX as usize),
                 _ => SESSION_CTX as usize,
             },
         };
-        if n_layer_cpp.max(0) as usize != tracer.layers.len() {
+        if n_layer_cpp.max(0) as usize != tracer.shape.n_layer
+            || n_vocab.max(0) as usize != tracer.shape.n_vocab
+        {
             return Err(Error::Runtime(format!(
-                "{}: llama.cpp sees {n_layer_cpp} layers, the file's metadata {}",
+                "{}: llama.cpp sees {n_layer_cpp} layers and {n_vocab} tokens, the file {} and {}",
                 path.display(),
-                tracer.layers.len()
+                tracer.shape.n_layer,
+                tracer.shape.n_vocab
             )));
         }
         Ok(tracer)
@@ -400,9 +370,14 @@ impl Tracer {
         &self.path
     }
 
+    /// The model's forward-only shape.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
     /// Number of layers.
     pub fn n_layer(&self) -> usize {
-        self.layers.len()
+        self.shape.n_layer
     }
 
     /// Vocabulary size.
@@ -410,10 +385,10 @@ impl Tracer {
         self.n_vocab
     }
 
-    /// Applies `deltas` (edits of `arch`'s FF2) to every later decode as a LoRA adapter at scale
-    /// 1, replacing the one applied before; no deltas removes it. llama.cpp reads the model's
-    /// weights from the file, so this is how earlier edits of a sequence reach the trace.
-    pub fn apply_deltas(&mut self, arch: Arch, deltas: &[Delta]) -> Result<()> {
+    /// Applies `deltas` (edits of this model's FF2) to every later decode as a LoRA adapter at
+    /// scale 1, replacing the one applied before; no deltas removes it. llama.cpp reads the
+    /// model's weights from the file, so this is how earlier edits of a sequence reach the trace.
+    pub fn apply_deltas(&mut self, deltas: &[Delta]) -> Result<()> {
         if deltas.is_empty() {
             return self.set_adapter(None);
         }
@@ -425,7 +400,8 @@ impl Tracer {
         ));
         let claim = OutputClaim::new(&path, OutputKind::File, &[], false)?;
         // Staged only: llama.cpp reads it into memory, and dropping it removes the file.
-        let staged = lora::adapter_plan(arch, deltas, &[]).write_to(claim.stage_file()?)?;
+        let staged =
+            lora::adapter_plan(&self.shape.arch, deltas, &[]).write_to(claim.stage_file()?)?;
         self.set_adapter(Some(staged.path()))
     }
 
@@ -560,6 +536,15 @@ impl Tracer {
                 ))
                 .in_file(&self.path));
             }
+            let n_ff = self.shape.ff2_width(layer)?;
+            if let Some(r) = got.iter().find(|r| r.len() != n_ff) {
+                return Err(Error::Invalid(format!(
+                    "layer {layer}: llama.cpp's FF2 input has {} values, {} has {n_ff} inputs",
+                    r.len(),
+                    crate::arch::ff2_weight(layer)
+                ))
+                .in_file(&self.path));
+            }
             // Back to the caller's order of positions (which may repeat or be unsorted).
             let rows = positions
                 .iter()
@@ -596,17 +581,11 @@ impl Tracer {
             )));
         }
         for (i, &layer) in layers.iter().enumerate() {
-            if layer >= self.layers.len() {
-                return bad(Error::LayerOutOfRange {
-                    layer,
-                    n_layer: self.layers.len(),
-                });
+            if let Err(e) = self.shape.ff2_width(layer) {
+                return bad(e);
             }
             if layers[..i].contains(&layer) {
                 return bad(Error::Invalid(format!("layer {layer} is asked for twice")));
-            }
-            if let Some(e) = layer_problem(&self.layers, layer) {
-                return bad(e);
             }
         }
         Ok(())
@@ -640,20 +619,6 @@ impl Tracer {
         // it only inside llama_decode, which runs only inside `&mut self` methods while no
         // reference from here is alive; `&mut self` makes this reference the only one.
         unsafe { self.capture.as_mut() }
-    }
-}
-
-/// Why `layer` cannot be traced, if it cannot.
-fn layer_problem(layers: &[Ff2], layer: usize) -> Option<Error> {
-    match layers.get(layer)? {
-        Ff2::Dense => None,
-        Ff2::Experts(t) => Some(Error::Invalid(format!(
-            "layer {layer} has a mixture-of-experts FFN ({t}): forward-pass shifting needs one dense down projection"
-        ))),
-        Ff2::Missing => Some(Error::Invalid(format!(
-            "layer {layer} has no down projection ({}): forward-pass shifting edits that tensor",
-            crate::arch::ff2_weight(layer)
-        ))),
     }
 }
 

@@ -145,7 +145,13 @@ fn lora_adapter_is_one_rank_one_change() {
         ("backlens.method".to_string(), Value::String("shift".into())),
         ("backlens.edits".to_string(), Value::String(edits)),
     ];
-    lora::write_adapter(&out, Arch::Llama, std::slice::from_ref(&e.delta), &prov).unwrap();
+    lora::write_adapter(
+        &out,
+        Arch::Llama.name(),
+        std::slice::from_ref(&e.delta),
+        &prov,
+    )
+    .unwrap();
     let report = audit::audit(&base, &out, &options()).unwrap();
     check_rank_one(&report, e);
     let c = report.change(TENSOR).unwrap();
@@ -205,7 +211,11 @@ fn constant_delta(tensor: &str, n_out: usize, n_in: usize) -> Delta {
 
 /// A valid adapter on FF2 of layer 22, to break.
 fn small_adapter() -> GgufPlan<'static> {
-    lora::adapter_plan(Arch::Llama, &[constant_delta(TENSOR, 576, 1536)], &[])
+    lora::adapter_plan(
+        Arch::Llama.name(),
+        &[constant_delta(TENSOR, 576, 1536)],
+        &[],
+    )
 }
 
 /// Replaces one factor of [`small_adapter`] by an F32 tensor of the row-major `shape`.
@@ -277,7 +287,7 @@ fn adapters_that_break_llama_cpp_rules_are_refused_everywhere() {
             "unknown-base-tensor",
             |p| {
                 *p = lora::adapter_plan(
-                    Arch::Llama,
+                    Arch::Llama.name(),
                     &[constant_delta("blk.99.ffn_down.weight", 576, 1536)],
                     &[],
                 )
@@ -290,7 +300,7 @@ fn adapters_that_break_llama_cpp_rules_are_refused_everywhere() {
             "tied-embedding",
             |p| {
                 *p = lora::adapter_plan(
-                    Arch::Llama,
+                    Arch::Llama.name(),
                     &[constant_delta("token_embd.weight", 49152, 576)],
                     &[],
                 )

@@ -212,13 +212,7 @@ fn patched_gguf_keeps_untouched_bytes_and_lora_agrees_with_it() {
         .unwrap()
         .write(&f32_copy_path)
         .unwrap();
-    lora::write_adapter(
-        &adapter_path,
-        Arch::Llama,
-        std::slice::from_ref(&delta),
-        &[],
-    )
-    .unwrap();
+    lora::write_adapter(&adapter_path, "llama", std::slice::from_ref(&delta), &[]).unwrap();
 
     let patched = GgufFile::open(&patched_path).unwrap();
     assert_eq!(patched.tensors.len(), base.tensors.len());
@@ -306,7 +300,7 @@ fn same_edit_twice_gives_identical_files() {
             files.push(std::fs::read(&p).unwrap());
         }
         let p = dir.join(format!("lora-{i}.gguf"));
-        lora::write_adapter(&p, Arch::Llama, &[delta], &[]).unwrap();
+        lora::write_adapter(&p, "llama", &[delta], &[]).unwrap();
         files.push(std::fs::read(&p).unwrap());
     }
     assert!(files[0] == files[3] && files[1] == files[4] && files[2] == files[5]);

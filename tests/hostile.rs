@@ -703,3 +703,92 @@ fn case10_every_bad_input_gets_one_clear_line() {
     assert!(!out.exists());
     assert_no_leftovers(&dir);
 }
+
+/// A copy of the tiny StarCoder2 fixture with `edit` applied to its plan, written to `dir/name`.
+fn starcoder2_variant(dir: &Path, name: &str, edit: impl FnOnce(&mut GgufPlan)) -> PathBuf {
+    let src = GgufFile::open(common::tiny_starcoder2()).unwrap();
+    let mut plan = GgufPlan::copy_of(&src);
+    edit(&mut plan);
+    let path = dir.join(name);
+    plan.write(&path).unwrap();
+    path
+}
+
+/// Case 11: forward-only commands on models llama.cpp cannot run (issue 14). An architecture
+/// the pinned llama.cpp does not know, a `block_count` past llama.cpp's limit (its loader
+/// aborts with GGML_ASSERT), a model without `ffn_down` and a layer past the last are each
+/// refused by backlens before llama.cpp reads the file: one line naming the file or the
+/// layer, exit 2, no output and no temporary file.
+#[test]
+fn case11_models_llama_cpp_cannot_run_are_refused_before_it_reads_them() {
+    let dir = common::temp_dir("hostile-forward");
+    let good = common::tiny_starcoder2();
+    let nosuch = starcoder2_variant(&dir, "nosuch.gguf", |p| {
+        p.set("general.architecture", Value::String("nosucharch".into()));
+        for (k, v) in std::mem::take(&mut p.metadata) {
+            let k = k.replacen("starcoder2.", "nosucharch.", 1);
+            p.set(&k, v);
+        }
+    });
+    let layers = starcoder2_variant(&dir, "layers.gguf", |p| {
+        p.set("starcoder2.block_count", Value::U32(600));
+    });
+    let no_down = starcoder2_variant(&dir, "no-down.gguf", |p| {
+        for t in &mut p.tensors {
+            t.name = t.name.replace("ffn_down.weight", "ffn_out.weight");
+        }
+    });
+    let out = dir.join("out.gguf");
+    let (nosuch, layers, no_down, good, o) =
+        (s(&nosuch), s(&layers), s(&no_down), s(good), s(&out));
+    let edit = |model: &str, extra: &[&str]| -> Vec<String> {
+        let mut a = vec![
+            "edit",
+            model,
+            "--prompt",
+            "The city of",
+            "--target",
+            "Paris",
+            "-o",
+            o,
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect()
+    };
+    let owned = |a: &[&str]| -> Vec<String> { a.iter().map(|s| s.to_string()).collect() };
+    let check = |args: Vec<String>, needles: &[&str]| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        expect_error(&refs, needles);
+    };
+    let unknown = "architecture 'nosucharch' is not one the pinned llama.cpp loads";
+    for args in [
+        owned(&["predict", nosuch, "The city of", "--runtime", "llama"]),
+        owned(&["generate", nosuch, "The city of"]),
+        edit(nosuch, &[]),
+        edit(nosuch, &["--format", "lora", "--forward", "llama"]),
+        owned(&["audit", nosuch, good]),
+    ] {
+        check(args, &[nosuch, unknown]);
+    }
+    let too_many = "starcoder2.block_count is 600, but llama.cpp takes 1 to 512 layers";
+    for args in [
+        owned(&["predict", layers, "The city of", "--runtime", "llama"]),
+        edit(layers, &[]),
+    ] {
+        check(args, &[layers, too_many]);
+    }
+    check(
+        edit(no_down, &[]),
+        &[
+            no_down,
+            "layer 2 has no down projection (blk.2.ffn_down.weight)",
+        ],
+    );
+    check(
+        edit(good, &["--layer", "3", "--format", "lora"]),
+        &["layer 3 out of range: the model has layers 0 to 2"],
+    );
+    assert!(!out.exists());
+    assert_no_leftovers(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -4,8 +4,14 @@
 mod common;
 
 use backlens::arch::Arch;
+use backlens::numeric::{argmax, log_probs};
+use backlens::source::ModelSource;
+use backlens::tokenizer::Tokenizer;
+use backlens::trace::Tracer;
 use backlens::weights::gguf::{GgufFile, Value};
+use backlens::weights::quant;
 use backlens::write::gguf::{GgufPlan, OutTensor};
+use std::path::Path;
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_backlens-patch");
@@ -48,6 +54,7 @@ fn inspect_lists_every_tensor_of_an_architecture_backlens_does_not_implement() {
     assert_eq!(report["lens"], false);
     assert!(report["hparams"].is_null());
     assert!(report["why_not"].as_str().unwrap().contains("starcoder2"));
+    assert_eq!(report["edit_methods"], serde_json::json!(["shift"]));
     assert!(report["tokenizer"]["vocab_size"].as_u64().unwrap() > 100);
 
     // The terminal view says the same in one line.
@@ -56,7 +63,10 @@ fn inspect_lists_every_tensor_of_an_architecture_backlens_does_not_implement() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("backlens: lens no, edit no"), "{text}");
+    assert!(
+        text.contains("backlens: lens no, edit shift, audit yes"),
+        "{text}"
+    );
 
     // A command that needs backlens's forward refuses in one line naming the architecture.
     let out = Command::new(BIN)
@@ -96,4 +106,176 @@ fn inspect_reports_capabilities_of_a_supported_model() {
         .map(|m| m.as_str().unwrap())
         .collect();
     assert_eq!(methods, ["shift", "shift-whitened", "grad", "batch"]);
+}
+
+/// Runs the binary; returns (exit code, stdout, stderr).
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_of(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = run(args);
+    assert_eq!(code, Some(0), "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The ΔW of `blk.{layer}.ffn_down.weight` written to `out` (patched minus base, or B·A).
+fn written_delta(base: &GgufFile, out: &Path, layer: usize) -> Vec<f32> {
+    let name = format!("blk.{layer}.ffn_down.weight");
+    let g = GgufFile::open(out).unwrap();
+    let read = |g: &GgufFile, n: &str| {
+        let t = g.tensor(n).unwrap_or_else(|| panic!("{n}"));
+        let v = quant::dequantize(t.ggml_type, g.tensor_bytes(t), n).unwrap();
+        (v, t.shape())
+    };
+    match g.tensor(&name) {
+        Some(_) => {
+            let (patched, (orig, _)) = (read(&g, &name).0, read(base, &name));
+            patched.iter().zip(&orig).map(|(a, b)| a - b).collect()
+        }
+        None => {
+            let (a, sa) = read(&g, &format!("{name}.lora_a"));
+            let (b, sb) = read(&g, &format!("{name}.lora_b"));
+            let (r, n_in, n_out) = (sa[0], sa[1], sb[0]);
+            (0..n_out * n_in)
+                .map(|k| {
+                    (0..r)
+                        .map(|i| b[k / n_in * r + i] * a[i * n_in + k % n_in])
+                        .sum()
+                })
+                .collect()
+        }
+    }
+}
+
+/// Acceptance 2 of issue 14: a tiny random StarCoder2 (LayerNorm with biases, a non-gated GELU
+/// FFN; no candle forward) runs every forward-only command through llama.cpp's own graph:
+/// `inspect`, `predict --runtime llama`, `generate`, `edit --method shift` to a GGUF and to a
+/// LoRA adapter (ΔW = lr·e·xᵀ exactly, with x from llama.cpp's trace; the target flips in
+/// llama.cpp), and `audit` (rank 1, σ₁ = lr·‖e‖·‖x‖, the edit prompt's probe at cosine 1).
+#[test]
+fn an_architecture_without_a_candle_forward_edits_through_llama_cpp() {
+    let path = common::tiny_starcoder2();
+    let p = path.to_str().unwrap();
+    let dir = common::temp_dir("starcoder2-cli");
+    let base = GgufFile::open(path).unwrap();
+
+    let report = json_of(&["inspect", p, "--json"]);
+    assert_eq!(report["architecture"], "starcoder2");
+    assert_eq!(report["tensors"].as_array().unwrap().len(), 3 + 3 * 16);
+    assert_eq!(report["lens"], false);
+
+    // predict: llama.cpp's logits, as the tracer reads them.
+    let prompt = "The capital of Japan is";
+    let source = ModelSource::open(path).unwrap();
+    let tok = Tokenizer::from_source(&source).unwrap();
+    let ids = tok.encode_prompt(prompt).unwrap();
+    let mut tracer = Tracer::load(path).unwrap();
+    let layer = 2; // round(0.73 · 3), the default
+    let traced = tracer.last_position(&ids, &[layer]).unwrap();
+    let logp = log_probs(&traced.logits);
+    let top = argmax(&traced.logits);
+    let pred = json_of(&[
+        "predict",
+        p,
+        prompt,
+        "--runtime",
+        "llama",
+        "--json",
+        "-k",
+        "3",
+    ]);
+    assert_eq!(pred["top"][0]["id"], top as u64);
+    let prob = pred["top"][0]["prob"].as_f64().unwrap();
+    assert!((prob - logp[top].exp()).abs() < 1e-6, "{prob}");
+    // candle has no forward for it: one line naming the architecture.
+    let (code, _, err) = run(&["predict", p, prompt]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown architecture 'starcoder2'") && err.lines().count() == 1);
+
+    let (code, out, err) = run(&["generate", p, prompt, "-n", "5"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with(prompt) && out.trim_end().len() > prompt.len(),
+        "{out}"
+    );
+
+    // A target that is not the top-1 (so the edit is not skipped).
+    let target = ["Paris", "Tokyo", "London"]
+        .into_iter()
+        .find(|t| tok.encode_target(t).unwrap()[0] as usize != top)
+        .unwrap();
+    let t_id = tok.encode_target(target).unwrap()[0] as usize;
+    let e = source
+        .rows_f32("token_embd.weight", &[t_id])
+        .unwrap()
+        .remove(0);
+    let x = &traced.ff2_in[0];
+    let lr = 0.24f32;
+    let want: Vec<f32> = e
+        .iter()
+        .flat_map(|&ei| x.iter().map(move |&xj| lr * ei * xj))
+        .collect();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for format in ["gguf", "lora"] {
+        let out = dir.join(format!("edited-{format}.gguf"));
+        let o = out.to_str().unwrap();
+        let r = json_of(&[
+            "edit", p, "--prompt", prompt, "--target", target, "--format", format, "-o", o,
+            "--json",
+        ]);
+        assert_eq!(r["settings"]["layer"], layer as u64);
+        assert_eq!(r["edits"][0]["skipped"], false);
+        let check = &r["check"];
+        assert_ne!(check["before"][0]["rank"], 0);
+        assert_eq!(
+            check["after"][0]["rank"], 0,
+            "{format}: the target does not flip"
+        );
+        let got = written_delta(&base, &out, layer);
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        println!("{format}: max |ΔW − lr·e·xᵀ| = {err:.2e} (max |ΔW| {scale:.2e})");
+        assert!(err <= 1e-6 * scale.max(1.0), "{format}: {err}");
+
+        let a = json_of(&["audit", p, o, "--probe", prompt, "--json"]);
+        let c = &a["changed"][0];
+        assert_eq!(a["changed"].as_array().unwrap().len(), 1);
+        assert_eq!(c["name"], format!("blk.{layer}.ffn_down.weight"));
+        assert_eq!(c["rank"], 1);
+        let sigma = c["singular_values"][0].as_f64().unwrap();
+        let norm = |v: &[f32]| v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+        let expected = f64::from(lr) * norm(&e) * norm(x);
+        assert!(
+            (sigma - expected).abs() <= 1e-5 * expected,
+            "{sigma} {expected}"
+        );
+        let cos = c["probes"][0]["cosine"].as_f64().unwrap();
+        assert!(cos.abs() > 1.0 - 1e-5, "{cos}");
+    }
+    // The candle forward refuses the architecture in one line.
+    let out = dir.join("candle.gguf");
+    let (code, _, err) = run(&[
+        "edit",
+        p,
+        "--prompt",
+        prompt,
+        "--target",
+        target,
+        "--forward",
+        "candle",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown architecture 'starcoder2'") && err.lines().count() == 1);
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -282,7 +282,7 @@ fn unknown_architecture_lists_the_supported_ones() {
     );
 }
 
-// docs/errors.md row 34
+// docs/errors.md row 35
 #[test]
 fn unknown_tokenizer_names_the_key_the_value_and_the_supported_ones() {
     let dir = common::temp_dir("pre");
@@ -309,7 +309,7 @@ deepseek-r1-qwen, kormo, f2llmv2, megrez, stablelm2, hunyuan, solar-open";
     }
 }
 
-// docs/errors.md row 35
+// docs/errors.md row 36
 #[test]
 fn repeated_token_is_refused_before_llama_cpp_asserts() {
     let dir = common::temp_dir("dup");

@@ -188,7 +188,7 @@ fn applied_deltas_reach_the_trace() {
     let last = ids.len() - 1;
     let mut tracer = Tracer::load(&f.gguf).unwrap();
     let before = tracer.last_position(&ids, &[0, 1, 2]).unwrap();
-    tracer.apply_deltas(Arch::Llama, &[delta]).unwrap();
+    tracer.apply_deltas(&[delta]).unwrap();
     let after = tracer.last_position(&ids, &[0, 1, 2]).unwrap();
     for l in 0..3 {
         let (cos, rel) = compare(&after.ff2_in[l], &row(&trace.ff2_in[l], last));
@@ -200,7 +200,7 @@ fn applied_deltas_reach_the_trace() {
     assert_ne!(after.ff2_in[2], before.ff2_in[2]);
     let (cos, rel) = compare(&after.logits, &row(&logits, last));
     assert!(cos >= 0.99999 && rel <= 1e-4, "logits {cos} {rel}");
-    tracer.apply_deltas(Arch::Llama, &[]).unwrap();
+    tracer.apply_deltas(&[]).unwrap();
     let cleared = tracer.last_position(&ids, &[0, 1, 2]).unwrap();
     assert_eq!(cleared.ff2_in, before.ff2_in);
     assert_eq!(cleared.logits, before.logits);
@@ -502,4 +502,70 @@ fn bad_layers_and_models_get_one_clear_error() {
         Tracer::load(&none),
         &[none.to_str().unwrap(), "layer 0", "blk.0.ffn_down.weight"],
     );
+}
+
+/// (e) `eval --forward llama` takes each record's key and skip rule from llama.cpp's trace: on
+/// the tiny F32 Llama (where both forwards agree to 1e-6) every record's outcome equals the
+/// candle key's and the efficacy magnitudes agree to 1e-4, one edit at a time and sequentially
+/// (earlier edits reach the trace as an adapter). Rules that need candle are refused.
+#[test]
+fn eval_keys_from_llama_cpp_score_like_candle_keys() {
+    use backlens::eval::{self, EvalConfig, LayerChoice, LrChoice};
+    let f = common::tiny(Arch::Llama);
+    let l = common::load(&f.gguf);
+    let records =
+        eval::load_records(&common::counterfact("counterfact-val.json"), 0, Some(6)).unwrap();
+    let dir = common::temp_dir("trace-eval");
+    let config = |sequential, forward, lr| EvalConfig {
+        method: Some(Method::Shift),
+        layer: LayerChoice::Fixed(1),
+        lr,
+        sequential,
+        fluency: false,
+        ff2_type: Ff2Type::F32,
+        forward,
+    };
+    for sequential in [false, true] {
+        let [candle, llama] = [Forward::Candle, Forward::Llama].map(|forward| {
+            let mut model = l.model.clone();
+            let c = config(sequential, forward, LrChoice::Fixed(0.24));
+            eval::evaluate(&f.gguf, &mut model, &l.tok, &records, &c, &dir, |_| {}).unwrap()
+        });
+        let edited = candle.records.iter().filter(|r| !r.skipped).count();
+        assert!(edited >= 3, "only {edited} of 6 records edited");
+        let mut worst = 0f64;
+        for (a, b) in candle.records.iter().zip(&llama.records) {
+            assert_eq!(
+                (
+                    a.skipped,
+                    a.efficacy,
+                    a.paraphrase,
+                    a.neighborhood,
+                    a.neighborhood_top1
+                ),
+                (
+                    b.skipped,
+                    b.efficacy,
+                    b.paraphrase,
+                    b.neighborhood,
+                    b.neighborhood_top1
+                ),
+                "record {:?}",
+                a.case_id
+            );
+            worst = worst.max((a.efficacy_magnitude - b.efficacy_magnitude).abs());
+        }
+        println!("sequential {sequential}: {edited}/6 edited, worst |ΔEM| {worst:.2e}");
+        assert!(worst <= 1e-4, "{worst}");
+    }
+    let mut model = l.model.clone();
+    let auto = config(false, Forward::Llama, LrChoice::Auto);
+    let err = eval::evaluate(&f.gguf, &mut model, &l.tok, &records, &auto, &dir, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--forward llama runs shift with a fixed"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

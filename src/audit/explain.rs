@@ -8,7 +8,6 @@ use crate::lens;
 use crate::model::Transformer;
 use crate::numeric::{dot, norm2, rank_of};
 use crate::provenance::Provenance;
-use crate::source::ModelSource;
 use crate::tokenizer::Tokenizer;
 use crate::weights::gguf::GgufFile;
 use crate::Result;
@@ -92,16 +91,16 @@ pub(super) fn edit_targets(patch: &GgufFile) -> Vec<u32> {
     ids
 }
 
-/// Runs each prompt through the base (streamed, one block at a time) and measures how its FF2
-/// input at the last token triggers every kept `ffn_down` change.
+/// Runs each prompt through the base (`forward(tokens, layers)` gives FF2's input at the last
+/// token of each layer) and measures how it triggers every kept `ffn_down` change.
 pub(super) fn run_probes(
-    source: &ModelSource,
     tok: &Tokenizer,
+    n_layer: usize,
     prompts: &[String],
     kept: &[(usize, Operator)],
     report: &mut AuditReport,
+    mut forward: impl FnMut(&[u32], &[usize]) -> Result<Vec<Vec<f32>>>,
 ) -> Result<()> {
-    let n_layer = source.hparams()?.n_layer;
     let layers: Vec<usize> = kept
         .iter()
         .filter_map(|(idx, _)| report.changed[*idx].layer)
@@ -109,14 +108,14 @@ pub(super) fn run_probes(
         .collect();
     for prompt in prompts {
         let ids = tok.encode_prompt(prompt)?;
-        let pass = crate::model::streamed_last_position(source, &ids, &[], &layers)?;
+        let ff2_in = forward(&ids, &layers)?;
         let last_token = tok.token_text(ids[ids.len() - 1]);
         for (idx, op) in kept {
             let c = &mut report.changed[*idx];
             let Some(slot) = c.layer.and_then(|l| layers.iter().position(|&x| x == l)) else {
                 continue;
             };
-            let x: Vec<f64> = pass.ff2_in[slot].iter().map(|&v| f64::from(v)).collect();
+            let x: Vec<f64> = ff2_in[slot].iter().map(|&v| f64::from(v)).collect();
             if x.len() != c.shape[1] {
                 continue;
             }

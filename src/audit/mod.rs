@@ -60,6 +60,7 @@ pub use report::{
     ProvenanceEntry, TargetRank, TensorChange, TensorEntry,
 };
 
+use crate::arch::generic::Shape;
 use crate::lora;
 use crate::model::Transformer;
 use crate::provenance::{self, Provenance};
@@ -130,8 +131,14 @@ pub fn audit(base: &Path, patch: &Path, opts: &AuditOptions) -> Result<AuditRepo
             base.display()
         )));
     }
+    let shape = Shape::from_gguf(&base_g)?;
     let source = ModelSource::Gguf(base_g);
-    let hp = source.hparams()?;
+    // None for an architecture candle does not implement: no lens, probes through llama.cpp.
+    let hp = match source.hparams() {
+        Ok(hp) => Some(hp),
+        Err(e) if e.is_unknown_arch() => None,
+        Err(e) => return Err(e),
+    };
     let ModelSource::Gguf(base_g) = &source else {
         unreachable!("opened as GGUF")
     };
@@ -249,7 +256,7 @@ pub fn audit(base: &Path, patch: &Path, opts: &AuditOptions) -> Result<AuditRepo
     let needs_lens = report
         .changed
         .iter()
-        .any(|c| writes_residual(&c.name) && c.shape[0] == hp.n_embd);
+        .any(|c| writes_residual(&c.name) && c.shape[0] == shape.n_embd);
     if want_probes && kept.is_empty() {
         report
             .notes
@@ -258,16 +265,44 @@ pub fn audit(base: &Path, patch: &Path, opts: &AuditOptions) -> Result<AuditRepo
     if !needs_lens && kept.is_empty() {
         return Ok(report);
     }
-    // Projections need only the final norm and the unembedding; probes stream the blocks.
-    let model = Transformer::load_unembedding(&source)?;
     let tok = Tokenizer::from_gguf(base_g)?;
-    for c in report.changed.iter_mut() {
-        if writes_residual(&c.name) && c.shape[0] == hp.n_embd {
-            explain::explain_with_lens(&model, &tok, c, opts, &targets)?;
+    match &hp {
+        // Projections need only the final norm and the unembedding.
+        Some(_) if needs_lens => {
+            let model = Transformer::load_unembedding(&source)?;
+            for c in report.changed.iter_mut() {
+                if writes_residual(&c.name) && c.shape[0] == shape.n_embd {
+                    explain::explain_with_lens(&model, &tok, c, opts, &targets)?;
+                }
+            }
         }
+        Some(_) => {}
+        None => report.notes.push(format!(
+            "no vocabulary projection: backlens has no final norm for architecture '{}' (the probes run through llama.cpp)",
+            shape.arch
+        )),
     }
     if !kept.is_empty() {
-        explain::run_probes(&source, &tok, &opts.probes, &kept, &mut report)?;
+        // Probes stream the blocks in candle, or run llama.cpp's own graph where candle lacks
+        // the architecture.
+        let mut tracer = match hp {
+            Some(_) => None,
+            None => Some(crate::trace::Tracer::load(base)?),
+        };
+        let forward = |ids: &[u32], layers: &[usize]| -> Result<Vec<Vec<f32>>> {
+            match tracer.as_mut() {
+                Some(t) => Ok(t.last_position(ids, layers)?.ff2_in),
+                None => Ok(crate::model::streamed_last_position(&source, ids, &[], layers)?.ff2_in),
+            }
+        };
+        explain::run_probes(
+            &tok,
+            shape.n_layer,
+            &opts.probes,
+            &kept,
+            &mut report,
+            forward,
+        )?;
     }
     Ok(report)
 }

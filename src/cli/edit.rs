@@ -1,7 +1,7 @@
 //! `edit` and `generate`: parse the arguments of an edit and print what [`backlens::patch::run`]
 //! did; greedy generation through llama.cpp.
 
-use super::{open, print_json, require_gguf};
+use super::{open_any, print_json, require_gguf};
 use anyhow::{bail, Result};
 use backlens::edit::whiten::{self, StatsCorpus, WhitenOptions};
 use backlens::edit::{EditRequest, EditSettings, Method};
@@ -36,10 +36,12 @@ pub struct Args {
     /// Step size.
     #[arg(long, default_value_t = 0.24)]
     lr: f64,
-    /// Engine of the forward pass shift reads its key from: llama (llama.cpp's own graph, GGUF
-    /// inputs) or candle.
-    #[arg(long, default_value = "candle")]
-    forward: Forward,
+    /// Engine of the forward pass shift reads its key and skip rule from: llama (llama.cpp's own
+    /// graph; GGUF inputs, every architecture the pinned llama.cpp loads) or candle (exact f32,
+    /// gpt2 and llama) [default: llama when candle does not implement the GGUF's architecture,
+    /// candle otherwise].
+    #[arg(long)]
+    forward: Option<Forward>,
     #[command(flatten)]
     whiten: WhitenArgs,
     /// Output path (a file, or a new folder for safetensors).
@@ -144,21 +146,25 @@ pub fn run(args: Args) -> Result<()> {
     inputs.extend(args.requests.as_deref());
     inputs.extend(args.whiten.stats_data.as_deref());
     let claim = OutputClaim::new(&args.output, args.format.output_kind(), &inputs, args.force)?;
-    let m = open(&args.model)?;
+    let m = open_any(&args.model)?;
+    let layer = match args.layer {
+        Some(l) => l,
+        None => EditSettings::default_layer(patch::n_layer(&m.source)?),
+    };
     let job = Job {
         requests: requests(&args)?,
         settings: EditSettings {
             method: args.method,
-            layer: args
-                .layer
-                .unwrap_or_else(|| EditSettings::default_layer(m.hp.n_layer)),
+            layer,
             lr: args.lr,
         },
         whiten: args.whiten.setup(),
         format: args.format,
         ff2_type: args.ff2_type,
         check: !args.no_check,
-        forward: args.forward,
+        forward: args
+            .forward
+            .unwrap_or_else(|| Forward::default_for(&m.source)),
     };
     let report = patch::run(&m.source, &m.tok, &job, claim)?;
     if args.json {
@@ -198,7 +204,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let m = open(&args.model)?;
+    let m = open_any(&args.model)?;
     let mut rt = LlamaRuntime::load(&require_gguf(&m.source)?)?;
     let mut adapter = match &args.lora {
         Some(p) => Some(rt.load_lora(p)?),

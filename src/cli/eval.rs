@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use backlens::edit::{EditSettings, Method};
 use backlens::eval::{self, EvalConfig, EvalReport, LayerChoice, LrChoice};
 use backlens::model::Transformer;
+use backlens::patch::Forward;
 use backlens::write::gguf::Ff2Type;
 use backlens::write::{OutputClaim, OutputKind};
 use candle_core::DType;
@@ -56,6 +57,10 @@ pub struct Args {
     /// original type, as `edit --ff2-type keep` writes it).
     #[arg(long, default_value = "f32")]
     ff2_type: Ff2Type,
+    /// Engine of each record's shift key and skip rule: candle (exact f32) or llama (llama.cpp's
+    /// own graph, the activations the scored model computes; shift with a fixed --layer and --lr).
+    #[arg(long, default_value = "candle")]
+    forward: Forward,
     /// Sweep layers A..B (end exclusive) and write an SVG plot of the scores.
     #[arg(long)]
     sweep_layers: Option<String>,
@@ -133,6 +138,7 @@ pub fn run(args: Args) -> Result<()> {
         sequential: args.sequential,
         fluency: !args.no_fluency,
         ff2_type: args.ff2_type,
+        forward: args.forward,
     };
     let scratch = std::env::temp_dir();
     let run_one = |config: &EvalConfig, label: &str| -> Result<EvalReport> {

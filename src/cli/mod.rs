@@ -72,18 +72,32 @@ pub fn run() -> Result<()> {
     }
 }
 
-/// A model opened with its tokenizer.
+/// A model opened with its tokenizer, of a family backlens runs in candle.
 struct Opened {
     source: ModelSource,
-    hp: backlens::arch::HParams,
     tok: Tokenizer,
 }
 
+/// Opens a model for candle work: fails first, naming the key or tensor, when its
+/// hyperparameters do not resolve.
 fn open(path: &Path) -> Result<Opened> {
     let source = ModelSource::open(path)?;
-    let hp = source.hparams()?;
+    source.hparams()?;
     let tok = Tokenizer::from_source(&source).map_err(|e| e.in_file(path))?;
-    Ok(Opened { source, hp, tok })
+    Ok(Opened { source, tok })
+}
+
+/// A model opened for llama.cpp or forward-only work: any architecture, hyperparameters not
+/// resolved (commands that need candle's forward resolve them and name what is missing).
+struct OpenedAny {
+    source: ModelSource,
+    tok: Tokenizer,
+}
+
+fn open_any(path: &Path) -> Result<OpenedAny> {
+    let source = ModelSource::open(path)?;
+    let tok = Tokenizer::from_source(&source).map_err(|e| e.in_file(path))?;
+    Ok(OpenedAny { source, tok })
 }
 
 /// Prints `value` as pretty JSON.

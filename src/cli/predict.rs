@@ -1,6 +1,6 @@
 //! `predict`: top-k next tokens in candle or llama.cpp.
 
-use super::{open, print_json, require_gguf};
+use super::{open_any, print_json, require_gguf};
 use anyhow::Result;
 use backlens::model::{log_softmax_last, Numerics, Transformer};
 use backlens::runtime::LlamaRuntime;
@@ -39,7 +39,8 @@ pub struct Args {
     /// How many tokens to list.
     #[arg(short, default_value_t = 10)]
     k: usize,
-    /// Engine.
+    /// Engine (llama runs every architecture the pinned llama.cpp loads; the candle engines
+    /// only gpt2 and llama).
     #[arg(long, value_enum, default_value_t = Engine::Candle)]
     runtime: Engine,
     /// Print JSON.
@@ -63,7 +64,7 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let m = open(&args.model)?;
+    let m = open_any(&args.model)?;
     let tokens = m.tok.encode_prompt(&args.prompt)?;
     if tokens.is_empty() {
         anyhow::bail!("the prompt tokenizes to nothing");

@@ -72,7 +72,7 @@ pub fn compute_traced(
 ) -> Result<EditOutcome> {
     let prompt = tok.encode_prompt(&req.prompt)?;
     let target_id = super::first_target_token(tok, req)?;
-    tracer.apply_deltas(src.hparams()?.arch, prior)?;
+    tracer.apply_deltas(prior)?;
     let pass = tracer.last_position(&prompt, &[layer])?;
     from_last_position(src, req, target_id, &pass.logits, pass.ff2_in, layer, lr)
 }

@@ -226,9 +226,9 @@ pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
     }
 }
 
-/// Writes the tiny GGUF of `arch` with `n_pad` extra (unreachable) vocabulary entries, which make
-/// the embedding as large as a test needs.
-pub fn write_gguf_fixture(arch: Arch, dir: &Path, n_pad: usize) -> (PathBuf, HParams) {
+/// The `tokenizer.*` metadata of the tiny fixtures (the BPE of [`tiny_bpe`] with `n_pad` extra
+/// unreachable entries) and its token count.
+pub fn tiny_tokenizer(n_pad: usize) -> (Vec<(String, Value)>, usize) {
     let (mut tokens, merges) = tiny_bpe(200);
     tokens.extend((0..n_pad).map(|i| format!("<|pad{i}|>")));
     let n_tokens = tokens.len();
@@ -250,6 +250,34 @@ pub fn write_gguf_fixture(arch: Arch, dir: &Path, n_pad: usize) -> (PathBuf, HPa
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
     ];
+    (tokenizer, n_tokens)
+}
+
+/// A tiny random StarCoder2 GGUF (an architecture backlens has no candle forward for; llama.cpp
+/// runs it), generated once per test process.
+pub fn tiny_starcoder2() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let (tokenizer, n_vocab) = tiny_tokenizer(0);
+        let shape = synth::ForeignShape {
+            n_layer: 3,
+            n_ctx: 64,
+            n_embd: 64,
+            n_ff: 128,
+            n_head: 4,
+            n_head_kv: 2,
+            n_vocab,
+        };
+        let path = temp_dir("starcoder2").join("tiny-starcoder2.gguf");
+        synth::write_foreign(&synth::STARCODER2, &shape, &tokenizer, 0x5c02, &path).unwrap();
+        path
+    })
+}
+
+/// Writes the tiny GGUF of `arch` with `n_pad` extra (unreachable) vocabulary entries, which make
+/// the embedding as large as a test needs.
+pub fn write_gguf_fixture(arch: Arch, dir: &Path, n_pad: usize) -> (PathBuf, HParams) {
+    let (tokenizer, n_tokens) = tiny_tokenizer(n_pad);
     let synth = Synth {
         hp: tiny_hparams(arch, n_tokens),
         name: format!("tiny-{}", arch.name()),

@@ -139,3 +139,160 @@ impl Synth {
         })
     }
 }
+
+/// A size in a [`ForeignArch`] table, resolved against a [`ForeignShape`].
+#[derive(Debug, Clone, Copy)]
+pub enum Size {
+    Layers,
+    Ctx,
+    Embd,
+    /// Width of the keys and values: n_head_kv · head width.
+    EmbdKv,
+    Ff,
+    Heads,
+    HeadsKv,
+    HeadDim,
+    Vocab,
+}
+
+/// A metadata value in a [`ForeignArch`] table (the key is prefixed with the architecture).
+#[derive(Debug, Clone, Copy)]
+pub enum KeyValue {
+    U32(Size),
+    F32(f32),
+}
+
+/// A llama.cpp architecture backlens has no candle forward for, as data: its `{arch}.*` keys and
+/// its tensors (row-major shapes; block tensors are `blk.{i}.{role}`), as the pinned llama.cpp's
+/// `src/models/{arch}.cpp` loads them.
+#[derive(Debug)]
+pub struct ForeignArch {
+    pub name: &'static str,
+    pub keys: &'static [(&'static str, KeyValue)],
+    pub global: &'static [(&'static str, &'static [Size])],
+    pub block: &'static [(&'static str, &'static [Size])],
+}
+
+/// StarCoder2: LayerNorm with biases, separate Q/K/V with biases, RoPE (NEOX order), a
+/// non-gated GELU FFN `ffn_up` → `ffn_down` with biases, the output tied to `token_embd`.
+pub const STARCODER2: ForeignArch = ForeignArch {
+    name: "starcoder2",
+    keys: &[
+        ("block_count", KeyValue::U32(Size::Layers)),
+        ("context_length", KeyValue::U32(Size::Ctx)),
+        ("embedding_length", KeyValue::U32(Size::Embd)),
+        ("feed_forward_length", KeyValue::U32(Size::Ff)),
+        ("attention.head_count", KeyValue::U32(Size::Heads)),
+        ("attention.head_count_kv", KeyValue::U32(Size::HeadsKv)),
+        ("attention.layer_norm_epsilon", KeyValue::F32(1e-5)),
+        ("rope.freq_base", KeyValue::F32(10_000.0)),
+        ("rope.dimension_count", KeyValue::U32(Size::HeadDim)),
+    ],
+    global: &[
+        ("token_embd.weight", &[Size::Vocab, Size::Embd]),
+        ("output_norm.weight", &[Size::Embd]),
+        ("output_norm.bias", &[Size::Embd]),
+    ],
+    block: &[
+        ("attn_norm.weight", &[Size::Embd]),
+        ("attn_norm.bias", &[Size::Embd]),
+        ("attn_q.weight", &[Size::Embd, Size::Embd]),
+        ("attn_q.bias", &[Size::Embd]),
+        ("attn_k.weight", &[Size::EmbdKv, Size::Embd]),
+        ("attn_k.bias", &[Size::EmbdKv]),
+        ("attn_v.weight", &[Size::EmbdKv, Size::Embd]),
+        ("attn_v.bias", &[Size::EmbdKv]),
+        ("attn_output.weight", &[Size::Embd, Size::Embd]),
+        ("attn_output.bias", &[Size::Embd]),
+        ("ffn_norm.weight", &[Size::Embd]),
+        ("ffn_norm.bias", &[Size::Embd]),
+        ("ffn_up.weight", &[Size::Ff, Size::Embd]),
+        ("ffn_up.bias", &[Size::Ff]),
+        ("ffn_down.weight", &[Size::Embd, Size::Ff]),
+        ("ffn_down.bias", &[Size::Embd]),
+    ],
+};
+
+/// The sizes of a synthetic model of a [`ForeignArch`].
+#[derive(Debug, Clone, Copy)]
+pub struct ForeignShape {
+    pub n_layer: usize,
+    pub n_ctx: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_vocab: usize,
+}
+
+impl ForeignShape {
+    fn get(&self, s: Size) -> usize {
+        let head_dim = self.n_embd / self.n_head;
+        match s {
+            Size::Layers => self.n_layer,
+            Size::Ctx => self.n_ctx,
+            Size::Embd => self.n_embd,
+            Size::EmbdKv => self.n_head_kv * head_dim,
+            Size::Ff => self.n_ff,
+            Size::Heads => self.n_head,
+            Size::HeadsKv => self.n_head_kv,
+            Size::HeadDim => head_dim,
+            Size::Vocab => self.n_vocab,
+        }
+    }
+}
+
+/// Writes a seeded random F32 model of `arch` with `shape` and the `tokenizer.*` entries to
+/// `path` (weights spread by role as for [`Synth`]).
+pub fn write_foreign(
+    arch: &ForeignArch,
+    shape: &ForeignShape,
+    tokenizer: &[(String, Value)],
+    seed: u64,
+    path: &Path,
+) -> backlens::Result<()> {
+    let mut md: Vec<(String, Value)> = vec![
+        (
+            "general.architecture".into(),
+            Value::String(arch.name.into()),
+        ),
+        (
+            "general.name".into(),
+            Value::String(format!("tiny-{}", arch.name)),
+        ),
+    ];
+    md.extend(arch.keys.iter().map(|(k, v)| {
+        let value = match *v {
+            KeyValue::U32(s) => Value::U32(shape.get(s) as u32),
+            KeyValue::F32(x) => Value::F32(x),
+        };
+        (format!("{}.{k}", arch.name), value)
+    }));
+    md.extend(tokenizer.iter().cloned());
+    let tensor = |name: String, dims: &[Size]| GeneratedTensor {
+        name,
+        dims: dims.iter().rev().map(|&s| shape.get(s) as u64).collect(),
+        ggml_type: GgmlType::F32,
+    };
+    let mut tensors: Vec<GeneratedTensor> = arch
+        .global
+        .iter()
+        .map(|(n, d)| tensor(n.to_string(), d))
+        .collect();
+    for l in 0..shape.n_layer {
+        tensors.extend(
+            arch.block
+                .iter()
+                .map(|(role, d)| tensor(arch::block_tensor(l, role), d)),
+        );
+    }
+    let mut rng = Rng(seed);
+    write_generated(path, &md, &tensors, |i, buf| {
+        let t = &tensors[i];
+        let (scale, offset) = spread(&t.name, t.dims[0]);
+        for c in buf.chunks_exact_mut(4) {
+            c.copy_from_slice(&(offset + scale * rng.next()).to_le_bytes());
+        }
+        Ok(())
+    })
+}
