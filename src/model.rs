@@ -7,7 +7,7 @@ use crate::delta::Delta;
 use crate::source::ModelSource;
 use crate::weights::quant::{self, GgmlType};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
 
 /// A dense layer `y = x Wᵀ + b` with W stored [out, in].
 #[derive(Debug, Clone)]
@@ -35,18 +35,68 @@ impl Linear {
         let y = match &self.rounding {
             Some(r) => {
                 let (xr, sum_fix) = round_like_ggml(x, r.act)?;
-                let y = xr.matmul(&self.w.t()?)?;
+                let y = weight_matmul(&xr, &self.w)?;
                 match (&r.block_min, sum_fix) {
                     (Some(m), Some(fix)) => (y + fix.matmul(&m.t()?)?.detach())?,
                     _ => y,
                 }
             }
-            None => x.matmul(&self.w.t()?)?,
+            None => weight_matmul(x, &self.w)?,
         };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// `x Wᵀ` for a weight W (out, in). When W is a variable (or derived from one) this is candle's
+/// matmul, whose backward also yields ∂L/∂W; otherwise a custom op whose backward yields only
+/// ∂L/∂x = ∂L/∂y · W, so a backward pass allocates no weight-sized gradient.
+pub fn weight_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.track_op() || !x.track_op() {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    Ok(x.contiguous()?.apply_op1(InputOnlyMatmul(w.clone()))?)
+}
+
+/// `x Wᵀ` whose backward returns the input gradient only (see [`weight_matmul`]).
+struct InputOnlyMatmul(Tensor);
+
+impl CustomOp1 for InputOnlyMatmul {
+    fn name(&self) -> &'static str {
+        "input-only-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("input-only matmul: strided input".into())
+        })?;
+        let x = match storage {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
+            _ => candle_core::bail!("input-only matmul: f32 or f64 expected"),
+        };
+        let y = x.matmul(&self.0.t()?)?;
+        let shape = y.shape().clone();
+        let values = match y.dtype() {
+            DType::F64 => CpuStorage::F64(y.flatten_all()?.to_vec1()?),
+            _ => CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+        };
+        Ok((values, shape))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.0)?))
     }
 }
 
