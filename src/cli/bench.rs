@@ -80,6 +80,7 @@ pub fn run(args: Args) -> Result<()> {
         all_positions: true,
         use_norm: true,
         full_target: false,
+        unit: false,
     };
     let (_, lens_time) = time(|| Ok(lens::run(&model, &tok, prompt, "Paris", None, &opts)?))?;
     figures.push(("lens (all layers and positions)", lens_time));
