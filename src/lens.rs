@@ -438,7 +438,12 @@ pub fn run(
     }
     let last_vjps: Vec<Vec<f32>> = layer_ids
         .iter()
-        .map(|&l| Ok(bp.d2[l].get(n - 1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
+        .map(|&l| {
+            Ok(bp.d2[l]
+                .get(n - 1)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?)
+        })
         .collect::<Result<_>>()?;
     let last_subject_pos = subject.and_then(|s| last_subject_token(tok, prompt, &prompt_ids, s));
     let claims = claims(&layers, n, last_subject_pos, model.hp.n_layer);

@@ -436,9 +436,17 @@ fn vjp(r: &LensReport, standalone: bool) -> String {
     for (i, row) in r.vjp_cosine.iter().enumerate() {
         let y = TOP + (n - 1 - i) as f64 * SQUARE;
         if i % every == 0 {
-            o.text((LEFT - 4.0, y + 12.0), &format!("{END}{SMALL}"), &format!("L{}", layer(i)));
+            o.text(
+                (LEFT - 4.0, y + 12.0),
+                &format!("{END}{SMALL}"),
+                &format!("L{}", layer(i)),
+            );
             let x = LEFT + (i as f64 + 0.5) * SQUARE;
-            o.text((x, TOP + side + 14.0), &format!("{MID}{SMALL}"), &format!("{}", layer(i)));
+            o.text(
+                (x, TOP + side + 14.0),
+                &format!("{MID}{SMALL}"),
+                &format!("{}", layer(i)),
+            );
         }
         for (j, &c) in row.iter().enumerate() {
             let fill = colour(&COSINE_COLOURS, (c as f64 + 1.0) / 2.0);
@@ -454,7 +462,13 @@ fn vjp(r: &LensReport, standalone: bool) -> String {
         caption: "colour: cosine".into(),
         ticks: vec![(0.0, "−1".into()), (0.5, "0".into()), (1.0, "1".into())],
     };
-    legend_svg(&mut o, &legend, LEFT, TOP + side + 46.0, side.clamp(200.0, 300.0));
+    legend_svg(
+        &mut o,
+        &legend,
+        LEFT,
+        TOP + side + 46.0,
+        side.clamp(200.0, 300.0),
+    );
     o.finish()
 }
 
@@ -508,9 +522,12 @@ pub fn lens_html(r: &LensReport) -> String {
     let (n_tok, n_layers) = (r.tokens.len(), r.layers.len());
     let (grid, norms, vjp) = (grid(r, false), norms(r, false), vjp(r, false));
     let ranks = join_or(
-        r.layers
-            .iter()
-            .map(|l| format!("L{}: {}/{}", l.layer, l.grad_rank.rank, l.grad_rank.nonzero_tokens)),
+        r.layers.iter().map(|l| {
+            format!(
+                "L{}: {}/{}",
+                l.layer, l.grad_rank.rank, l.grad_rank.nonzero_tokens
+            )
+        }),
         "; ",
         "none",
     );
@@ -762,7 +779,10 @@ mod tests {
         assert_well_formed(&svg);
         assert_eq!(svg.matches("class=\"cell\"").count(), 3 * 3);
         assert!(svg.contains("layers 0 and 2: cosine 0.2000"));
-        assert!(svg.contains(&format!("fill=\"#{:06x}\"", COSINE_COLOURS[4])), "cosine 1");
+        assert!(
+            svg.contains(&format!("fill=\"#{:06x}\"", COSINE_COLOURS[4])),
+            "cosine 1"
+        );
     }
 
     #[test]

@@ -152,7 +152,10 @@ pub fn run(args: Args) -> Result<()> {
     let tokens = lens_report.tokens.len();
     let lens_rows = model.hp.n_layer * tokens * if odd { 2 } else { 3 };
     let flops = lens_flops(&model, tokens, lens_rows);
-    figures.push(("f32 sgemm of the lens's FLOPs", sgemm_seconds(&model, flops)?));
+    figures.push((
+        "f32 sgemm of the lens's FLOPs",
+        sgemm_seconds(&model, flops)?,
+    ));
 
     let settings = EditSettings {
         method: Method::Shift,

@@ -228,9 +228,17 @@ fn print_table(r: &LensReport) {
         .collect();
     if !units.is_empty() {
         println!("\nnormalised lens (unit vectors) at the last token:");
-        println!("{:>5}  {:<30} {:<30} {:>6}", "layer", "x1: top-3", "−δ: top-3", "target");
+        println!(
+            "{:>5}  {:<30} {:<30} {:>6}",
+            "layer", "x1: top-3", "−δ: top-3", "target"
+        );
         for (l, x1, neg) in units {
-            println!("{l:>5}  {:<30} {:<30} {:>6}", top3(x1), top3(neg), neg.target_rank);
+            println!(
+                "{l:>5}  {:<30} {:<30} {:>6}",
+                top3(x1),
+                top3(neg),
+                neg.target_rank
+            );
         }
     }
     if let (Some(first), Some(last)) = (r.layers.first(), r.layers.last()) {

@@ -161,17 +161,9 @@ mod tests {
     fn sorted(scores: &[f32], sign: f32, k: usize) -> (Vec<u32>, Vec<u32>) {
         let v: Vec<f32> = scores.iter().map(|x| sign * x).collect();
         let mut order: Vec<u32> = (0..v.len() as u32).collect();
-        order.sort_by(|&a, &b| {
-            v[b as usize]
-                .total_cmp(&v[a as usize])
-                .then(a.cmp(&b))
-        });
+        order.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
         let top = order[..k].to_vec();
-        order.sort_by(|&a, &b| {
-            v[a as usize]
-                .total_cmp(&v[b as usize])
-                .then(b.cmp(&a))
-        });
+        order.sort_by(|&a, &b| v[a as usize].total_cmp(&v[b as usize]).then(b.cmp(&a)));
         (top, order[..k].to_vec())
     }
 

@@ -144,7 +144,10 @@ mod tests {
         let g: Vec<f64> = (0..m * f)
             .map(|ij| {
                 let (i, j) = (ij / f, ij % f);
-                d.iter().zip(a).map(|(dt, at)| dt[i] as f64 * at[j] as f64).sum()
+                d.iter()
+                    .zip(a)
+                    .map(|(dt, at)| dt[i] as f64 * at[j] as f64)
+                    .sum()
             })
             .collect();
         for p in 0..f {
