@@ -26,65 +26,120 @@ fn key(x: f32) -> i32 {
     b ^ (((b >> 31) as u32) >> 1) as i32
 }
 
+/// The k-slot top and bottom lists of one sign while a row is scanned.
+struct Lists {
+    k: usize,
+    top: Vec<(i32, u32)>,
+    bottom: Vec<(i32, u32)>,
+    /// Once both lists are full: the worst top value and the worst bottom value. A value
+    /// strictly between them changes neither list.
+    lo: f32,
+    hi: f32,
+}
+
+impl Lists {
+    fn new(k: usize) -> Lists {
+        Lists {
+            k,
+            top: Vec::with_capacity(k + 1),
+            bottom: Vec::with_capacity(k + 1),
+            lo: f32::NEG_INFINITY,
+            hi: f32::INFINITY,
+        }
+    }
+
+    fn skips(&self, v: f32) -> bool {
+        v < self.lo && v > self.hi
+    }
+
+    fn offer(&mut self, v: f32, id: u32) {
+        let (k, kv) = (self.k, key(v));
+        if self.top.len() < k || kv > self.top[k - 1].0 {
+            let at = self.top.partition_point(|&(q, _)| q >= kv);
+            self.top.insert(at, (kv, id));
+            self.top.truncate(k);
+        }
+        if self.bottom.len() < k || kv <= self.bottom[k - 1].0 {
+            let at = self.bottom.partition_point(|&(q, _)| q < kv);
+            self.bottom.insert(at, (kv, id));
+            self.bottom.truncate(k);
+        }
+        if self.top.len() == k && self.bottom.len() == k {
+            self.lo = unkey(self.top[k - 1].0);
+            self.hi = unkey(self.bottom[k - 1].0);
+        }
+    }
+}
+
+/// The inverse of [`key`].
+fn unkey(k: i32) -> f32 {
+    f32::from_bits((k ^ (((k >> 31) as u32) >> 1) as i32) as u32)
+}
+
 /// Top-k, bottom-k and the ranks of `ids` in `scores` read with `sign` (−1 reads the negated row:
-/// the +δ scores from the −δ scores), in one pass. The order is that of a full sort by
-/// `f32::total_cmp` with the tie rules of [`Picked`]; a rank compares with `>`. A non-finite
-/// score is an error (it would be the first or last under `total_cmp`, so two checks suffice).
+/// the +δ scores from the −δ scores). See [`pick_signs`].
 pub fn pick(scores: &[f32], sign: f32, k: usize, ids: &[u32]) -> Result<Picked> {
+    Ok(pick_signs(scores, &[sign], k, ids)?.remove(0))
+}
+
+/// [`pick`] for each of `signs` (each +1 or −1) in one pass over the row. The order is that of
+/// a full sort by `f32::total_cmp` with the tie rules of [`Picked`]; a rank compares with `>`.
+/// A non-finite score is an error (it would be first or last under `total_cmp`, so checking
+/// the ends suffices).
+pub fn pick_signs(scores: &[f32], signs: &[f32], k: usize, ids: &[u32]) -> Result<Vec<Picked>> {
+    if let Some(s) = signs.iter().find(|s| s.abs() != 1.0) {
+        return Err(Error::Invalid(format!(
+            "projection sign {s}: +1 or −1 expected"
+        )));
+    }
     let k = k.min(scores.len());
     let at = |id: u32| -> Result<f32> {
         scores
             .get(id as usize)
-            .map(|s| sign * s)
+            .copied()
             .ok_or_else(|| Error::Invalid(format!("token id {id} past {} scores", scores.len())))
     };
-    let thresholds = ids.iter().map(|&id| at(id)).collect::<Result<Vec<f32>>>()?;
-    let ranks = thresholds
+    // (above, below) each id's score: the ranks under sign +1 and −1.
+    let counts = ids
         .iter()
-        .map(|&t| scores.iter().filter(|&&x| sign * x > t).count())
-        .collect();
-    let mut top: Vec<(i32, u32)> = Vec::with_capacity(k + 1);
-    let mut bottom: Vec<(i32, u32)> = Vec::with_capacity(k + 1);
+        .map(|&id| {
+            let t = at(id)?;
+            Ok(scores.iter().fold((0usize, 0usize), |(gt, lt), &x| {
+                (gt + usize::from(x > t), lt + usize::from(x < t))
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut lists: Vec<Lists> = signs.iter().map(|_| Lists::new(k)).collect();
     if k > 0 {
-        // Once both lists are full, a value strictly between their worst entries changes
-        // neither: one float comparison pair rejects almost every token.
-        let (mut lo, mut hi) = (f32::NEG_INFINITY, f32::INFINITY);
         for (i, &x) in scores.iter().enumerate() {
-            let v = sign * x;
-            if v < lo && v > hi {
+            if lists.iter().zip(signs).all(|(l, &s)| l.skips(s * x)) {
                 continue;
             }
-            let (kv, id) = (key(v), i as u32);
-            if top.len() < k || kv > top[k - 1].0 {
-                let at = top.partition_point(|&(q, _)| q >= kv);
-                top.insert(at, (kv, id));
-                top.truncate(k);
-            }
-            if bottom.len() < k || kv <= bottom[k - 1].0 {
-                let at = bottom.partition_point(|&(q, _)| q < kv);
-                bottom.insert(at, (kv, id));
-                bottom.truncate(k);
-            }
-            if top.len() == k && bottom.len() == k {
-                lo = sign * scores[top[k - 1].1 as usize];
-                hi = sign * scores[bottom[k - 1].1 as usize];
+            for (l, &s) in lists.iter_mut().zip(signs) {
+                l.offer(s * x, i as u32);
             }
         }
     }
-    let with_score = |list: Vec<(i32, u32)>| -> Vec<(u32, f32)> {
-        list.into_iter()
-            .map(|(_, id)| (id, sign * scores[id as usize]))
-            .collect()
-    };
-    let (top, bottom) = (with_score(top), with_score(bottom));
-    for &(id, s) in top.first().into_iter().chain(bottom.first()) {
-        if !s.is_finite() {
-            return Err(Error::Numeric(format!(
-                "projection score of token {id} is {s}: the vectors or the unembedding hold NaN or Inf"
-            )));
+    let mut out = Vec::with_capacity(signs.len());
+    for (l, &sign) in lists.into_iter().zip(signs) {
+        let with_score = |list: Vec<(i32, u32)>| -> Vec<(u32, f32)> {
+            list.into_iter().map(|(q, id)| (id, unkey(q))).collect()
+        };
+        let (top, bottom) = (with_score(l.top), with_score(l.bottom));
+        for &(id, s) in top.first().into_iter().chain(bottom.first()) {
+            if !s.is_finite() {
+                return Err(Error::Numeric(format!(
+                    "projection score of token {id} is {s}: the vectors or the unembedding hold NaN or Inf"
+                )));
+            }
         }
+        let ranks = counts
+            .iter()
+            .map(|&(gt, lt)| if sign < 0.0 { lt } else { gt })
+            .collect();
+        out.push(Picked { top, bottom, ranks });
     }
-    Ok(Picked { top, bottom, ranks })
+    Ok(out)
 }
 
 /// Projects every row of `vectors` (rows, n_embd) through the final norm (when `use_norm`) and
@@ -133,9 +188,7 @@ fn pick_rows(
         .map_or(1, |n| n.get())
         .min(rows.len().max(1));
     let per = rows.len().div_ceil(threads.max(1)).max(1);
-    let one = |row: &[f32]| -> Result<Vec<Picked>> {
-        signs.iter().map(|&s| pick(row, s, k, ids)).collect()
-    };
+    let one = |row: &[f32]| pick_signs(row, signs, k, ids);
     let parts: Vec<Result<Vec<Vec<Picked>>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = rows
             .chunks(per)
@@ -185,6 +238,8 @@ mod tests {
         for sign in [1.0, -1.0] {
             for k in [1, 5, 37] {
                 let p = pick(&scores, sign, k, &ids).unwrap();
+                let both = pick_signs(&scores, &[1.0, -1.0], k, &ids).unwrap();
+                assert_eq!(both[usize::from(sign < 0.0)], p);
                 let (top, bottom) = sorted(&scores, sign, k);
                 assert_eq!(p.top.iter().map(|t| t.0).collect::<Vec<_>>(), top);
                 assert_eq!(p.bottom.iter().map(|t| t.0).collect::<Vec<_>>(), bottom);
