@@ -7,7 +7,7 @@ use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 
 /// Rows per matmul: bounds the score buffer at `CHUNK_ROWS × n_vocab` f32.
-const CHUNK_ROWS: usize = 256;
+const CHUNK_ROWS: usize = 128;
 
 /// What one pass over a score row keeps.
 #[derive(Debug, Clone, PartialEq)]
