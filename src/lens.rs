@@ -3,6 +3,7 @@
 //! paper's other readings of the same pass (`views`).
 
 pub mod project;
+pub mod stream;
 pub mod views;
 
 use crate::model::{log_softmax_last, Probes, Trace, Transformer};
@@ -39,14 +40,13 @@ pub struct BackwardPass {
     pub grads: candle_core::backprop::GradStore,
 }
 
-/// Runs forward and backward for L = NLL of the target's first token after the prompt, or of
-/// every target token (teacher-forced) when `full_target`.
-pub fn backward_pass(
-    model: &Transformer,
+/// The tokens fed to the model (the prompt, then the teacher-forced target prefix) and the
+/// scored target tokens: the first, or all when `full_target`.
+fn fed_tokens<'t>(
     prompt: &[u32],
-    target: &[u32],
+    target: &'t [u32],
     full_target: bool,
-) -> Result<BackwardPass> {
+) -> Result<(Vec<u32>, &'t [u32])> {
     if prompt.is_empty() {
         return Err(Error::BadRequest("the prompt tokenizes to nothing".into()));
     }
@@ -56,13 +56,16 @@ pub fn backward_pass(
     let scored = if full_target { target } else { &target[..1] };
     let mut tokens = prompt.to_vec();
     tokens.extend_from_slice(&scored[..scored.len() - 1]);
-    let probes = Probes::new(&model.hp, tokens.len(), model.dtype())?;
-    let (logits, trace) = model.forward(&tokens, Some(&probes))?;
-    let logp = log_softmax_last(&logits)?;
+    Ok((tokens, scored))
+}
+
+/// L = −Σᵢ log p(scoredᵢ) at the positions after the prompt (a scalar tensor).
+fn target_loss(logits: &Tensor, prompt_len: usize, scored: &[u32]) -> Result<Tensor> {
+    let logp = log_softmax_last(logits)?;
     let mut loss: Option<Tensor> = None;
     for (i, &t) in scored.iter().enumerate() {
         let term = logp
-            .narrow(0, prompt.len() - 1 + i, 1)?
+            .narrow(0, prompt_len - 1 + i, 1)?
             .narrow(1, t as usize, 1)?
             .sum_all()?
             .neg()?;
@@ -71,7 +74,21 @@ pub fn backward_pass(
             None => term,
         });
     }
-    let loss = loss.expect("at least one target token");
+    loss.ok_or_else(|| Error::BadRequest("the target tokenizes to nothing".into()))
+}
+
+/// Runs forward and backward for L = NLL of the target's first token after the prompt, or of
+/// every target token (teacher-forced) when `full_target`.
+pub fn backward_pass(
+    model: &Transformer,
+    prompt: &[u32],
+    target: &[u32],
+    full_target: bool,
+) -> Result<BackwardPass> {
+    let (tokens, scored) = fed_tokens(prompt, target, full_target)?;
+    let probes = Probes::new(&model.hp, tokens.len(), model.dtype())?;
+    let (logits, trace) = model.forward(&tokens, Some(&probes))?;
+    let loss = target_loss(&logits, prompt.len(), scored)?;
     let grads = loss.backward()?;
     let grad_of = |v: &candle_core::Var| -> Result<Tensor> {
         grads
@@ -297,15 +314,15 @@ pub fn last_subject_token(
     last
 }
 
-/// Rows `positions` of each of `layers`' tensors, stacked layer-major.
-fn gather(tensors: &[Tensor], layers: &[usize], positions: &[usize]) -> Result<Tensor> {
+/// Rows `positions` of each tensor (one per reported layer), stacked layer-major.
+fn gather(tensors: &[Tensor], positions: &[usize]) -> Result<Tensor> {
     let idx = Tensor::new(
         positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
-        tensors[layers[0]].device(),
+        &candle_core::Device::Cpu,
     )?;
-    let parts = layers
+    let parts = tensors
         .iter()
-        .map(|&l| tensors[l].index_select(&idx, 0))
+        .map(|t| t.index_select(&idx, 0))
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?)
 }
@@ -321,10 +338,52 @@ fn unit_rows(rows: &[Vec<f32>]) -> Vec<f32> {
         .collect()
 }
 
-/// Runs the lens for `prompt` → `target`: one forward and backward pass, then x1 and −δ of every
-/// reported layer and position projected in a few large matmuls. The final norm is odd
-/// (RMSNorm, LayerNorm without shift, or none), so +δ's scores are −δ's negated and are not
-/// projected again; with a shift, +δ gets its own rows.
+/// What the lens reads from one backward pass; the per-layer tensors are (fed tokens, width),
+/// one per reported layer.
+#[derive(Debug)]
+pub struct LensInputs {
+    /// Prompt token ids.
+    pub prompt_ids: Vec<u32>,
+    /// Target token ids (" " + target).
+    pub target_ids: Vec<u32>,
+    /// L.
+    pub loss: f64,
+    /// Next-token logits after the prompt.
+    pub last_logits: Vec<f32>,
+    /// Reported layers.
+    pub layers: Vec<usize>,
+    /// FF1 inputs x1.
+    pub x1: Vec<Tensor>,
+    /// δ = ∂L/∂(FF2 output).
+    pub d2: Vec<Tensor>,
+    /// FF2 inputs a.
+    pub a: Vec<Tensor>,
+}
+
+/// Tokenizes the request and checks the layer range.
+fn encode(
+    tok: &Tokenizer,
+    prompt: &str,
+    target: &str,
+    layers: &std::ops::Range<usize>,
+    n_layer: usize,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    if target.trim().is_empty() {
+        return Err(Error::BadRequest("the target is empty".into()));
+    }
+    let prompt_ids = tok.encode_prompt(prompt)?;
+    let target_ids = tok.encode_target(target)?;
+    if layers.end > n_layer || layers.is_empty() {
+        return Err(Error::Invalid(format!(
+            "layers {}..{} out of range: the model has layers 0..{n_layer}",
+            layers.start, layers.end
+        )));
+    }
+    Ok((prompt_ids, target_ids))
+}
+
+/// Runs the lens for `prompt` → `target` on a model in memory: one forward and backward pass,
+/// then [`report`].
 pub fn run(
     model: &Transformer,
     tok: &Tokenizer,
@@ -333,38 +392,90 @@ pub fn run(
     subject: Option<&str>,
     opts: &LensOptions,
 ) -> Result<LensReport> {
-    if target.trim().is_empty() {
-        return Err(Error::BadRequest("the target is empty".into()));
-    }
-    let prompt_ids = tok.encode_prompt(prompt)?;
-    let target_ids = tok.encode_target(target)?;
-    if opts.layers.end > model.hp.n_layer || opts.layers.is_empty() {
-        return Err(Error::Invalid(format!(
-            "layers {}..{} out of range: the model has layers 0..{}",
-            opts.layers.start, opts.layers.end, model.hp.n_layer
-        )));
-    }
+    let (prompt_ids, target_ids) = encode(tok, prompt, target, &opts.layers, model.hp.n_layer)?;
     let bp = backward_pass(model, &prompt_ids, &target_ids, opts.full_target)?;
     let n = bp.prompt_len;
+    let layers: Vec<usize> = opts.layers.clone().collect();
+    let pick = |t: &[Tensor]| layers.iter().map(|&l| t[l].clone()).collect::<Vec<_>>();
+    let inputs = LensInputs {
+        last_logits: bp
+            .logits
+            .narrow(0, n - 1, 1)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?,
+        x1: pick(&bp.trace.ff1_in),
+        d2: pick(&bp.d2),
+        a: pick(&bp.trace.ff2_in),
+        layers,
+        prompt_ids,
+        target_ids,
+        loss: bp.loss,
+    };
+    report(model, tok, prompt, subject, opts, inputs)
+}
+
+/// [`run`] for a model whose f32 weights need not fit in memory: `src`'s blocks are
+/// dequantized one at a time (twice: forward, then recomputed in the backward), with only
+/// `unembedding` ([`Transformer::load_unembedding`]) held. Layers below `opts.layers` are
+/// never recomputed.
+pub fn run_streamed(
+    src: &crate::source::ModelSource,
+    unembedding: &Transformer,
+    tok: &Tokenizer,
+    prompt: &str,
+    target: &str,
+    subject: Option<&str>,
+    opts: &LensOptions,
+) -> Result<LensReport> {
+    let n_layer = unembedding.hp.n_layer;
+    let (prompt_ids, target_ids) = encode(tok, prompt, target, &opts.layers, n_layer)?;
+    let inputs = stream::backward(
+        src,
+        unembedding,
+        prompt_ids,
+        target_ids,
+        opts.full_target,
+        opts.layers.clone(),
+    )?;
+    report(unembedding, tok, prompt, subject, opts, inputs)
+}
+
+/// The report from a pass's [`LensInputs`]: x1 and −δ of every reported layer and position
+/// projected in a few large matmuls through `model`'s final norm and unembedding. The final
+/// norm is odd (RMSNorm, LayerNorm without shift, or none), so +δ's scores are −δ's negated
+/// and are not projected again; with a shift, +δ gets its own rows.
+pub fn report(
+    model: &Transformer,
+    tok: &Tokenizer,
+    prompt: &str,
+    subject: Option<&str>,
+    opts: &LensOptions,
+    inputs: LensInputs,
+) -> Result<LensReport> {
+    let LensInputs {
+        prompt_ids,
+        target_ids,
+        loss,
+        last_logits,
+        layers: layer_ids,
+        x1: x1_all,
+        d2: d2_all,
+        a: a_all,
+    } = inputs;
+    let n = prompt_ids.len();
     let positions: Vec<usize> = match opts.all_positions {
         true => (0..n).collect(),
         false => vec![n - 1],
     };
-    let layer_ids: Vec<usize> = opts.layers.clone().collect();
     let target_id = target_ids[0];
-    let last_logits: Vec<f32> = bp
-        .logits
-        .narrow(0, n - 1, 1)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
     let answer_id = argmax(&last_logits) as u32;
     let target_prob = crate::numeric::log_probs(&last_logits)[target_id as usize].exp();
     let ids = [target_id, answer_id];
 
-    let x1 = gather(&bp.trace.ff1_in, &layer_ids, &positions)?;
-    let neg = gather(&bp.d2, &layer_ids, &positions)?.neg()?;
-    let a = gather(&bp.trace.ff2_in, &layer_ids, &positions)?;
+    let x1 = gather(&x1_all, &positions)?;
+    let neg = gather(&d2_all, &positions)?.neg()?;
+    let a = gather(&a_all, &positions)?;
     let rows = x1.dim(0)?;
     let norm = opts.use_norm.then_some(&model.out_norm);
     let odd = norm.is_none_or(|nm| nm.b.is_none());
@@ -428,22 +539,17 @@ pub fn run(
                 }
             })
             .collect();
-        let d2 = bp.d2[l].to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let a = bp.trace.ff2_in[l].to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let d2 = d2_all[li].to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let a = a_all[li].to_dtype(DType::F32)?.to_vec2::<f32>()?;
         layers.push(LayerLens {
             layer: l,
             cells,
             grad_rank: grad_rank(&d2, &a)?,
         });
     }
-    let last_vjps: Vec<Vec<f32>> = layer_ids
+    let last_vjps: Vec<Vec<f32>> = d2_all
         .iter()
-        .map(|&l| {
-            Ok(bp.d2[l]
-                .get(n - 1)?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?)
-        })
+        .map(|d| Ok(d.get(n - 1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
         .collect::<Result<_>>()?;
     let last_subject_pos = subject.and_then(|s| last_subject_token(tok, prompt, &prompt_ids, s));
     let claims = claims(&layers, n, last_subject_pos, model.hp.n_layer);
@@ -452,7 +558,7 @@ pub fn run(
         target: tok.decode(&target_ids),
         target_id,
         tokens: prompt_ids.iter().map(|&t| tok.token_text(t)).collect(),
-        loss: bp.loss,
+        loss,
         target_prob,
         answer_id,
         answer: tok.token_text(answer_id),

@@ -573,3 +573,67 @@ fn backward_pass_allocates_no_weight_gradient() {
     let activation = ids.len() * model.hp.n_vocab.max(model.hp.n_ff);
     assert!(largest <= activation && largest < ff2, "{largest}");
 }
+
+/// The streamed lens (one block at a time, recomputed in the backward) gives the in-memory
+/// lens's numbers: same tokens and ranks everywhere, δ norms and loss to 1e-5.
+#[test]
+fn streamed_lens_equals_the_in_memory_lens() {
+    let tiny = |arch| {
+        let f = common::tiny(arch);
+        let src = backlens::source::ModelSource::open(&f.gguf).unwrap();
+        let (model, tok) = load(arch, DType::F32);
+        (src, model, tok)
+    };
+    let smol_src = backlens::source::ModelSource::open(common::smollm2()).unwrap();
+    let common::Loaded { tok, model, .. } = common::smollm2_loaded();
+    let (g_src, g_model, g_tok) = tiny(Arch::Gpt2);
+    let (l_src, l_model, l_tok) = tiny(Arch::Llama);
+    let cases = [
+        (&g_src, &g_model, &g_tok, PROMPT, 0..3, true),
+        (&l_src, &l_model, &l_tok, PROMPT, 1..2, false),
+        (
+            &smol_src,
+            model,
+            tok,
+            "Lionel Messi plays for",
+            20..30,
+            false,
+        ),
+    ];
+    for (src, model, tok, prompt, layers, full_target) in cases {
+        let opts = LensOptions {
+            layers,
+            k: 5,
+            all_positions: true,
+            use_norm: true,
+            full_target,
+            unit: false,
+        };
+        let unembedding = Transformer::load_unembedding(src).unwrap();
+        let streamed =
+            lens::run_streamed(src, &unembedding, tok, prompt, "Paris city", None, &opts).unwrap();
+        let memory = lens::run(model, tok, prompt, "Paris city", None, &opts).unwrap();
+        assert!((streamed.loss - memory.loss).abs() <= 1e-5 * memory.loss.abs());
+        assert_eq!(streamed.answer_id, memory.answer_id);
+        assert_eq!(streamed.layers.len(), memory.layers.len());
+        let ids = |p: &lens::Projection| p.top.iter().map(|t| t.id).collect::<Vec<_>>();
+        let mut worst = 0f32;
+        for (s, m) in streamed.layers.iter().zip(&memory.layers) {
+            assert_eq!(s.layer, m.layer);
+            assert_eq!(s.grad_rank.rank, m.grad_rank.rank);
+            for (a, b) in s.cells.iter().zip(&m.cells) {
+                for (p, q) in [
+                    (&a.x1, &b.x1),
+                    (&a.neg_d2, &b.neg_d2),
+                    (&a.pos_d2, &b.pos_d2),
+                ] {
+                    assert_eq!(ids(p), ids(q), "layer {} pos {}", s.layer, a.pos);
+                    assert_eq!(p.target_rank, q.target_rank);
+                }
+                worst = worst.max((a.norm_d2 - b.norm_d2).abs() / b.norm_d2.max(1e-30));
+            }
+        }
+        println!("{prompt:?}: streamed vs in memory, worst ‖δ‖ relative difference {worst:.2e}");
+        assert!(worst <= 1e-5, "{worst}");
+    }
+}

@@ -49,6 +49,11 @@ pub struct Args {
     /// Also the normalised lens: x1 and −δ scaled to unit length before the projection.
     #[arg(long)]
     unit: bool,
+    /// Stream the blocks: dequantize one at a time (forward, then recomputed in the backward),
+    /// holding only the unembedding, for models whose f32 weights do not fit in memory;
+    /// layers below --layers are never recomputed.
+    #[arg(long)]
+    stream: bool,
     /// Print the full JSON report.
     #[arg(long)]
     json: bool,
@@ -103,7 +108,10 @@ pub fn run(args: Args) -> Result<()> {
     };
     let html = args.html.as_deref().map(claim).transpose()?;
     let m = open(&args.model)?;
-    let model = Transformer::load(&m.source, DType::F32)?;
+    let model = match args.stream {
+        true => Transformer::load_unembedding(&m.source)?,
+        false => Transformer::load(&m.source, DType::F32)?,
+    };
     let layers = match &args.layers {
         Some(spec) => parse_layers(spec, model.hp.n_layer)?,
         None => 0..model.hp.n_layer,
@@ -116,14 +124,11 @@ pub fn run(args: Args) -> Result<()> {
         full_target: args.full_target,
         unit: args.unit,
     };
-    let report = lens::run(
-        &model,
-        &m.tok,
-        &args.prompt,
-        &args.target,
-        args.subject.as_deref(),
-        &opts,
-    )?;
+    let (prompt, target, subject) = (&args.prompt, &args.target, args.subject.as_deref());
+    let report = match args.stream {
+        true => lens::run_streamed(&m.source, &model, &m.tok, prompt, target, subject, &opts)?,
+        false => lens::run(&model, &m.tok, prompt, target, subject, &opts)?,
+    };
     if let Some((grid, norms, vjp)) = svg {
         write_file(grid, &report::lens_grid_svg(&report))?;
         write_file(norms, &report::lens_norms_svg(&report))?;
