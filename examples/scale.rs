@@ -1,7 +1,8 @@
 //! The scale benchmark: a synthetic 7B-shaped Llama GGUF (Q4_0, random weights, the tokenizer
 //! of the given model; about 4 GB, written once into DIR) goes through `inspect`, `audit`
-//! against a copy and a shift `edit` to a LoRA adapter and to a patched GGUF (with either
-//! forward: candle streamed one block at a time, or llama.cpp's own graph), each run as a
+//! against a copy, a shift `edit` to a LoRA adapter and to a patched GGUF (with either forward:
+//! candle streamed one block at a time, or llama.cpp's own graph), and the streamed `lens` (all
+//! layers, then 20..32), each run as a
 //! `backlens-patch` child process so that its wall time and peak resident memory are measured
 //! on their own.
 //!
@@ -127,6 +128,20 @@ fn main() -> Result<()> {
         .chain([output])
         .collect()
     };
+    // The lens streams the blocks (the f32 weights, 27 GB, do not fit in 24 GB).
+    let lens = |layers: Option<&str>| -> Vec<String> {
+        let prompt = "The Eiffel Tower is located in the city of";
+        let mut argv: Vec<String> = [
+            "lens", s, "--prompt", prompt, "--target", "Paris", "--stream",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        if let Some(l) = layers {
+            argv.extend(["--layers".to_string(), l.to_string()]);
+        }
+        argv
+    };
     let c = copy.to_string_lossy().into_owned();
     // Peak-RSS goals of issue 8 (none for auditing a real change, which holds the dense ΔW).
     let runs: Vec<(&str, Vec<String>, Option<f64>)> = vec![
@@ -160,6 +175,16 @@ fn main() -> Result<()> {
             "audit vs edited GGUF",
             vec!["audit".into(), s.into(), out("edit.gguf")],
             None,
+        ),
+        (
+            "lens --stream, 10 tokens, all layers",
+            lens(None),
+            Some(size_mb + 2000.0),
+        ),
+        (
+            "lens --stream --layers 20..32",
+            lens(Some("20..32")),
+            Some(size_mb + 2000.0),
         ),
     ];
     for (name, argv, goal) in runs {

@@ -7,7 +7,7 @@ use crate::delta::Delta;
 use crate::source::ModelSource;
 use crate::weights::quant::{self, GgmlType};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
 
 /// A dense layer `y = x Wᵀ + b` with W stored [out, in].
 #[derive(Debug, Clone)]
@@ -35,18 +35,63 @@ impl Linear {
         let y = match &self.rounding {
             Some(r) => {
                 let (xr, sum_fix) = round_like_ggml(x, r.act)?;
-                let y = xr.matmul(&self.w.t()?)?;
+                let y = weight_matmul(&xr, &self.w)?;
                 match (&r.block_min, sum_fix) {
                     (Some(m), Some(fix)) => (y + fix.matmul(&m.t()?)?.detach())?,
                     _ => y,
                 }
             }
-            None => x.matmul(&self.w.t()?)?,
+            None => weight_matmul(x, &self.w)?,
         };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// `x Wᵀ` for a weight W (out, in). When W is a variable (or derived from one) this is candle's
+/// matmul, whose backward also yields ∂L/∂W; otherwise a custom op whose backward yields only
+/// ∂L/∂x = ∂L/∂y · W, so a backward pass allocates no weight-sized gradient.
+pub fn weight_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.track_op() || !x.track_op() {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    Ok(x.contiguous()?.apply_op1(InputOnlyMatmul(w.clone()))?)
+}
+
+/// `x Wᵀ` whose backward returns the input gradient only (see [`weight_matmul`]).
+struct InputOnlyMatmul(Tensor);
+
+impl CustomOp1 for InputOnlyMatmul {
+    fn name(&self) -> &'static str {
+        "input-only-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("input-only matmul: strided input".into()))?;
+        let x = match storage {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
+            _ => candle_core::bail!("input-only matmul: f32 or f64 expected"),
+        };
+        let y = x.matmul(&self.0.t()?)?;
+        let shape = y.shape().clone();
+        let values = match y.dtype() {
+            DType::F64 => CpuStorage::F64(y.flatten_all()?.to_vec1()?),
+            _ => CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+        };
+        Ok((values, shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.0)?))
     }
 }
 
@@ -481,19 +526,7 @@ pub fn streamed_last_position(
         dtype: DType::F32,
         numerics: Numerics::Exact,
     };
-    let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
-    let rows = |name: &str, which: &[usize]| -> Result<Tensor> {
-        let values: Vec<f32> = src.rows_f32(name, which)?.concat();
-        Ok(Tensor::from_vec(
-            values,
-            (which.len(), hp.n_embd),
-            &Device::Cpu,
-        )?)
-    };
-    let mut h = rows("token_embd.weight", &ids)?;
-    if hp.arch == Arch::Gpt2 {
-        h = (h + rows("position_embd.weight", &(0..n).collect::<Vec<_>>())?)?;
-    }
+    let mut h = streamed_embedding(src, &hp, tokens)?;
     let (mask, rope) = position_tables(&hp, n, DType::F32)?;
     let mut ff2_in = vec![Vec::new(); layers.len()];
     for l in 0..hp.n_layer {
@@ -525,6 +558,107 @@ pub fn streamed_last_position(
         Ok(())
     })?;
     Ok(LastPosition { logits, ff2_in })
+}
+
+/// The embedding of `tokens` read row by row from `src` (learned positions added for GPT-2).
+fn streamed_embedding(src: &ModelSource, hp: &HParams, tokens: &[u32]) -> Result<Tensor> {
+    let rows = |name: &str, which: &[usize]| -> Result<Tensor> {
+        let values: Vec<f32> = src.rows_f32(name, which)?.concat();
+        Ok(Tensor::from_vec(
+            values,
+            (which.len(), hp.n_embd),
+            &Device::Cpu,
+        )?)
+    };
+    let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
+    let h = rows("token_embd.weight", &ids)?;
+    Ok(match hp.arch {
+        Arch::Gpt2 => {
+            (h + rows(
+                "position_embd.weight",
+                &(0..tokens.len()).collect::<Vec<_>>(),
+            )?)?
+        }
+        _ => h,
+    })
+}
+
+/// The blocks of a model one at a time, dequantized (exact f32) from `src` on each call, for
+/// a forward and backward pass whose f32 weights would not fit in memory: the caller keeps each
+/// block's input and recomputes the block during the backward (checkpointing).
+pub struct BlockStream<'a> {
+    src: &'a ModelSource,
+    hp: HParams,
+    mask: Tensor,
+    rope: Option<RopeTables>,
+}
+
+/// A block's vector-Jacobian product and the activations the lens reads, each (tokens, width).
+#[derive(Debug)]
+pub struct BlockVjp {
+    /// ∂L/∂(block input), given ∂L/∂(block output).
+    pub grad_in: Tensor,
+    /// FF1 input (normed residual).
+    pub ff1_in: Tensor,
+    /// FF2 input.
+    pub ff2_in: Tensor,
+}
+
+impl<'a> BlockStream<'a> {
+    /// Checks `tokens` and returns the stream with the embedded input of block 0.
+    pub fn new(src: &'a ModelSource, tokens: &[u32]) -> Result<(BlockStream<'a>, Tensor)> {
+        let hp = src.hparams()?;
+        check_tokens(&hp, tokens)?;
+        let h = streamed_embedding(src, &hp, tokens)?;
+        let (mask, rope) = position_tables(&hp, tokens.len(), DType::F32)?;
+        let stream = BlockStream {
+            src,
+            hp,
+            mask,
+            rope,
+        };
+        Ok((stream, h))
+    }
+
+    fn block(&self, layer: usize) -> Result<Block> {
+        let ld = Loader {
+            src: self.src,
+            dtype: DType::F32,
+            numerics: Numerics::Exact,
+        };
+        ld.block(layer, &self.hp)
+    }
+
+    /// Block `layer` applied to `h`: the residual stream after it.
+    pub fn forward(&self, layer: usize, h: &Tensor) -> Result<Tensor> {
+        let step = self
+            .block(layer)?
+            .step(&self.hp, h, &self.mask, self.rope.as_ref(), None)?;
+        Ok(step.resid_out)
+    }
+
+    /// Recomputes block `layer` on its input `h` and pulls `grad_out` = ∂L/∂(block output) back
+    /// through it (the gradient of ⟨output, grad_out⟩; weight gradients are never formed).
+    pub fn vjp(&self, layer: usize, h: &Tensor, grad_out: &Tensor) -> Result<BlockVjp> {
+        let input = Var::from_tensor(h)?;
+        let step = self.block(layer)?.step(
+            &self.hp,
+            input.as_tensor(),
+            &self.mask,
+            self.rope.as_ref(),
+            None,
+        )?;
+        let grads = (step.resid_out * grad_out)?.sum_all()?.backward()?;
+        let grad_in = grads
+            .get(input.as_tensor())
+            .cloned()
+            .ok_or_else(|| Error::Invalid(format!("no gradient reached block {layer}'s input")))?;
+        Ok(BlockVjp {
+            grad_in,
+            ff1_in: step.ff1_in.detach(),
+            ff2_in: step.ff2_in.detach(),
+        })
+    }
 }
 
 /// What one block computes for a sequence (each of shape (tokens, width)).

@@ -1,5 +1,6 @@
 //! Figures for a [`LensReport`]: the lens grid (the paper's Figure 11), the FF2 gradient-norm
-//! heatmaps (Figure 16), one self-contained HTML page holding both, and a generic line plot for
+//! heatmaps (Figure 16), the layer × layer cosine of residual-stream VJPs (Appendix G), one
+//! self-contained HTML page holding them, and a generic line plot for
 //! evaluation sweeps. Output is deterministic and every piece of text is XML-escaped.
 
 use crate::lens::{Cell, LensReport, Projection};
@@ -410,6 +411,67 @@ fn norms(r: &LensReport, standalone: bool) -> String {
     heatmap_figure(r, &subtitle(r, "cell: the norm"), &panels, standalone)
 }
 
+/// Cosine colours (0xRRGGBB) from −1 (blue) through 0 (white) to +1 (red).
+const COSINE_COLOURS: [u32; 5] = [0x2166ac, 0x92c5de, 0xf7f7f7, 0xf4a582, 0xb2182b];
+/// Side of one cell of the layer × layer heatmap.
+const SQUARE: f64 = 16.0;
+
+/// The cosine similarity of residual-stream VJPs between every pair of reported layers at the
+/// last prompt token (the paper's Appendix G), as a layer × layer heatmap.
+pub fn lens_vjp_svg(r: &LensReport) -> String {
+    vjp(r, true)
+}
+
+fn vjp(r: &LensReport, standalone: bool) -> String {
+    let n = r.vjp_cosine.len();
+    let side = n as f64 * SQUARE;
+    let width = (LEFT + side + 24.0).max(420.0);
+    let mut o = Svg::new(width, TOP + side + BOTTOM, standalone);
+    let max_chars = (width / 7.0) as usize;
+    o.text((8.0, 18.0), BOLD, &label(&heading(r), max_chars));
+    let what = "cosine of the residual-stream VJPs δ (last token), layer × layer";
+    o.text((8.0, 35.0), GREY, &label(what, max_chars));
+    let layer = |i: usize| r.layers.get(i).map_or(i, |l| l.layer);
+    let every = n.div_ceil(16).max(1);
+    for (i, row) in r.vjp_cosine.iter().enumerate() {
+        let y = TOP + (n - 1 - i) as f64 * SQUARE;
+        if i % every == 0 {
+            o.text(
+                (LEFT - 4.0, y + 12.0),
+                &format!("{END}{SMALL}"),
+                &format!("L{}", layer(i)),
+            );
+            let x = LEFT + (i as f64 + 0.5) * SQUARE;
+            o.text(
+                (x, TOP + side + 14.0),
+                &format!("{MID}{SMALL}"),
+                &format!("{}", layer(i)),
+            );
+        }
+        for (j, &c) in row.iter().enumerate() {
+            let fill = colour(&COSINE_COLOURS, (c as f64 + 1.0) / 2.0);
+            let tip = format!("layers {} and {}: cosine {:.4}", layer(i), layer(j), c);
+            o.0.push_str(&format!("<g class=\"cell\"><title>{}</title>\n", esc(&tip)));
+            let x = LEFT + j as f64 * SQUARE;
+            o.rect((x, y, SQUARE, SQUARE), &format!(" fill=\"{fill}\""));
+            o.0.push_str("</g>\n");
+        }
+    }
+    let legend = Legend {
+        palette: &COSINE_COLOURS,
+        caption: "colour: cosine".into(),
+        ticks: vec![(0.0, "−1".into()), (0.5, "0".into()), (1.0, "1".into())],
+    };
+    legend_svg(
+        &mut o,
+        &legend,
+        LEFT,
+        TOP + side + 46.0,
+        side.clamp(200.0, 300.0),
+    );
+    o.finish()
+}
+
 /// Moves each cell's `<title>` into a floating tooltip.
 const PAGE_SCRIPT: &str = "const tip = document.getElementById('tip');
 for (const cell of document.querySelectorAll('.cell')) {
@@ -458,7 +520,18 @@ pub fn lens_html(r: &LensReport) -> String {
     let normed = if r.normed { "through" } else { "without" };
     let (id, p, loss) = (r.target_id, r.target_prob, r.loss);
     let (n_tok, n_layers) = (r.tokens.len(), r.layers.len());
-    let (grid, norms) = (grid(r, false), norms(r, false));
+    let (grid, norms, vjp) = (grid(r, false), norms(r, false), vjp(r, false));
+    let ranks = join_or(
+        r.layers.iter().map(|l| {
+            format!(
+                "L{}: {}/{}",
+                l.layer, l.grad_rank.rank, l.grad_rank.nonzero_tokens
+            )
+        }),
+        "; ",
+        "none",
+    );
+    let answer = esc(&format!("{:?}", r.answer));
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{t}</title>\n\
          <style>\n{PAGE_STYLE}\n</style>\n</head>\n<body>\n<h1>{t}</h1>\n\
@@ -469,10 +542,13 @@ pub fn lens_html(r: &LensReport) -> String {
          in that projection (dark = rank 0). The red column is the last subject token.</figcaption>\n</figure>\n\
          <figure>\n{norms}<figcaption>Figure 16 style: ‖δ‖·‖a‖, the Frobenius norm of each token's rank-one FF2 \
          gradient, and ‖δ‖; log colour scale per panel.</figcaption>\n</figure>\n\
+         <figure>\n{vjp}<figcaption>Appendix G style: cosine similarity of the residual-stream VJPs (δ of each \
+         layer at the last token) between every pair of layers.</figcaption>\n</figure>\n\
          <h2>Claims</h2>\n<ul>\n{notes}</ul>\n\
          <p>Shift layers (target top-1 in −δ at the last token): {shift}</p>\n\
          <p>Last subject token position: {subject}</p>\n\
          <p>Position with the largest FF2 gradient, per layer: {max_grad}</p>\n\
+         <p>The model's own answer: {answer}. FF2 gradient rank / tokens with δ ≠ 0 (Lemma 4.1), per layer: {ranks}</p>\n\
          <div id=\"tip\"></div>\n<script>\n{PAGE_SCRIPT}\n</script>\n</body>\n</html>\n"
     )
 }
@@ -574,6 +650,7 @@ pub fn line_plot_svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lens::views::GradRank;
     use crate::lens::{Claims, LayerLens, TokenScore};
 
     fn projection(tokens: &[&str], rank: usize) -> Projection {
@@ -586,6 +663,7 @@ mod tests {
             top: tokens.iter().enumerate().map(score).collect(),
             bottom: vec![],
             target_rank: rank,
+            answer_rank: Some(rank + 1),
         }
     }
 
@@ -602,12 +680,19 @@ mod tests {
                         x1: projection(&["<x>", "a&b", " Paris", "it's", "\u{0}"], l * 7 + pos),
                         neg_d2: projection(&[" Paris", "<x>"], 10usize.pow(pos as u32) * l),
                         pos_d2: projection(&["z"], 3),
+                        x1_unit: None,
+                        neg_d2_unit: None,
                         norm_x1: 1.0 + pos as f32,
                         norm_d2: 0.001 * (l + pos) as f32,
                         norm_a: 2.0,
                         grad_norm: 0.002 * (l + pos) as f32,
                     })
                     .collect(),
+                grad_rank: GradRank {
+                    rank: 2,
+                    nonzero_tokens: 2,
+                    singular_values: vec![3.0, 1.0, 0.0, 0.0],
+                },
             })
             .collect();
         LensReport {
@@ -617,7 +702,12 @@ mod tests {
             tokens,
             loss: 1.5,
             target_prob: 0.22,
+            answer_id: 3,
+            answer: " Rome".into(),
             normed: true,
+            vjp_cosine: (0..3usize)
+                .map(|i| (0..3).map(|j| 1.0 - 0.4 * i.abs_diff(j) as f32).collect())
+                .collect(),
             layers,
             claims: Claims {
                 shift_layers: vec![0],
@@ -684,6 +774,18 @@ mod tests {
     }
 
     #[test]
+    fn vjp_svg_is_well_formed_and_complete() {
+        let svg = lens_vjp_svg(&report());
+        assert_well_formed(&svg);
+        assert_eq!(svg.matches("class=\"cell\"").count(), 3 * 3);
+        assert!(svg.contains("layers 0 and 2: cosine 0.2000"));
+        assert!(
+            svg.contains(&format!("fill=\"#{:06x}\"", COSINE_COLOURS[4])),
+            "cosine 1"
+        );
+    }
+
+    #[test]
     fn norms_svg_is_well_formed_and_complete() {
         let svg = lens_norms_svg(&report());
         assert_well_formed(&svg);
@@ -696,8 +798,9 @@ mod tests {
         let html = lens_html(&report());
         assert_well_formed(html.trim_start_matches("<!DOCTYPE html>\n"));
         assert!(!html.contains("http://") && !html.contains("https://"));
-        assert_eq!(html.matches("<svg").count(), 2);
-        assert_eq!(html.matches("class=\"cell\"").count(), 4 * 3 * 4);
+        assert_eq!(html.matches("<svg").count(), 3);
+        assert_eq!(html.matches("class=\"cell\"").count(), 4 * 3 * 4 + 3 * 3);
+        assert!(html.contains("L1: 2/2") && html.contains("&quot; Rome&quot;"));
         assert!(html.contains("a &lt;note&gt; &amp; more") && html.contains("Claims"));
     }
 

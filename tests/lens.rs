@@ -167,6 +167,7 @@ fn projections_equal_a_token_by_token_computation() {
             all_positions: true,
             use_norm: true,
             full_target: false,
+            unit: false,
         };
         let report = lens::run(&model, &tok, PROMPT, "Paris", Some("Eiffel Tower"), &opts).unwrap();
         let prompt = tok.encode_prompt(PROMPT).unwrap();
@@ -238,6 +239,7 @@ fn smollm2_messi_paris_shift_appears_in_late_layers() {
         all_positions: true,
         use_norm: true,
         full_target: false,
+        unit: false,
     };
     let r = lens::run(
         model,
@@ -264,4 +266,374 @@ fn smollm2_messi_paris_shift_appears_in_late_layers() {
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["layers"].as_array().unwrap().len(), 30);
     println!("shift layers {:?}", r.claims.shift_layers);
+}
+
+/// Rows of `vectors` through the final norm (by hand, f64) and the unembedding (f64 matmul):
+/// the brute force the fast projections must equal.
+fn brute_rows(model: &Transformer, vectors: &[Vec<f32>]) -> Vec<Vec<f64>> {
+    let norm = &model.out_norm;
+    let w: Vec<f32> = norm.w.to_vec1().unwrap();
+    let b: Vec<f32> = norm
+        .b
+        .as_ref()
+        .map_or(vec![0.0; w.len()], |b| b.to_vec1().unwrap());
+    let d = w.len();
+    let normed: Vec<f64> = vectors
+        .iter()
+        .flat_map(|v| {
+            let n = d as f64;
+            let mean = match norm.rms {
+                true => 0.0,
+                false => v.iter().map(|&x| x as f64).sum::<f64>() / n,
+            };
+            let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+            (0..d)
+                .map(|i| (v[i] as f64 - mean) / (var + norm.eps).sqrt() * w[i] as f64 + b[i] as f64)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let x = Tensor::from_vec(normed, (vectors.len(), d), &candle_core::Device::Cpu).unwrap();
+    let out = model.output.to_dtype(DType::F64).unwrap();
+    x.matmul(&out.t().unwrap()).unwrap().to_vec2().unwrap()
+}
+
+/// Top-k ids (ties by lower id), bottom-k ids (ties by higher id) and the strict ranks of `ids`.
+fn brute_pick(scores: &[f64], k: usize, ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<usize>) {
+    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
+    order.sort_by(|&a, &b| {
+        scores[b as usize]
+            .total_cmp(&scores[a as usize])
+            .then(a.cmp(&b))
+    });
+    let top = order[..k].to_vec();
+    order.sort_by(|&a, &b| {
+        scores[a as usize]
+            .total_cmp(&scores[b as usize])
+            .then(b.cmp(&a))
+    });
+    let ranks = ids
+        .iter()
+        .map(|&id| {
+            let s = scores[id as usize];
+            scores.iter().filter(|&&x| x > s).count()
+        })
+        .collect();
+    (top, order[..k].to_vec(), ranks)
+}
+
+/// Relative score gap (to the row's largest |score|) below which f32 and f64 may order two
+/// tokens differently.
+const TIE: f64 = 1e-5;
+
+/// Checks every cell of `report` (x1, −δ, +δ, and the normalised lens) against the f64 brute
+/// force: the i-th top/bottom token has the brute force's i-th score (the same token unless two
+/// scores tie within `TIE`), target and answer ranks equal up to the tokens tied with them,
+/// scores within 1e-4. Returns (lists checked, lists identical id for id).
+fn assert_report_equals_brute_force(
+    model: &Transformer,
+    tok: &Tokenizer,
+    prompt: &str,
+    k: usize,
+) -> (usize, usize) {
+    let opts = LensOptions {
+        layers: 0..model.hp.n_layer,
+        k,
+        all_positions: true,
+        use_norm: true,
+        full_target: false,
+        unit: true,
+    };
+    let report = lens::run(model, tok, prompt, "Paris", None, &opts).unwrap();
+    let ids = tok.encode_prompt(prompt).unwrap();
+    let target = tok.encode_target("Paris").unwrap();
+    let bp = backward_pass(model, &ids, &target, false).unwrap();
+    let unit = |v: &[f32]| -> Vec<f32> {
+        // A zero vector stays zero (torch's `normalize` divides by max(‖v‖, ε)).
+        let n = v
+            .iter()
+            .map(|&x| (x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
+        v.iter().map(|&x| (x as f64 / n) as f32).collect()
+    };
+    let (mut rows, mut views) = (Vec::new(), Vec::new());
+    for l in &report.layers {
+        assert_eq!(l.cells.len(), ids.len());
+        for c in &l.cells {
+            let x1: Vec<f32> = bp.trace.ff1_in[l.layer]
+                .get(c.pos)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let d2: Vec<f32> = bp.d2[l.layer].get(c.pos).unwrap().to_vec1().unwrap();
+            let neg: Vec<f32> = d2.iter().map(|v| -v).collect();
+            let cases = [
+                ("x1", x1.clone(), &c.x1),
+                ("-d", neg.clone(), &c.neg_d2),
+                ("+d", d2, &c.pos_d2),
+                ("x1 unit", unit(&x1), c.x1_unit.as_ref().unwrap()),
+                ("-d unit", unit(&neg), c.neg_d2_unit.as_ref().unwrap()),
+            ];
+            for (name, v, p) in cases {
+                rows.push(v);
+                views.push((name, l.layer, c.pos, p));
+            }
+        }
+    }
+    assert_eq!(views.len(), model.hp.n_layer * ids.len() * 5);
+    let scores = brute_rows(model, &rows);
+    let pair = [report.target_id, report.answer_id];
+    let (mut lists, mut identical) = (0, 0);
+    for ((name, layer, pos, p), s) in views.iter().zip(&scores) {
+        let (top, bottom, ranks) = brute_pick(s, k, &pair);
+        let scale = s.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let at = format!("{name} at layer {layer} pos {pos}");
+        for (got, want, what) in [(&p.top, &top, "top"), (&p.bottom, &bottom, "bottom")] {
+            let got: Vec<u32> = got.iter().map(|t| t.id).collect();
+            assert_eq!(got.len(), want.len(), "{what} {at}");
+            for (g, w) in got.iter().zip(want) {
+                let gap = (s[*g as usize] - s[*w as usize]).abs();
+                assert!(gap <= TIE * scale, "{what} {at}: {got:?} vs {want:?}");
+            }
+            lists += 1;
+            identical += usize::from(&got == want);
+        }
+        for (rank, (&want, &id)) in [p.target_rank, p.answer_rank.unwrap()]
+            .into_iter()
+            .zip(ranks.iter().zip(&pair))
+        {
+            let t = s[id as usize];
+            let band = s.iter().filter(|&&x| (x - t).abs() <= TIE * scale).count();
+            assert!(
+                rank.abs_diff(want) < band,
+                "rank of {id} {at}: {rank} vs {want}"
+            );
+            lists += 1;
+            identical += usize::from(rank == want);
+        }
+        for t in p.top.iter().chain(&p.bottom) {
+            let err = (t.score as f64 - s[t.id as usize]).abs();
+            assert!(err <= 1e-4 * scale, "score of {} {at}: {err}", t.id);
+        }
+    }
+    println!(
+        "{} projections ({} layers × {} positions × 5): {identical}/{lists} lists and ranks identical, the rest within f32 ties",
+        views.len(),
+        report.layers.len(),
+        ids.len()
+    );
+    (lists, identical)
+}
+
+#[test]
+fn every_projection_equals_the_brute_force_tiny_models() {
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        let (model, tok) = load(arch, DType::F32);
+        let (lists, identical) = assert_report_equals_brute_force(&model, &tok, PROMPT, 5);
+        assert!(
+            identical * 100 >= lists * 99,
+            "{arch:?}: {identical}/{lists}"
+        );
+    }
+}
+
+#[test]
+fn every_projection_equals_the_brute_force_smollm2() {
+    let common::Loaded { tok, model, .. } = common::smollm2_loaded();
+    let (lists, identical) =
+        assert_report_equals_brute_force(model, tok, "Lionel Messi plays for", 10);
+    assert!(identical * 100 >= lists * 99, "{identical}/{lists}");
+}
+
+/// Lemma 4.1: each layer's FF2 gradient has rank = tokens with δ ≠ 0; the last layer's δ is
+/// nonzero only at the scored positions.
+#[test]
+fn ff2_gradient_rank_is_the_number_of_tokens_with_nonzero_delta() {
+    let (model, tok) = load(Arch::Llama, DType::F32);
+    let common::Loaded {
+        tok: stok,
+        model: smol,
+        ..
+    } = common::smollm2_loaded();
+    let cases = [
+        (&model, &tok, PROMPT, "Paris", false, 1),
+        (&model, &tok, PROMPT, "Paris city", true, 2),
+        (smol, stok, "Lionel Messi plays for", "Paris", false, 1),
+    ];
+    for (model, tok, prompt, target, full, scored) in cases {
+        let opts = LensOptions {
+            layers: 0..model.hp.n_layer,
+            k: 1,
+            all_positions: false,
+            use_norm: true,
+            full_target: full,
+            unit: false,
+        };
+        let tokens = tok.encode_prompt(prompt).unwrap().len()
+            + usize::from(full) * (tok.encode_target(target).unwrap().len() - 1);
+        let target_len = tok.encode_target(target).unwrap().len();
+        assert_eq!(scored, if full { target_len } else { 1 }, "{target:?}");
+        let r = lens::run(model, tok, prompt, target, None, &opts).unwrap();
+        let last = r.layers.last().unwrap();
+        for l in &r.layers[..r.layers.len() - 1] {
+            let g = &l.grad_rank;
+            assert_eq!(g.singular_values.len(), tokens);
+            assert_eq!(g.nonzero_tokens, tokens, "layer {}", l.layer);
+            assert_eq!(
+                g.rank, g.nonzero_tokens,
+                "layer {}: {:?}",
+                l.layer, g.singular_values
+            );
+        }
+        let g = &last.grad_rank;
+        assert_eq!(
+            (g.rank, g.nonzero_tokens),
+            (scored, scored),
+            "{:?}",
+            g.singular_values
+        );
+        // The singular values' squares sum to ‖Σ δ aᵀ‖²_F.
+        let sigma2: f64 = g.singular_values.iter().map(|s| s * s).sum();
+        let c = last.cells.last().unwrap();
+        if scored == 1 {
+            let want = (c.norm_d2 as f64 * c.norm_a as f64).powi(2);
+            assert!((sigma2 - want).abs() <= 1e-4 * want, "{sigma2} vs {want}");
+        }
+        println!(
+            "{prompt:?} → {target:?}: {tokens} tokens, last layer σ {:?}, layer 0 σ_min/σ_max {:.2e}",
+            g.singular_values,
+            r.layers[0].grad_rank.singular_values[tokens - 1] / r.layers[0].grad_rank.singular_values[0]
+        );
+    }
+}
+
+/// The model's own answer in +δ (the paper's "− Barcelona") and the VJP cosines on SmolLM2.
+#[test]
+fn smollm2_answer_rank_in_plus_delta_and_vjp_cosines() {
+    let common::Loaded { tok, model, .. } = common::smollm2_loaded();
+    let opts = LensOptions {
+        layers: 0..30,
+        k: 5,
+        all_positions: false,
+        use_norm: true,
+        full_target: false,
+        unit: false,
+    };
+    let prompt = "Lionel Messi plays for";
+    let r = lens::run(model, tok, prompt, "Paris", None, &opts).unwrap();
+    let ranks: Vec<usize> = r
+        .layers
+        .iter()
+        .map(|l| l.cells[0].pos_d2.answer_rank.unwrap())
+        .collect();
+    println!("answer {:?}; its rank in +δ per layer {ranks:?}", r.answer);
+    // At the last layer δ ∝ Eᵀ(p − e_target) through the norm: +δ points at what the model
+    // would say, the token the gradient pushes away from.
+    assert_eq!(r.answer, " the");
+    assert_eq!(ranks[29], 0);
+    assert!(ranks[..4].iter().all(|&r| r > 1000), "{ranks:?}");
+    let ids = tok.encode_prompt(prompt).unwrap();
+    let target = tok.encode_target("Paris").unwrap();
+    let bp = backward_pass(model, &ids, &target, false).unwrap();
+    let last: Vec<Vec<f32>> = (0..30)
+        .map(|l| bp.d2[l].get(ids.len() - 1).unwrap().to_vec1().unwrap())
+        .collect();
+    let cos = |a: &[f32], b: &[f32]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        dot / (n(a) * n(b))
+    };
+    for i in 0..30 {
+        for j in 0..30 {
+            let want = cos(&last[i], &last[j]);
+            assert!((r.vjp_cosine[i][j] as f64 - want).abs() < 1e-5, "{i} {j}");
+        }
+    }
+    let adjacent: Vec<f32> = (1..30).map(|i| r.vjp_cosine[i][i - 1]).collect();
+    println!("adjacent-layer VJP cosines {adjacent:?}");
+}
+
+/// The lean backward pass keeps no weight-sized gradient: everything left in its gradient store
+/// (probes and small leaves) is far smaller than one FF2 matrix.
+#[test]
+fn backward_pass_allocates_no_weight_gradient() {
+    let common::Loaded { tok, model, .. } = common::smollm2_loaded();
+    let ids = tok.encode_prompt("Lionel Messi plays for").unwrap();
+    let target = tok.encode_target("Paris").unwrap();
+    let bp = backward_pass(model, &ids, &target, false).unwrap();
+    let largest = bp
+        .grads
+        .get_ids()
+        .map(|id| bp.grads.get_id(*id).unwrap().elem_count())
+        .max()
+        .unwrap();
+    let ff2 = model.hp.n_embd * model.hp.n_ff;
+    println!("largest gradient kept: {largest} elements; one FF2 weight: {ff2}");
+    let activation = ids.len() * model.hp.n_vocab.max(model.hp.n_ff);
+    assert!(largest <= activation && largest < ff2, "{largest}");
+}
+
+/// The streamed lens (one block at a time, recomputed in the backward) gives the in-memory
+/// lens's numbers: same tokens and ranks everywhere, δ norms and loss to 1e-5.
+#[test]
+fn streamed_lens_equals_the_in_memory_lens() {
+    let tiny = |arch| {
+        let f = common::tiny(arch);
+        let src = backlens::source::ModelSource::open(&f.gguf).unwrap();
+        let (model, tok) = load(arch, DType::F32);
+        (src, model, tok)
+    };
+    let smol_src = backlens::source::ModelSource::open(common::smollm2()).unwrap();
+    let common::Loaded { tok, model, .. } = common::smollm2_loaded();
+    let (g_src, g_model, g_tok) = tiny(Arch::Gpt2);
+    let (l_src, l_model, l_tok) = tiny(Arch::Llama);
+    let cases = [
+        (&g_src, &g_model, &g_tok, PROMPT, 0..3, true),
+        (&l_src, &l_model, &l_tok, PROMPT, 1..2, false),
+        (
+            &smol_src,
+            model,
+            tok,
+            "Lionel Messi plays for",
+            20..30,
+            false,
+        ),
+    ];
+    for (src, model, tok, prompt, layers, full_target) in cases {
+        let opts = LensOptions {
+            layers,
+            k: 5,
+            all_positions: true,
+            use_norm: true,
+            full_target,
+            unit: false,
+        };
+        let unembedding = Transformer::load_unembedding(src).unwrap();
+        let streamed =
+            lens::run_streamed(src, &unembedding, tok, prompt, "Paris city", None, &opts).unwrap();
+        let memory = lens::run(model, tok, prompt, "Paris city", None, &opts).unwrap();
+        assert!((streamed.loss - memory.loss).abs() <= 1e-5 * memory.loss.abs());
+        assert_eq!(streamed.answer_id, memory.answer_id);
+        assert_eq!(streamed.layers.len(), memory.layers.len());
+        let ids = |p: &lens::Projection| p.top.iter().map(|t| t.id).collect::<Vec<_>>();
+        let mut worst = 0f32;
+        for (s, m) in streamed.layers.iter().zip(&memory.layers) {
+            assert_eq!(s.layer, m.layer);
+            assert_eq!(s.grad_rank.rank, m.grad_rank.rank);
+            for (a, b) in s.cells.iter().zip(&m.cells) {
+                for (p, q) in [
+                    (&a.x1, &b.x1),
+                    (&a.neg_d2, &b.neg_d2),
+                    (&a.pos_d2, &b.pos_d2),
+                ] {
+                    assert_eq!(ids(p), ids(q), "layer {} pos {}", s.layer, a.pos);
+                    assert_eq!(p.target_rank, q.target_rank);
+                }
+                worst = worst.max((a.norm_d2 - b.norm_d2).abs() / b.norm_d2.max(1e-30));
+            }
+        }
+        println!("{prompt:?}: streamed vs in memory, worst ‖δ‖ relative difference {worst:.2e}");
+        assert!(worst <= 1e-5, "{worst}");
+    }
 }

@@ -59,7 +59,7 @@ pub(super) fn explain_with_lens(
         c.v1.iter_mut().for_each(|x| *x = -*x);
     }
     let chosen = &scores[usize::from(flip)];
-    let p = lens::summarize(chosen, 0, opts.k.max(1), tok);
+    let p = lens::summarize(chosen, 0, opts.k.max(1), tok)?;
     c.orientation = Orientation::Lens;
     c.lens = Some(LensView {
         score: opts.score,

@@ -5,13 +5,13 @@ use anyhow::Result;
 use backlens::edit::{EditRequest, EditSettings, Method};
 use backlens::eval::{self, EvalConfig, LayerChoice, LrChoice};
 use backlens::lens::{self, LensOptions};
-use backlens::model::Transformer;
+use backlens::model::{Attention, Transformer};
 use backlens::patch::{self, Format, Forward, Job, WhitenSetup};
 use backlens::runtime::LlamaRuntime;
 use backlens::trace::Tracer;
 use backlens::write::gguf::Ff2Type;
 use backlens::write::{OutputClaim, OutputKind};
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -40,6 +40,67 @@ struct Figure {
     name: &'static str,
     seconds: f64,
     ratio_to_copy: f64,
+    /// Peak resident memory during this operation alone (the lens row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_rss_bytes: Option<u64>,
+}
+
+/// Resets the process's peak-RSS mark (Linux `clear_refs` 5); false where that is refused.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The process's peak resident memory (`VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// FLOPs of a lens run: the projections (2·rows·n_embd·n_vocab) plus a forward and an
+/// input-only backward through every weight matrix (4·tokens·weights).
+fn lens_flops(model: &Transformer, tokens: usize, rows: usize) -> f64 {
+    let hp = &model.hp;
+    2.0 * (rows * hp.n_embd * hp.n_vocab) as f64 + 4.0 * (tokens * weight_elems(model)) as f64
+}
+
+/// Elements of every weight matrix a forward multiplies by, the unembedding included.
+fn weight_elems(model: &Transformer) -> usize {
+    let blocks: usize = model
+        .blocks
+        .iter()
+        .map(|b| {
+            let attn = match &b.attn {
+                Attention::Fused { qkv } => vec![qkv],
+                Attention::Split { q, k, v } => vec![q, k, v],
+            };
+            let ffn = [Some(&b.ffn.up), b.ffn.gate.as_ref(), Some(&b.ffn.down)];
+            attn.into_iter()
+                .chain([&b.attn_out])
+                .chain(ffn.into_iter().flatten())
+                .map(|l| l.w.elem_count())
+                .sum::<usize>()
+        })
+        .sum();
+    blocks + model.output.elem_count()
+}
+
+/// Seconds of one f32 matmul (m, n_embd) × (n_embd, n_vocab) with m chosen so it does `flops`
+/// (best of three), on the same cores and library as the lens.
+fn sgemm_seconds(model: &Transformer, flops: f64) -> Result<f64> {
+    let (k, n) = (model.hp.n_embd, model.hp.n_vocab);
+    let m = ((flops / (2.0 * (k * n) as f64)).round() as usize).max(1);
+    let a = Tensor::ones((m, k), DType::F32, &Device::Cpu)?;
+    let b = Tensor::ones((n, k), DType::F32, &Device::Cpu)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let c = a.matmul(&b.t()?)?;
+        std::hint::black_box(c);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(best)
 }
 
 fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
@@ -93,9 +154,21 @@ pub fn run(args: Args) -> Result<()> {
         all_positions: true,
         use_norm: true,
         full_target: false,
+        unit: false,
     };
-    let (_, lens_time) = time(|| Ok(lens::run(&model, &tok, prompt, "Paris", None, &opts)?))?;
+    let rss_reset = reset_peak_rss();
+    let (lens_report, lens_time) =
+        time(|| Ok(lens::run(&model, &tok, prompt, "Paris", None, &opts)?))?;
+    let lens_rss = peak_rss().filter(|_| rss_reset);
     figures.push(("lens (all layers and positions)", lens_time));
+    let odd = model.out_norm.b.is_none();
+    let tokens = lens_report.tokens.len();
+    let lens_rows = model.hp.n_layer * tokens * if odd { 2 } else { 3 };
+    let flops = lens_flops(&model, tokens, lens_rows);
+    figures.push((
+        "f32 sgemm of the lens's FLOPs",
+        sgemm_seconds(&model, flops)?,
+    ));
 
     let settings = EditSettings {
         method: Method::Shift,
@@ -184,6 +257,7 @@ pub fn run(args: Args) -> Result<()> {
             name,
             seconds,
             ratio_to_copy: seconds / copy,
+            peak_rss_bytes: lens_rss.filter(|_| name.starts_with("lens")),
         })
         .collect();
     if args.json {
@@ -203,6 +277,12 @@ pub fn run(args: Args) -> Result<()> {
             r.name, r.seconds, r.ratio_to_copy
         );
     }
+    println!(
+        "  lens: {:.1} GFLOP ({tokens} tokens, {lens_rows} projected rows), peak RSS {}, f32 weights {:.0} MB",
+        flops / 1e9,
+        lens_rss.map_or("unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6)),
+        (weight_elems(&model) * 4) as f64 / 1e6
+    );
     for (forward, rate) in &records_per_second {
         println!("  eval throughput, {forward} forward: {rate:.2} records/s");
     }

@@ -46,11 +46,20 @@ pub struct Args {
     /// Loss over every target token (teacher-forced) instead of the first.
     #[arg(long)]
     full_target: bool,
+    /// Also the normalised lens: x1 and −δ scaled to unit length before the projection.
+    #[arg(long)]
+    unit: bool,
+    /// Stream the blocks: dequantize one at a time (forward, then recomputed in the backward),
+    /// holding only the unembedding, for models whose f32 weights do not fit in memory;
+    /// layers below --layers are never recomputed.
+    #[arg(long)]
+    stream: bool,
     /// Print the full JSON report.
     #[arg(long)]
     json: bool,
-    /// Write the lens grid SVG (Figure 11 style) here, and the gradient-norm SVG (Figure 16
-    /// style) beside it as `<stem>-norms.svg`.
+    /// Write the lens grid SVG (Figure 11 style) here, the gradient-norm SVG (Figure 16 style)
+    /// beside it as `<stem>-norms.svg`, and the VJP cosine heatmap (Appendix G) as
+    /// `<stem>-vjp.svg`.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
     /// Write a self-contained HTML page with both figures and the claims here.
@@ -90,12 +99,19 @@ pub fn run(args: Args) -> Result<()> {
     // Every output path is checked (and locked) before any work.
     let claim = |path: &Path| OutputClaim::new(path, OutputKind::File, &[&args.model], args.force);
     let svg = match &args.svg {
-        Some(path) => Some((claim(path)?, claim(&norms_path(path))?)),
+        Some(path) => Some((
+            claim(path)?,
+            claim(&beside(path, "norms"))?,
+            claim(&beside(path, "vjp"))?,
+        )),
         None => None,
     };
     let html = args.html.as_deref().map(claim).transpose()?;
     let m = open(&args.model)?;
-    let model = Transformer::load(&m.source, DType::F32)?;
+    let model = match args.stream {
+        true => Transformer::load_unembedding(&m.source)?,
+        false => Transformer::load(&m.source, DType::F32)?,
+    };
     let layers = match &args.layers {
         Some(spec) => parse_layers(spec, model.hp.n_layer)?,
         None => 0..model.hp.n_layer,
@@ -106,18 +122,17 @@ pub fn run(args: Args) -> Result<()> {
         all_positions: args.positions == Positions::All,
         use_norm: !args.no_norm,
         full_target: args.full_target,
+        unit: args.unit,
     };
-    let report = lens::run(
-        &model,
-        &m.tok,
-        &args.prompt,
-        &args.target,
-        args.subject.as_deref(),
-        &opts,
-    )?;
-    if let Some((grid, norms)) = svg {
+    let (prompt, target, subject) = (&args.prompt, &args.target, args.subject.as_deref());
+    let report = match args.stream {
+        true => lens::run_streamed(&m.source, &model, &m.tok, prompt, target, subject, &opts)?,
+        false => lens::run(&model, &m.tok, prompt, target, subject, &opts)?,
+    };
+    if let Some((grid, norms, vjp)) = svg {
         write_file(grid, &report::lens_grid_svg(&report))?;
         write_file(norms, &report::lens_norms_svg(&report))?;
+        write_file(vjp, &report::lens_vjp_svg(&report))?;
     }
     if let Some(page) = html {
         write_file(page, &report::lens_html(&report))?;
@@ -129,13 +144,13 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `<stem>-norms.svg` beside the grid SVG.
-fn norms_path(svg: &Path) -> PathBuf {
+/// `<stem>-<what>.svg` beside the grid SVG.
+fn beside(svg: &Path, what: &str) -> PathBuf {
     let stem = svg
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "lens".into());
-    svg.with_file_name(format!("{stem}-norms.svg"))
+    svg.with_file_name(format!("{stem}-{what}.svg"))
 }
 
 /// Writes `text` to the claimed file and says so on stderr (stdout may carry JSON).
@@ -176,28 +191,70 @@ fn print_table(r: &LensReport) {
         .fold(0f32, f32::max)
         .max(f32::MIN_POSITIVE);
     println!(
-        "{:>5}  {:<36} {:<36} {:>7}  ‖δ‖ at the last token",
-        "layer", "FF1 input x1: top-3", "FF2 −δ: top-3", "rank"
+        "{:>5}  {:<30} {:<30} {:>6} {:>6} {:>5}  ‖δ‖ at the last token",
+        "layer", "FF1 input x1: top-3", "FF2 −δ: top-3", "target", "answer", "rank"
     );
+    println!(
+        "{:>5}  {:<30} {:<30} {:>6} {:>6} {:>5}",
+        "", "", "", "in −δ", "in +δ", "∂L/∂W"
+    );
+    let top3 = |p: &lens::Projection| {
+        p.top
+            .iter()
+            .take(3)
+            .map(|t| format!("{:?}", t.token))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     for l in &r.layers {
         let Some(c) = l.cells.last() else { continue };
-        let top3 = |p: &lens::Projection| {
-            p.top
-                .iter()
-                .take(3)
-                .map(|t| format!("{:?}", t.token))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
         let bar = "█".repeat(((c.norm_d2 / max_norm) * 20.0).round() as usize);
         println!(
-            "{:>5}  {:<36} {:<36} {:>7}  {:<20} {:.3e}",
+            "{:>5}  {:<30} {:<30} {:>6} {:>6} {:>5}  {:<20} {:.3e}",
             l.layer,
             top3(&c.x1),
             top3(&c.neg_d2),
             c.neg_d2.target_rank,
+            c.pos_d2.answer_rank.map_or("-".into(), |r| r.to_string()),
+            format!("{}/{}", l.grad_rank.rank, l.grad_rank.nonzero_tokens),
             bar,
             c.norm_d2
+        );
+    }
+    println!(
+        "\nanswer = the model's own top-1 {:?}; rank ∂L/∂W = rank of the FF2 gradient / tokens with δ ≠ 0",
+        r.answer
+    );
+    let units: Vec<_> = r
+        .layers
+        .iter()
+        .filter_map(|l| l.cells.last().map(|c| (l.layer, c)))
+        .filter_map(|(l, c)| Some((l, c.x1_unit.as_ref()?, c.neg_d2_unit.as_ref()?)))
+        .collect();
+    if !units.is_empty() {
+        println!("\nnormalised lens (unit vectors) at the last token:");
+        println!(
+            "{:>5}  {:<30} {:<30} {:>6}",
+            "layer", "x1: top-3", "−δ: top-3", "target"
+        );
+        for (l, x1, neg) in units {
+            println!(
+                "{l:>5}  {:<30} {:<30} {:>6}",
+                top3(x1),
+                top3(neg),
+                neg.target_rank
+            );
+        }
+    }
+    if let (Some(first), Some(last)) = (r.layers.first(), r.layers.last()) {
+        let n = r.vjp_cosine.len();
+        let adjacent: Vec<f32> = (1..n).map(|i| r.vjp_cosine[i][i - 1]).collect();
+        let mean = adjacent.iter().sum::<f32>() / adjacent.len().max(1) as f32;
+        println!(
+            "\nresidual-stream VJP cosine (last token): adjacent layers mean {mean:.3}, layers {} and {}: {:.3}",
+            first.layer,
+            last.layer,
+            r.vjp_cosine[0][n - 1]
         );
     }
     println!();
