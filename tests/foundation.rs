@@ -41,6 +41,34 @@ fn tiny_llama_candle_matches_llama_cpp() {
     tiny_parity(Arch::Llama);
 }
 
+/// Llama 3.x: `rope_freqs.weight` factors, linear RoPE scaling and attention factor, biases.
+#[test]
+fn tiny_llama3_candle_matches_llama_cpp() {
+    let worst = tiny_gap(&common::tiny_llama3().gguf, Numerics::Exact);
+    println!("Llama 3.x: worst max|Δlogit| / max|logit| = {worst:.2e}");
+    assert!(worst <= 1e-3, "llama3: {worst}");
+}
+
+#[test]
+fn tiny_qwen2_candle_matches_llama_cpp() {
+    tiny_parity(Arch::Qwen2);
+}
+
+#[test]
+fn tiny_qwen3_candle_matches_llama_cpp() {
+    tiny_parity(Arch::Qwen3);
+}
+
+#[test]
+fn tiny_phi3_candle_matches_llama_cpp() {
+    tiny_parity(Arch::Phi3);
+}
+
+#[test]
+fn tiny_gemma3_candle_matches_llama_cpp() {
+    tiny_parity(Arch::Gemma3);
+}
+
 #[test]
 fn safetensors_and_gguf_give_the_same_logits() {
     for arch in [Arch::Gpt2, Arch::Llama] {

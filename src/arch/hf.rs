@@ -58,6 +58,7 @@ pub fn hf_name(hp: &HParams, gguf: &str, prefix: &str) -> Option<(String, Layout
     let (name, layout) = match hp.arch {
         Arch::Gpt2 => gpt2_name(gguf)?,
         Arch::Llama => llama_name(hp, gguf)?,
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma3 => return None,
     };
     let full = if name == "lm_head.weight" {
         name

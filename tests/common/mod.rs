@@ -182,29 +182,67 @@ pub struct Fixture {
     pub hp: HParams,
 }
 
-/// Hyperparameters of the tiny fixtures.
+/// Hyperparameters of the tiny fixtures: 3 layers of width 64, 4 heads; grouped-query
+/// attention (2 kv heads) beyond GPT-2; Qwen3 and Gemma 3 with heads of 32 (n_head · head ≠
+/// n_embd); Gemma 3 with a 4-position window on layers 0 and 2, its own RoPE bases, linear
+/// RoPE scaling 8 on the global layer and softcapping at 15.
 pub fn tiny_hparams(arch: Arch, n_vocab: usize) -> HParams {
-    HParams {
-        arch,
+    let mut hp = HParams {
         n_layer: 3,
-        n_embd: 64,
         n_ff: 128,
-        n_head: 4,
-        n_head_kv: if arch == Arch::Llama { 2 } else { 4 },
+        n_head_kv: if arch == Arch::Gpt2 { 4 } else { 2 },
         n_vocab,
         n_ctx: 64,
         norm_eps: 1e-5,
-        rope_base: if arch == Arch::Llama { 10_000.0 } else { 0.0 },
-        tied_embeddings: true,
+        ..HParams::plain(arch, 64, 4)
+    };
+    if matches!(arch, Arch::Qwen3 | Arch::Gemma3) {
+        hp.n_embd_head = 32;
+        hp.attn_scale = 1.0 / 32f64.sqrt();
     }
+    if arch == Arch::Gemma3 {
+        hp.rope_base = 1_000_000.0;
+        hp.rope_freq_scale = 0.125;
+        hp.n_swa = 4;
+        hp.swa_layers = vec![true, false, true];
+        hp.logit_softcap = 15.0;
+    }
+    hp
 }
 
 /// The tiny fixture of `arch`, generated once per test process.
 pub fn tiny(arch: Arch) -> &'static Fixture {
-    static GPT2: OnceLock<Fixture> = OnceLock::new();
-    static LLAMA: OnceLock<Fixture> = OnceLock::new();
-    let cell = if arch == Arch::Gpt2 { &GPT2 } else { &LLAMA };
-    cell.get_or_init(|| write_fixture(arch, &temp_dir(arch.name())))
+    static CELLS: [OnceLock<Fixture>; 6] = [const { OnceLock::new() }; 6];
+    CELLS[arch as usize].get_or_init(|| write_fixture(arch, &temp_dir(arch.name())))
+}
+
+/// A tiny Llama 3.x-style file: `rope_freqs.weight` factors, RoPE base 500000, linear RoPE
+/// scaling 2, a RoPE attention factor, and the optional q/k/v and output biases.
+pub fn tiny_llama3() -> &'static Fixture {
+    static CELL: OnceLock<Fixture> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let dir = temp_dir("llama3");
+        let mut synth = fixture_synth(Arch::Llama, 0);
+        synth.name = "tiny-llama3".into();
+        synth.seed ^= 0x3;
+        synth.hp.rope_base = 500_000.0;
+        synth.hp.rope_freq_scale = 0.5;
+        synth.hp.rope_attn_factor = 1.1;
+        synth.optional = vec![
+            "rope_freqs.weight",
+            "attn_q.bias",
+            "attn_k.bias",
+            "attn_v.bias",
+            "attn_output.bias",
+        ];
+        let gguf = dir.join("tiny-llama3.gguf");
+        synth.write(&gguf).unwrap();
+        Fixture {
+            gguf,
+            hf: dir.join("no-hf-layout"),
+            hp: synth.hp,
+        }
+    })
 }
 
 fn strings(items: &[String]) -> Value {
@@ -218,7 +256,9 @@ fn strings(items: &[String]) -> Value {
 pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
     let (gguf, hp) = write_gguf_fixture(arch, dir, 0);
     let hf_dir = dir.join(format!("tiny-{}-hf", arch.name()));
-    write_hf(&gguf, &hf_dir, &hp);
+    if matches!(arch, Arch::Gpt2 | Arch::Llama) {
+        write_hf(&gguf, &hf_dir, &hp);
+    }
     Fixture {
         gguf,
         hf: hf_dir,
@@ -229,6 +269,15 @@ pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
 /// Writes the tiny GGUF of `arch` with `n_pad` extra (unreachable) vocabulary entries, which make
 /// the embedding as large as a test needs.
 pub fn write_gguf_fixture(arch: Arch, dir: &Path, n_pad: usize) -> (PathBuf, HParams) {
+    let synth = fixture_synth(arch, n_pad);
+    let gguf = dir.join(format!("tiny-{}.gguf", arch.name()));
+    synth.write(&gguf).unwrap();
+    (gguf, synth.hp)
+}
+
+/// The generator of the tiny fixture of `arch` (byte-level BPE vocabulary plus `n_pad`
+/// unreachable entries).
+pub fn fixture_synth(arch: Arch, n_pad: usize) -> Synth {
     let (mut tokens, merges) = tiny_bpe(200);
     tokens.extend((0..n_pad).map(|i| format!("<|pad{i}|>")));
     let n_tokens = tokens.len();
@@ -250,16 +299,16 @@ pub fn write_gguf_fixture(arch: Arch, dir: &Path, n_pad: usize) -> (PathBuf, HPa
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
     ];
-    let synth = Synth {
+    Synth {
         hp: tiny_hparams(arch, n_tokens),
-        name: format!("tiny-{}", arch.name()),
+        // Not "phi3": llama.cpp's vocabulary loader looks up `</s>` in any file whose
+        // general.name contains it, and the byte-level fixture vocabulary has no such token.
+        name: format!("tiny-{}", arch.name()).replace("phi3", "phi-three"),
         tokenizer,
         matrix_type: GgmlType::F32,
         seed: 0x9e37_79b9_7f4a_7c15 ^ arch as u64,
-    };
-    let gguf = dir.join(format!("tiny-{}.gguf", arch.name()));
-    synth.write(&gguf).unwrap();
-    (gguf, synth.hp)
+        optional: Vec::new(),
+    }
 }
 
 /// Writes an HF folder (config.json, model.safetensors, tokenizer.json) from a fixture GGUF.
@@ -283,6 +332,7 @@ fn write_hf(gguf: &Path, dir: &Path, hp: &HParams) {
             "max_position_embeddings": hp.n_ctx, "rms_norm_eps": hp.norm_eps,
             "rope_theta": hp.rope_base, "tie_word_embeddings": true,
         }),
+        other => panic!("no HF layout for {other:?}"),
     };
     std::fs::write(
         dir.join("config.json"),
