@@ -156,7 +156,12 @@ impl Synth {
         let mut rng = Rng(self.seed);
         write_generated(path, &self.metadata(), &tensors, |i, buf| {
             let t = &tensors[i];
-            let (scale, offset) = spread(&t.name, t.dims[0]);
+            let (mut scale, offset) = spread(&t.name, t.dims[0]);
+            // Gemma multiplies the embedding rows by √n_embd; trained Gemma embeddings are
+            // that much smaller, which keeps the residual stream at the scale of the rest.
+            if t.name == "token_embd.weight" && self.hp.arch.family().embed_scale {
+                scale /= (self.hp.n_embd as f32).sqrt();
+            }
             match t.ggml_type {
                 GgmlType::F32 => {
                     for c in buf.chunks_exact_mut(4) {
