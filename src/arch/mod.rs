@@ -418,3 +418,38 @@ pub fn required_tensors(hp: &HParams) -> Vec<(String, Vec<usize>)> {
         .map(|(name, shape, _)| (name, shape))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_round_trips_its_name_and_the_error_lists_them_all() {
+        for arch in Arch::ALL {
+            assert_eq!(Arch::from_name(arch.name()).unwrap(), arch);
+        }
+        let message = Arch::from_name("mamba9").unwrap_err().to_string();
+        assert!(message.ends_with(&format!("(supported: {})", Arch::NAMES.join(", "))));
+    }
+
+    #[test]
+    fn table_shapes_resolve_against_the_hyperparameters() {
+        let hp = HParams {
+            n_layer: 1,
+            n_ff: 96,
+            n_head_kv: 2,
+            n_vocab: 10,
+            n_ctx: 8,
+            norm_eps: 1e-5,
+            ..HParams::plain(Arch::Phi3, 64, 4)
+        };
+        let specs = tensor_specs(&hp);
+        let shape = |name: &str| specs.iter().find(|s| s.0 == name).unwrap().1.clone();
+        assert_eq!(shape("blk.0.attn_qkv.weight"), vec![64 + 2 * 32, 64]);
+        assert_eq!(shape("blk.0.ffn_up.weight"), vec![192, 64]);
+        assert_eq!(shape("blk.0.ffn_down.weight"), vec![64, 96]);
+        assert!(required_tensors(&hp)
+            .iter()
+            .all(|(n, _)| n != "output.weight"));
+    }
+}

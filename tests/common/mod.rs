@@ -256,9 +256,7 @@ fn strings(items: &[String]) -> Value {
 pub fn write_fixture(arch: Arch, dir: &Path) -> Fixture {
     let (gguf, hp) = write_gguf_fixture(arch, dir, 0);
     let hf_dir = dir.join(format!("tiny-{}-hf", arch.name()));
-    if matches!(arch, Arch::Gpt2 | Arch::Llama) {
-        write_hf(&gguf, &hf_dir, &hp);
-    }
+    write_hf(&gguf, &hf_dir, &hp);
     Fixture {
         gguf,
         hf: hf_dir,
@@ -324,15 +322,45 @@ fn write_hf(gguf: &Path, dir: &Path, hp: &HParams) {
             "n_inner": hp.n_ff, "vocab_size": hp.n_vocab, "n_positions": hp.n_ctx,
             "layer_norm_epsilon": hp.norm_eps,
         }),
-        Arch::Llama => serde_json::json!({
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "num_hidden_layers": hp.n_layer, "hidden_size": hp.n_embd,
-            "intermediate_size": hp.n_ff, "num_attention_heads": hp.n_head,
-            "num_key_value_heads": hp.n_head_kv, "vocab_size": hp.n_vocab,
-            "max_position_embeddings": hp.n_ctx, "rms_norm_eps": hp.norm_eps,
-            "rope_theta": hp.rope_base, "tie_word_embeddings": true,
-        }),
-        other => panic!("no HF layout for {other:?}"),
+        arch => {
+            let model_type = match arch {
+                Arch::Gemma3 => "gemma3_text",
+                other => other.name(),
+            };
+            let mut c = serde_json::json!({
+                "model_type": model_type,
+                "num_hidden_layers": hp.n_layer, "hidden_size": hp.n_embd,
+                "intermediate_size": hp.n_ff, "num_attention_heads": hp.n_head,
+                "num_key_value_heads": hp.n_head_kv, "head_dim": hp.n_embd_head,
+                "vocab_size": hp.n_vocab,
+                "max_position_embeddings": hp.n_ctx, "rms_norm_eps": hp.norm_eps,
+                "rope_theta": hp.rope_base, "tie_word_embeddings": true,
+            });
+            if hp.rope_freq_scale != 1.0 {
+                c["rope_scaling"] =
+                    serde_json::json!({"rope_type": "linear", "factor": 1.0 / hp.rope_freq_scale});
+            }
+            if hp.n_swa > 0 {
+                c["sliding_window"] = hp.n_swa.into();
+                c["rope_local_base_freq"] = hp.rope_base_swa.into();
+                c["layer_types"] = hp
+                    .swa_layers
+                    .iter()
+                    .map(|&s| {
+                        if s {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .into();
+            }
+            if hp.logit_softcap > 0.0 {
+                c["final_logit_softcapping"] = hp.logit_softcap.into();
+            }
+            c
+        }
     };
     std::fs::write(
         dir.join("config.json"),
