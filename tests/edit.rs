@@ -214,7 +214,8 @@ fn shift_edit_flips_the_target_in_llama_cpp_for_every_family() {
 #[test]
 fn safetensors_patch_respects_hf_layout() {
     let dir = common::temp_dir("st");
-    for (arch, layer) in [(Arch::Gpt2, 1), (Arch::Llama, 2)] {
+    for arch in Arch::ALL {
+        let layer = 2 - arch as usize % 2;
         let common::Loaded {
             source: src,
             tok,

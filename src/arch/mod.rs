@@ -216,7 +216,7 @@ impl HParams {
             .unwrap_or(0.0);
         let rope_freq_scale = match (scaling, factor) {
             ("none", _) => 1.0,
-            (_, f) if f == 0.0 => 1.0,
+            (_, 0.0) => 1.0,
             (_, f) => 1.0 / f,
         };
         let n_swa = match fam.sliding_window {
