@@ -257,6 +257,7 @@ fn write_synthetic(tokenizer_model: &Path, path: &Path) -> Result<()> {
         matrix_type: GgmlType::Q4_0,
         seed: 0x9E37_79B9_7F4A_7C15,
         optional: Vec::new(),
+        extra_metadata: Vec::new(),
     };
     model.write(path)?;
     Ok(())

@@ -413,12 +413,14 @@ impl Loader<'_> {
         })
     }
 
-    /// The RoPE frequency factors, when the file has them.
+    /// The RoPE frequency factors, when the file has them: Llama 3's `rope_freqs`, or Phi-3's
+    /// short LongRoPE factors (the context is cut to where they apply).
     fn rope_freqs(&self) -> Result<Option<Vec<f64>>> {
-        Ok(self
-            .src
-            .tensor_f32("rope_freqs.weight")?
-            .map(|(v, _)| v.into_iter().map(f64::from).collect()))
+        let found = match self.src.tensor_f32("rope_freqs.weight")? {
+            Some(t) => Some(t),
+            None => self.src.tensor_f32(crate::arch::ROPE_FACTORS_SHORT)?,
+        };
+        Ok(found.map(|(v, _)| v.into_iter().map(f64::from).collect()))
     }
 }
 
@@ -912,7 +914,7 @@ impl RopeTables {
         if let Some(f) = rp.freqs {
             if f.len() != half || f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
                 return Err(Error::Invalid(format!(
-                    "rope_freqs.weight: {} factors, not {half} positive numbers",
+                    "RoPE frequency factors: {} of them, not {half} positive numbers",
                     f.len()
                 )));
             }

@@ -49,6 +49,14 @@ fn tiny_llama3_candle_matches_llama_cpp() {
     assert!(worst <= 1e-3, "llama3: {worst}");
 }
 
+/// Phi-3.5: LongRoPE factors (the short ones apply) and a RoPE attention factor.
+#[test]
+fn tiny_phi3_longrope_candle_matches_llama_cpp() {
+    let worst = tiny_gap(&common::tiny_phi3_longrope().gguf, Numerics::Exact);
+    println!("Phi-3 LongRoPE: worst max|Δlogit| / max|logit| = {worst:.2e}");
+    assert!(worst <= 1e-3, "phi3 longrope: {worst}");
+}
+
 #[test]
 fn tiny_qwen2_candle_matches_llama_cpp() {
     tiny_parity(Arch::Qwen2);

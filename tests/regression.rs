@@ -263,7 +263,7 @@ fn family_features_the_forward_lacks_are_named() {
             "yarn",
             "llama.rope.scaling.type",
             Value::String("yarn".into()),
-            "llama.rope.scaling.type is 'yarn': backlens implements only none and linear RoPE scaling",
+            "llama.rope.scaling.type is 'yarn': backlens implements RoPE scaling none, linear, longrope",
         ),
         (
             "vlen",

@@ -117,11 +117,15 @@ pub struct HParams {
 }
 
 /// RoPE scaling types the forward implements (`rope.scaling.type`; llama.cpp's default is
-/// "linear", a no-op without a factor).
-const ROPE_SCALINGS: [&str; 2] = ["none", "linear"];
+/// "linear", a no-op without a factor). "longrope" is Phi-3's: per-pair factors in tensors.
+const ROPE_SCALINGS: [&str; 3] = ["none", "linear", "longrope"];
 
-/// Tensors whose meaning the forward does not implement; a file holding one is refused rather
-/// than silently computed without it.
+/// LongRoPE factors for sequences up to the original context (llama.cpp's choice whenever its
+/// context is no longer than that); the forward stops there.
+pub const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
+
+/// Tensors the forward implements only where the family's table lists them; a file holding one
+/// elsewhere is refused rather than silently computed without it.
 const UNSUPPORTED_TENSORS: [&str; 3] = [
     "rope_factors_long.weight",
     "rope_factors_short.weight",
@@ -206,9 +210,9 @@ impl HParams {
         };
         if rope && !ROPE_SCALINGS.contains(&scaling) {
             return Err(Error::Invalid(format!(
-                "{} is '{scaling}': backlens implements only {} RoPE scaling",
+                "{} is '{scaling}': backlens implements RoPE scaling {}",
                 key("rope.scaling.type"),
-                ROPE_SCALINGS.join(" and ")
+                ROPE_SCALINGS.join(", ")
             )));
         }
         let factor = opt_f64("rope.scaling.factor")
@@ -266,13 +270,21 @@ impl HParams {
                 )));
             }
         }
+        let listed = |name: &&str| fam.globals.iter().any(|s| s.name == *name);
         if let Some(name) = UNSUPPORTED_TENSORS
             .iter()
-            .find(|n| file.tensor(n).is_some())
+            .find(|n| file.tensor(n).is_some() && !listed(n))
         {
             return Err(Error::Invalid(format!(
                 "tensor {name}: backlens's forward does not implement it"
             )));
+        }
+        // llama.cpp uses the short LongRoPE factors only while its context is at most the
+        // original one; past it the long ones, which the forward does not implement.
+        if file.tensor(ROPE_FACTORS_SHORT).is_some() {
+            let original =
+                opt_u64("rope.scaling.original_context_length").unwrap_or(hp.n_ctx as u64);
+            hp.n_ctx = hp.n_ctx.min(original as usize);
         }
         hp.validate()?.bounded_by(file.tensors.len())
     }

@@ -21,6 +21,8 @@ pub const FAMILY: Family = Family {
         spec("token_embd.weight", &[Vocab, Embd], Required),
         spec("output_norm.weight", &[Embd], Required),
         spec("output.weight", &[Vocab, Embd], Untied),
+        spec("rope_factors_long.weight", &[HalfHead], Optional),
+        spec("rope_factors_short.weight", &[HalfHead], Optional),
     ],
     block: &[
         spec("attn_norm.weight", &[Embd], Required),

@@ -216,6 +216,32 @@ pub fn tiny(arch: Arch) -> &'static Fixture {
     CELLS[arch as usize].get_or_init(|| write_fixture(arch, &temp_dir(arch.name())))
 }
 
+/// A tiny Phi-3.5-style file: LongRoPE short and long factors and a RoPE attention factor, with
+/// an original context (4096) above llama.cpp's session context (512), so that llama.cpp uses
+/// the short factors, as it does on Phi-3.5 itself.
+pub fn tiny_phi3_longrope() -> &'static Fixture {
+    static CELL: OnceLock<Fixture> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let dir = temp_dir("phi3-longrope");
+        let mut synth = fixture_synth(Arch::Phi3, 0);
+        synth.name = "tiny-phi-three-longrope".into();
+        synth.seed ^= 0x5;
+        synth.hp.rope_attn_factor = 1.19;
+        synth.optional = vec!["rope_factors_long.weight", "rope_factors_short.weight"];
+        synth.extra_metadata = vec![(
+            "phi3.rope.scaling.original_context_length".into(),
+            Value::U32(4096),
+        )];
+        let gguf = dir.join("tiny-phi3-longrope.gguf");
+        synth.write(&gguf).unwrap();
+        Fixture {
+            gguf,
+            hf: dir.join("no-hf-layout"),
+            hp: synth.hp,
+        }
+    })
+}
+
 /// A tiny Llama 3.x-style file: `rope_freqs.weight` factors, RoPE base 500000, linear RoPE
 /// scaling 2, a RoPE attention factor, and the optional q/k/v and output biases.
 pub fn tiny_llama3() -> &'static Fixture {
@@ -306,6 +332,7 @@ pub fn fixture_synth(arch: Arch, n_pad: usize) -> Synth {
         matrix_type: GgmlType::F32,
         seed: 0x9e37_79b9_7f4a_7c15 ^ arch as u64,
         optional: Vec::new(),
+        extra_metadata: Vec::new(),
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Synth {
     /// Optional tensors of the table to write too (names as in the table, e.g.
     /// `rope_freqs.weight` or `attn_q.bias` for every block).
     pub optional: Vec<&'static str>,
+    /// Metadata entries written after the hyperparameters, before the tokenizer.
+    pub extra_metadata: Vec<(String, Value)>,
 }
 
 /// Deterministic pseudo-random numbers (xorshift64).
@@ -54,8 +56,8 @@ fn spread(name: &str, fan_in: u64) -> (f32, f32) {
     match name {
         "token_embd.weight" | "output.weight" => (0.5, 0.0),
         "position_embd.weight" => (0.2, 0.0),
-        // RoPE frequency factors in [1, 3), as Llama 3's run from 1 to 8.
-        "rope_freqs.weight" => (1.0, 2.0),
+        // RoPE frequency factors in [1, 3), as Llama 3's run from 1 to 8 (and LongRoPE's).
+        _ if name.starts_with("rope_") => (1.0, 2.0),
         _ if name.ends_with(".bias") => (0.1, 0.0),
         _ if name.contains("norm") => (0.2, 1.0),
         _ => (1.7 / (fan_in as f32).sqrt(), 0.0),
@@ -119,6 +121,7 @@ impl Synth {
         if hp.logit_softcap > 0.0 {
             md.push((format!("{a}.final_logit_softcapping"), f(hp.logit_softcap)));
         }
+        md.extend(self.extra_metadata.iter().cloned());
         md.extend(self.tokenizer.iter().cloned());
         md
     }
