@@ -282,8 +282,8 @@ fn write_synthetic(tokenizer_model: &Path, path: &Path) -> Result<()> {
             n_vocab,
             n_ctx: 4096,
             norm_eps: 1e-5,
-            rope_base: 10_000.0,
             tied_embeddings: false,
+            ..HParams::plain(Arch::Llama, N_EMBD, N_HEAD)
         },
         name: "backlens synthetic 7B".into(),
         tokenizer: tok
@@ -294,6 +294,8 @@ fn write_synthetic(tokenizer_model: &Path, path: &Path) -> Result<()> {
             .collect(),
         matrix_type: GgmlType::Q4_0,
         seed: 0x9E37_79B9_7F4A_7C15,
+        optional: Vec::new(),
+        extra_metadata: Vec::new(),
     };
     model.write(path)?;
     Ok(())

@@ -21,7 +21,7 @@ pub enum Error {
     #[error("{path}: {problem}")]
     Safetensors { path: PathBuf, problem: String },
     /// The file is a model, but of an architecture backlens does not know.
-    #[error("unknown architecture '{0}' (supported: gpt2, llama)")]
+    #[error("unknown architecture '{0}' (supported: gpt2, llama, qwen2, qwen3, phi3, gemma3)")]
     UnknownArch(String),
     /// A tensor the architecture needs is absent.
     #[error("missing required tensor '{0}'")]

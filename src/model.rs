@@ -2,7 +2,8 @@
 //! backward pass works through every step. Each layer records its capture points in a [`Trace`],
 //! and optional zero-valued [`Probes`] at the FF1/FF2 outputs expose ∂L/∂(output) after backward.
 
-use crate::arch::{block_tensor, Arch, HParams};
+use crate::arch::family::{Dim, FfnKind, NormKind, Positions, QkvLayout, RopeStyle};
+use crate::arch::{block_tensor, HParams};
 use crate::delta::Delta;
 use crate::source::ModelSource;
 use crate::weights::quant::{self, GgmlType};
@@ -31,6 +32,30 @@ pub struct GgmlRounding {
 }
 
 impl Linear {
+    /// Splits the output rows into consecutive parts of `sizes` rows (a fused q|k|v or
+    /// gate|up stored as one matrix): each part computes exactly its rows of the whole.
+    fn split_rows(&self, sizes: &[usize]) -> Result<Vec<Linear>> {
+        let mut start = 0;
+        let mut parts = Vec::with_capacity(sizes.len());
+        for &rows in sizes {
+            let narrow =
+                |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, start, rows)?.contiguous()?) };
+            parts.push(Linear {
+                w: narrow(&self.w)?,
+                b: self.b.as_ref().map(narrow).transpose()?,
+                rounding: match &self.rounding {
+                    Some(r) => Some(GgmlRounding {
+                        act: r.act,
+                        block_min: r.block_min.as_ref().map(narrow).transpose()?,
+                    }),
+                    None => None,
+                },
+            });
+            start += rows;
+        }
+        Ok(parts)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.rounding {
             Some(r) => {
@@ -128,7 +153,7 @@ pub enum Numerics {
     LlamaCpp,
 }
 
-/// LayerNorm (GPT-2) or RMSNorm (Llama) over the last dimension.
+/// LayerNorm (GPT-2) or RMSNorm (the others) over the last dimension.
 #[derive(Debug, Clone)]
 pub struct Norm {
     /// Scale.
@@ -159,22 +184,41 @@ impl Norm {
     }
 }
 
-/// Attention weights of one block.
+/// Attention projections of one block (a fused q|k|v is split into its three parts on load),
+/// rows of q and k in the RoPE order of the family's GGUF.
 #[derive(Debug, Clone)]
-pub enum Attention {
-    /// GPT-2: fused q|k|v projection.
-    Fused { qkv: Linear },
-    /// Llama: separate projections, q/k rows in GGUF's interleaved RoPE order.
-    Split { q: Linear, k: Linear, v: Linear },
+pub struct Attention {
+    /// Query projection (n_head · head width, n_embd).
+    pub q: Linear,
+    /// Key projection (n_head_kv · head width, n_embd).
+    pub k: Linear,
+    /// Value projection (n_head_kv · head width, n_embd).
+    pub v: Linear,
+    /// Per-head RMSNorm of the queries before RoPE (Qwen3, Gemma 3).
+    pub q_norm: Option<Norm>,
+    /// Per-head RMSNorm of the keys before RoPE.
+    pub k_norm: Option<Norm>,
 }
 
-/// The feed-forward block: FF1 (up, and gate for Llama) and FF2 (down).
+/// The nonlinearity of FF1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// The tanh GELU.
+    Gelu,
+    /// SiLU.
+    Silu,
+}
+
+/// The feed-forward block: FF1 (up, and a gate in the gated families) and FF2 (down).
 #[derive(Debug, Clone)]
 pub struct FeedForward {
-    /// FF1 up projection (GPT-2's only FF1 matrix).
+    /// FF1 up projection (GPT-2's only FF1 matrix; Phi-3's second half of `ffn_up`).
     pub up: Linear,
-    /// Llama's gate projection; its SiLU multiplies the up projection.
+    /// The gate projection whose activation multiplies the up projection (Phi-3's first half
+    /// of `ffn_up`).
     pub gate: Option<Linear>,
+    /// Applied to the gate, or to the up projection without a gate.
+    pub act: Activation,
     /// FF2, the down projection backlens edits: (n_embd, n_ff).
     pub down: Linear,
 }
@@ -188,10 +232,16 @@ pub struct Block {
     pub attn: Attention,
     /// Attention output projection.
     pub attn_out: Linear,
+    /// Norm of the attention output before the residual add (Gemma 3).
+    pub attn_post_norm: Option<Norm>,
     /// Norm before the feed-forward block (its output is FF1's input).
     pub ffn_norm: Norm,
     /// Feed-forward weights.
     pub ffn: FeedForward,
+    /// Norm of FF2's output before the residual add (Gemma 3).
+    pub ffn_post_norm: Option<Norm>,
+    /// Whether the block attends through the sliding window.
+    pub sliding: bool,
 }
 
 /// Activations recorded per layer during a forward pass, each of shape (tokens, width).
@@ -215,7 +265,7 @@ pub struct Probes {
     pub ff2_out: Vec<Var>,
     /// Added to FF1's up projection: gradient = ∂L/∂(up output), shape (tokens, n_ff).
     pub ff1_up: Vec<Var>,
-    /// Added to Llama's gate projection (None for GPT-2).
+    /// Added to the gate projection (None without a gate).
     pub ff1_gate: Vec<Option<Var>>,
 }
 
@@ -231,9 +281,9 @@ impl Probes {
         for _ in 0..hp.n_layer {
             probes.ff2_out.push(zeros(hp.n_embd)?);
             probes.ff1_up.push(zeros(hp.n_ff)?);
-            probes.ff1_gate.push(match hp.arch {
-                Arch::Llama => Some(zeros(hp.n_ff)?),
-                Arch::Gpt2 => None,
+            probes.ff1_gate.push(match hp.arch.family().ffn.gated() {
+                true => Some(zeros(hp.n_ff)?),
+                false => None,
             });
         }
         Ok(probes)
@@ -257,6 +307,9 @@ pub struct Transformer {
     pub output: Tensor,
     /// Under [`Numerics::LlamaCpp`], the rounding of the unembedding's input.
     pub output_rounding: Option<GgmlRounding>,
+    /// RoPE frequency factors (`rope_freqs.weight`, Llama 3.x): each pair's frequency is
+    /// divided by its factor.
+    pub rope_freqs: Option<Vec<f64>>,
 }
 
 struct Loader<'a> {
@@ -305,48 +358,95 @@ impl Loader<'_> {
         Ok(Some(GgmlRounding { act, block_min }))
     }
 
-    fn linear(&self, layer: usize, role: &str, bias: bool) -> Result<Linear> {
+    /// A block's weight `{role}.weight` with its bias `{role}.bias` when the file has one (the
+    /// family's table says which biases must or may exist; the tensor check enforced it).
+    fn linear(&self, layer: usize, role: &str) -> Result<Linear> {
         let name = block_tensor(layer, &format!("{role}.weight"));
         Ok(Linear {
             rounding: self.rounding(&name)?,
             w: self.req(&name)?,
-            b: match bias {
-                true => Some(self.req(&block_tensor(layer, &format!("{role}.bias")))?),
-                false => None,
-            },
+            b: self.opt(&block_tensor(layer, &format!("{role}.bias")))?,
         })
     }
 
+    /// One block, assembled as the family's table says.
     fn block(&self, l: usize, hp: &HParams) -> Result<Block> {
-        let gpt2 = hp.arch == Arch::Gpt2;
-        let attn = match hp.arch {
-            Arch::Gpt2 => Attention::Fused {
-                qkv: self.linear(l, "attn_qkv", true)?,
-            },
-            Arch::Llama => Attention::Split {
-                q: self.linear(l, "attn_q", false)?,
-                k: self.linear(l, "attn_k", false)?,
-                v: self.linear(l, "attn_v", false)?,
-            },
+        let fam = hp.arch.family();
+        let norm = |role: &str| self.norm(&block_tensor(l, role), hp);
+        let split = |role: &str, sizes: &[usize]| self.linear(l, role)?.split_rows(sizes);
+        let (q, k, v) = match fam.qkv {
+            QkvLayout::Fused => {
+                let kv = hp.dim(Dim::Kv);
+                let mut parts = split("attn_qkv", &[hp.dim(Dim::Q), kv, kv])?.into_iter();
+                let mut next = || {
+                    parts
+                        .next()
+                        .ok_or_else(|| Error::Invalid("qkv split".into()))
+                };
+                (next()?, next()?, next()?)
+            }
+            QkvLayout::Split => (
+                self.linear(l, "attn_q")?,
+                self.linear(l, "attn_k")?,
+                self.linear(l, "attn_v")?,
+            ),
+        };
+        let head_norm = |role: &str| match fam.qk_norm {
+            true => norm(role).map(Some),
+            false => Ok(None),
+        };
+        let post_norm = |role: &str| match fam.sandwich_norms {
+            true => norm(role).map(Some),
+            false => Ok(None),
+        };
+        let (up, gate, act) = match fam.ffn {
+            FfnKind::Gelu => (self.linear(l, "ffn_up")?, None, Activation::Gelu),
+            FfnKind::SwiGlu => (
+                self.linear(l, "ffn_up")?,
+                Some(self.linear(l, "ffn_gate")?),
+                Activation::Silu,
+            ),
+            FfnKind::SwiGluFused => {
+                let mut parts = split("ffn_up", &[hp.n_ff, hp.n_ff])?.into_iter();
+                let mut next = || {
+                    parts
+                        .next()
+                        .ok_or_else(|| Error::Invalid("gate|up split".into()))
+                };
+                let gate = next()?;
+                (next()?, Some(gate), Activation::Silu)
+            }
+            FfnKind::GeGlu => (
+                self.linear(l, "ffn_up")?,
+                Some(self.linear(l, "ffn_gate")?),
+                Activation::Gelu,
+            ),
         };
         Ok(Block {
-            attn_norm: self.norm(&block_tensor(l, "attn_norm"), hp)?,
-            attn,
-            attn_out: self.linear(l, "attn_output", gpt2)?,
-            ffn_norm: self.norm(&block_tensor(l, "ffn_norm"), hp)?,
-            ffn: FeedForward {
-                up: self.linear(l, "ffn_up", gpt2)?,
-                gate: match gpt2 {
-                    true => None,
-                    false => Some(self.linear(l, "ffn_gate", false)?),
-                },
-                down: self.linear(l, "ffn_down", gpt2)?,
+            attn_norm: norm("attn_norm")?,
+            attn: Attention {
+                q,
+                k,
+                v,
+                q_norm: head_norm("attn_q_norm")?,
+                k_norm: head_norm("attn_k_norm")?,
             },
+            attn_out: self.linear(l, "attn_output")?,
+            attn_post_norm: post_norm("post_attention_norm")?,
+            ffn_norm: norm("ffn_norm")?,
+            ffn: FeedForward {
+                up,
+                gate,
+                act,
+                down: self.linear(l, "ffn_down")?,
+            },
+            ffn_post_norm: post_norm("post_ffw_norm")?,
+            sliding: hp.is_swa(l),
         })
     }
 
     fn norm(&self, prefix: &str, hp: &HParams) -> Result<Norm> {
-        let rms = hp.arch == Arch::Llama;
+        let rms = hp.arch.family().norm == NormKind::Rms;
         Ok(Norm {
             w: self.req(&format!("{prefix}.weight"))?,
             b: match rms {
@@ -356,6 +456,16 @@ impl Loader<'_> {
             eps: hp.norm_eps,
             rms,
         })
+    }
+
+    /// The RoPE frequency factors, when the file has them: Llama 3's `rope_freqs`, or Phi-3's
+    /// short LongRoPE factors (the context is cut to where they apply).
+    fn rope_freqs(&self) -> Result<Option<Vec<f64>>> {
+        let found = match self.src.tensor_f32("rope_freqs.weight")? {
+            Some(t) => Some(t),
+            None => self.src.tensor_f32(crate::arch::ROPE_FACTORS_SHORT)?,
+        };
+        Ok(found.map(|(v, _)| v.into_iter().map(f64::from).collect()))
     }
 }
 
@@ -387,7 +497,6 @@ impl Transformer {
             dtype,
             numerics,
         };
-        let gpt2 = hp.arch == Arch::Gpt2;
         let blocks = (0..hp.n_layer)
             .map(|l| ld.block(l, &hp))
             .collect::<Result<Vec<_>>>()?;
@@ -397,11 +506,12 @@ impl Transformer {
             None => (tok_embd.clone(), ld.rounding("token_embd.weight")?),
         };
         Ok(Transformer {
-            pos_embd: match gpt2 {
-                true => Some(ld.req("position_embd.weight")?),
-                false => None,
+            pos_embd: match hp.arch.family().positions {
+                Positions::Learned => Some(ld.req("position_embd.weight")?),
+                Positions::Rope(_) => None,
             },
             out_norm: ld.norm("output_norm", &hp)?,
+            rope_freqs: ld.rope_freqs()?,
             hp,
             tok_embd,
             blocks,
@@ -431,6 +541,7 @@ impl Transformer {
             blocks: Vec::new(),
             output,
             output_rounding: None,
+            rope_freqs: None,
         })
     }
 
@@ -469,15 +580,17 @@ impl Transformer {
         let n = tokens.len();
         check_tokens(&self.hp, tokens)?;
         let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut h = self.tok_embd.index_select(&ids, 0)?;
-        if let Some(pos) = &self.pos_embd {
-            h = (h + pos.narrow(0, 0, n)?)?;
-        }
-        let (mask, rope) = position_tables(&self.hp, n, self.dtype())?;
+        let pos = self
+            .pos_embd
+            .as_ref()
+            .map(|p| p.narrow(0, 0, n))
+            .transpose()?;
+        let mut h = embed(&self.hp, self.tok_embd.index_select(&ids, 0)?, pos)?;
+        let tables = PositionTables::new(&self.hp, n, self.dtype(), self.rope_freqs.as_deref())?;
         let mut trace = Trace::default();
         for (l, block) in self.blocks.iter().take(n_blocks).enumerate() {
             trace.resid_in.push(h.clone());
-            let step = block.step(&self.hp, &h, &mask, rope.as_ref(), probes.map(|p| (p, l)))?;
+            let step = block.step(&self.hp, &h, &tables, probes.map(|p| (p, l)))?;
             h = step.resid_out;
             trace.ff1_in.push(step.ff1_in);
             trace.ff2_in.push(step.ff2_in);
@@ -486,7 +599,8 @@ impl Transformer {
         Ok((h, trace))
     }
 
-    /// Final norm + unembedding of residual vectors (rows of `h`).
+    /// Final norm + unembedding of residual vectors (rows of `h`), softcapped where the family
+    /// says.
     pub fn unembed(&self, h: &Tensor) -> Result<Tensor> {
         let x = self.out_norm.forward(h)?;
         let unembedding = Linear {
@@ -494,7 +608,11 @@ impl Transformer {
             b: None,
             rounding: self.output_rounding.clone(),
         };
-        unembedding.forward(&x)
+        let logits = unembedding.forward(&x)?;
+        match self.hp.logit_softcap {
+            c if c > 0.0 => Ok(((logits / c)?.tanh()? * c)?),
+            _ => Ok(logits),
+        }
     }
 }
 
@@ -527,14 +645,15 @@ pub fn streamed_last_position(
         numerics: Numerics::Exact,
     };
     let mut h = streamed_embedding(src, &hp, tokens)?;
-    let (mask, rope) = position_tables(&hp, n, DType::F32)?;
+    let freqs = ld.rope_freqs()?;
+    let tables = PositionTables::new(&hp, n, DType::F32, freqs.as_deref())?;
     let mut ff2_in = vec![Vec::new(); layers.len()];
     for l in 0..hp.n_layer {
         let mut block = ld.block(l, &hp)?;
         for d in deltas.iter().filter(|d| d.layer == l) {
             block.add_delta(d)?;
         }
-        let step = block.step(&hp, &h, &mask, rope.as_ref(), None)?;
+        let step = block.step(&hp, &h, &tables, None)?;
         for (slot, _) in layers.iter().enumerate().filter(|(_, &want)| want == l) {
             ff2_in[slot] = step.ff2_in.narrow(0, n - 1, 1)?.flatten_all()?.to_vec1()?;
         }
@@ -549,18 +668,22 @@ pub fn streamed_last_position(
         None => "token_embd.weight",
     };
     let mut logits = Vec::with_capacity(hp.n_vocab);
+    let cap = hp.logit_softcap as f32;
     src.for_row_chunks(unembedding, 4096, |_, values| {
-        logits.extend(
-            values
-                .chunks_exact(hp.n_embd)
-                .map(|row| row.iter().zip(&last).map(|(w, x)| w * x).sum::<f32>()),
-        );
+        logits.extend(values.chunks_exact(hp.n_embd).map(|row| {
+            let logit = row.iter().zip(&last).map(|(w, x)| w * x).sum::<f32>();
+            match cap > 0.0 {
+                true => cap * (logit / cap).tanh(),
+                false => logit,
+            }
+        }));
         Ok(())
     })?;
     Ok(LastPosition { logits, ff2_in })
 }
 
-/// The embedding of `tokens` read row by row from `src` (learned positions added for GPT-2).
+/// The embedding of `tokens` read row by row from `src` (learned positions added and the
+/// family's embedding scale applied, as [`Transformer::forward`] does).
 fn streamed_embedding(src: &ModelSource, hp: &HParams, tokens: &[u32]) -> Result<Tensor> {
     let rows = |name: &str, which: &[usize]| -> Result<Tensor> {
         let values: Vec<f32> = src.rows_f32(name, which)?.concat();
@@ -571,16 +694,14 @@ fn streamed_embedding(src: &ModelSource, hp: &HParams, tokens: &[u32]) -> Result
         )?)
     };
     let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
-    let h = rows("token_embd.weight", &ids)?;
-    Ok(match hp.arch {
-        Arch::Gpt2 => {
-            (h + rows(
-                "position_embd.weight",
-                &(0..tokens.len()).collect::<Vec<_>>(),
-            )?)?
-        }
-        _ => h,
-    })
+    let pos = match hp.arch.family().positions {
+        Positions::Learned => Some(rows(
+            "position_embd.weight",
+            &(0..tokens.len()).collect::<Vec<_>>(),
+        )?),
+        Positions::Rope(_) => None,
+    };
+    embed(hp, rows("token_embd.weight", &ids)?, pos)
 }
 
 /// The blocks of a model one at a time, dequantized (exact f32) from `src` on each call, for
@@ -589,8 +710,7 @@ fn streamed_embedding(src: &ModelSource, hp: &HParams, tokens: &[u32]) -> Result
 pub struct BlockStream<'a> {
     src: &'a ModelSource,
     hp: HParams,
-    mask: Tensor,
-    rope: Option<RopeTables>,
+    tables: PositionTables,
 }
 
 /// A block's vector-Jacobian product and the activations the lens reads, each (tokens, width).
@@ -610,13 +730,14 @@ impl<'a> BlockStream<'a> {
         let hp = src.hparams()?;
         check_tokens(&hp, tokens)?;
         let h = streamed_embedding(src, &hp, tokens)?;
-        let (mask, rope) = position_tables(&hp, tokens.len(), DType::F32)?;
-        let stream = BlockStream {
+        let ld = Loader {
             src,
-            hp,
-            mask,
-            rope,
+            dtype: DType::F32,
+            numerics: Numerics::Exact,
         };
+        let freqs = ld.rope_freqs()?;
+        let tables = PositionTables::new(&hp, tokens.len(), DType::F32, freqs.as_deref())?;
+        let stream = BlockStream { src, hp, tables };
         Ok((stream, h))
     }
 
@@ -633,7 +754,7 @@ impl<'a> BlockStream<'a> {
     pub fn forward(&self, layer: usize, h: &Tensor) -> Result<Tensor> {
         let step = self
             .block(layer)?
-            .step(&self.hp, h, &self.mask, self.rope.as_ref(), None)?;
+            .step(&self.hp, h, &self.tables, None)?;
         Ok(step.resid_out)
     }
 
@@ -641,13 +762,9 @@ impl<'a> BlockStream<'a> {
     /// through it (the gradient of ⟨output, grad_out⟩; weight gradients are never formed).
     pub fn vjp(&self, layer: usize, h: &Tensor, grad_out: &Tensor) -> Result<BlockVjp> {
         let input = Var::from_tensor(h)?;
-        let step = self.block(layer)?.step(
-            &self.hp,
-            input.as_tensor(),
-            &self.mask,
-            self.rope.as_ref(),
-            None,
-        )?;
+        let step = self
+            .block(layer)?
+            .step(&self.hp, input.as_tensor(), &self.tables, None)?;
         let grads = (step.resid_out * grad_out)?.sum_all()?.backward()?;
         let grad_in = grads
             .get(input.as_tensor())
@@ -689,68 +806,47 @@ impl Block {
         &self,
         hp: &HParams,
         h: &Tensor,
-        mask: &Tensor,
-        rope: Option<&RopeTables>,
+        tables: &PositionTables,
         probes: Option<(&Probes, usize)>,
     ) -> Result<BlockStep> {
         let x = self.attn_norm.forward(h)?;
-        let attn = self.attention(hp, &x, mask, rope)?;
-        let h = (h + self.attn_out.forward(&attn)?)?;
+        let mut attn = self.attn_out.forward(&self.attention(hp, &x, tables)?)?;
+        if let Some(norm) = &self.attn_post_norm {
+            attn = norm.forward(&attn)?;
+        }
+        let h = (h + attn)?;
         let x1 = self.ffn_norm.forward(&h)?;
-        let mut up = self.ffn.up.forward(&x1)?;
-        if let Some((p, l)) = probes {
-            up = (up + p.ff1_up[l].as_tensor())?;
-        }
-        let a = match &self.ffn.gate {
-            Some(gate) => {
-                let mut g = gate.forward(&x1)?;
-                if let Some((p, l)) = probes {
-                    if let Some(pg) = &p.ff1_gate[l] {
-                        g = (g + pg.as_tensor())?;
-                    }
-                }
-                (g.silu()? * up)?
-            }
-            None => up.gelu()?,
+        let (a, out) = self.ffn.forward(&x1, probes)?;
+        let resid = match &self.ffn_post_norm {
+            Some(norm) => norm.forward(&out)?,
+            None => out.clone(),
         };
-        let mut out = self.ffn.down.forward(&a)?;
-        if let Some((p, l)) = probes {
-            out = (out + p.ff2_out[l].as_tensor())?;
-        }
         Ok(BlockStep {
-            resid_out: (h + &out)?,
+            resid_out: (h + resid)?,
             ff1_in: x1,
             ff2_in: a,
             ff2_out: out,
         })
     }
 
-    fn attention(
-        &self,
-        hp: &HParams,
-        x: &Tensor,
-        mask: &Tensor,
-        rope: Option<&RopeTables>,
-    ) -> Result<Tensor> {
-        let block = self;
+    /// Multi-head attention of the normed residual `x` (tokens, n_embd), before the output
+    /// projection: (tokens, n_head · head width).
+    fn attention(&self, hp: &HParams, x: &Tensor, tables: &PositionTables) -> Result<Tensor> {
         let (n, hd) = (x.dim(0)?, hp.head_dim());
-        let d = hp.n_embd;
-        let (q, k, v) = match &block.attn {
-            Attention::Fused { qkv } => {
-                let all = qkv.forward(x)?;
-                (
-                    all.narrow(1, 0, d)?,
-                    all.narrow(1, d, d)?,
-                    all.narrow(1, 2 * d, d)?,
-                )
-            }
-            Attention::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
-        };
         let heads = |t: Tensor, h: usize| -> Result<Tensor> {
             Ok(t.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?)
         };
-        let (mut q, mut k) = (heads(q, hp.n_head)?, heads(k, hp.n_head_kv)?);
-        let mut v = heads(v, hp.n_head_kv)?;
+        let at = &self.attn;
+        let mut q = heads(at.q.forward(x)?, hp.n_head)?;
+        let mut k = heads(at.k.forward(x)?, hp.n_head_kv)?;
+        let mut v = heads(at.v.forward(x)?, hp.n_head_kv)?;
+        if let Some(norm) = &at.q_norm {
+            q = norm.forward(&q)?;
+        }
+        if let Some(norm) = &at.k_norm {
+            k = norm.forward(&k)?;
+        }
+        let (mask, rope) = tables.for_layer(self.sliding);
         if let Some(r) = rope {
             q = r.apply(&q)?;
             k = r.apply(&k)?;
@@ -765,11 +861,59 @@ impl Block {
             k = expand(k)?;
             v = expand(v)?;
         }
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.t()?)? * hp.attn_scale)?.broadcast_add(mask)?;
         let probs = softmax_last(&scores)?;
-        let out = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, d))?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(0, 1)?
+            .reshape((n, hp.n_head * hd))?;
         Ok(out)
     }
+}
+
+impl FeedForward {
+    /// FF1 then FF2 on the normed residual `x1`, with this layer's probes added to the FF1 and
+    /// FF2 outputs: (FF2 input, FF2 output).
+    fn forward(&self, x1: &Tensor, probes: Option<(&Probes, usize)>) -> Result<(Tensor, Tensor)> {
+        let act = |t: Tensor| -> Result<Tensor> {
+            Ok(match self.act {
+                Activation::Gelu => t.gelu()?,
+                Activation::Silu => t.silu()?,
+            })
+        };
+        let mut up = self.up.forward(x1)?;
+        if let Some((p, l)) = probes {
+            up = (up + p.ff1_up[l].as_tensor())?;
+        }
+        let a = match &self.gate {
+            Some(gate) => {
+                let mut g = gate.forward(x1)?;
+                if let Some(pg) = probes.and_then(|(p, l)| p.ff1_gate[l].as_ref()) {
+                    g = (g + pg.as_tensor())?;
+                }
+                (act(g)? * up)?
+            }
+            None => act(up)?,
+        };
+        let mut out = self.down.forward(&a)?;
+        if let Some((p, l)) = probes {
+            out = (out + p.ff2_out[l].as_tensor())?;
+        }
+        Ok((a, out))
+    }
+}
+
+/// The embedding rows of the tokens, plus learned positions where the family has them, scaled
+/// by √n_embd where it says (Gemma: llama.cpp scales by the f32 `sqrtf(n_embd)`).
+fn embed(hp: &HParams, rows: Tensor, pos: Option<Tensor>) -> Result<Tensor> {
+    let h = match pos {
+        Some(p) => (rows + p)?,
+        None => rows,
+    };
+    Ok(match hp.arch.family().embed_scale {
+        true => (h * f64::from((hp.n_embd as f32).sqrt()))?,
+        false => h,
+    })
 }
 
 /// Fails for empty or over-long token sequences and for ids past the embedding (a tokenizer
@@ -794,13 +938,54 @@ fn check_tokens(hp: &HParams, tokens: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// The causal mask and (Llama) RoPE tables for `n` positions.
-fn position_tables(hp: &HParams, n: usize, dtype: DType) -> Result<(Tensor, Option<RopeTables>)> {
-    let rope = match hp.arch {
-        Arch::Llama => Some(RopeTables::new(hp, n, dtype)?),
-        Arch::Gpt2 => None,
-    };
-    Ok((causal_mask(n, dtype)?, rope))
+/// The masks and RoPE tables of a sequence of `n` positions: one pair for global layers and,
+/// with a sliding window, one for the sliding layers (their own RoPE base, no position scale).
+struct PositionTables {
+    mask: Tensor,
+    rope: Option<RopeTables>,
+    swa: Option<(Tensor, Option<RopeTables>)>,
+}
+
+impl PositionTables {
+    fn new(hp: &HParams, n: usize, dtype: DType, freqs: Option<&[f64]>) -> Result<PositionTables> {
+        let rope = |base: f64, scale: f64| -> Result<Option<RopeTables>> {
+            match hp.arch.family().positions {
+                Positions::Rope(style) => Some(RopeTables::new(
+                    RopeParams {
+                        style,
+                        head_dim: hp.head_dim(),
+                        base,
+                        freq_scale: scale,
+                        attn_factor: hp.rope_attn_factor,
+                        freqs,
+                    },
+                    n,
+                    dtype,
+                ))
+                .transpose(),
+                Positions::Learned => Ok(None),
+            }
+        };
+        Ok(PositionTables {
+            mask: causal_mask(n, None, dtype)?,
+            rope: rope(hp.rope_base, hp.rope_freq_scale)?,
+            swa: match hp.n_swa {
+                0 => None,
+                w => Some((
+                    causal_mask(n, Some(w), dtype)?,
+                    rope(hp.rope_base_swa, 1.0)?,
+                )),
+            },
+        })
+    }
+
+    /// The mask and RoPE tables of a global or a sliding layer.
+    fn for_layer(&self, sliding: bool) -> (&Tensor, Option<&RopeTables>) {
+        match (&self.swa, sliding) {
+            (Some((mask, rope)), true) => (mask, rope.as_ref()),
+            _ => (&self.mask, self.rope.as_ref()),
+        }
+    }
 }
 
 /// Softmax over the last dimension from primitive ops (the max shift is a constant).
@@ -818,49 +1003,94 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
-fn causal_mask(n: usize, dtype: DType) -> Result<Tensor> {
+/// Position i sees positions j ≤ i, and with a window w only those with i − j < w (llama.cpp's
+/// standard sliding window).
+fn causal_mask(n: usize, window: Option<usize>, dtype: DType) -> Result<Tensor> {
+    let w = window.unwrap_or(usize::MAX);
     let values: Vec<f32> = (0..n)
-        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..n).map(move |j| match j > i || i - j >= w {
+                true => f32::NEG_INFINITY,
+                false => 0.0,
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(values, (n, n), &Device::Cpu)?.to_dtype(dtype)?)
 }
 
-/// cos/sin tables for llama.cpp's default (interleaved-pair) RoPE.
+/// What a RoPE table depends on (ggml's `rope_ext` without YaRN).
+struct RopeParams<'a> {
+    style: RopeStyle,
+    head_dim: usize,
+    base: f64,
+    freq_scale: f64,
+    attn_factor: f64,
+    freqs: Option<&'a [f64]>,
+}
+
+/// cos/sin tables of ggml's RoPE for one base: angle p · scale · base^(−2i/d) / factor_i, cos
+/// and sin times the attention factor.
 struct RopeTables {
+    style: RopeStyle,
     cos: Tensor,
     sin: Tensor,
 }
 
 impl RopeTables {
-    fn new(hp: &HParams, n: usize, dtype: DType) -> Result<RopeTables> {
-        let half = hp.head_dim() / 2;
+    fn new(rp: RopeParams, n: usize, dtype: DType) -> Result<RopeTables> {
+        let half = rp.head_dim / 2;
+        if let Some(f) = rp.freqs {
+            if f.len() != half || f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(Error::Invalid(format!(
+                    "RoPE frequency factors: {} of them, not {half} positive numbers",
+                    f.len()
+                )));
+            }
+        }
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in 0..n {
             for i in 0..half {
-                let theta = hp.rope_base.powf(-2.0 * i as f64 / hp.head_dim() as f64);
-                let angle = p as f64 * theta;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                let factor = rp.freqs.map_or(1.0, |f| f[i]);
+                let theta = rp.base.powf(-2.0 * i as f64 / rp.head_dim as f64) / factor;
+                let angle = p as f64 * rp.freq_scale * theta;
+                cos.push(angle.cos() * rp.attn_factor);
+                sin.push(angle.sin() * rp.attn_factor);
             }
         }
+        let shape = match rp.style {
+            RopeStyle::Pairs => (n, half, 1),
+            RopeStyle::Halves => (1, n, half),
+        };
         let table = |v: Vec<f64>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, (n, half, 1), &Device::Cpu)?.to_dtype(dtype)?)
+            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?)
         };
         Ok(RopeTables {
+            style: rp.style,
             cos: table(cos)?,
             sin: table(sin)?,
         })
     }
 
-    /// Rotates pairs (2i, 2i+1) of each head; `x` is (heads, tokens, head_dim).
+    /// Rotates each head's pairs (2i, 2i+1) or halves (i, i + d/2); `x` is (heads, tokens,
+    /// head_dim).
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (h, n, hd) = x.dims3()?;
-        let pairs = x.reshape((h, n, hd / 2, 2))?;
-        let x0 = pairs.narrow(3, 0, 1)?;
-        let x1 = pairs.narrow(3, 1, 1)?;
-        let r0 = (x0.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;
-        let r1 = (x0.broadcast_mul(&self.sin)? + x1.broadcast_mul(&self.cos)?)?;
-        Ok(Tensor::cat(&[r0, r1], 3)?.reshape((h, n, hd))?)
+        let rotate = |x0: &Tensor, x1: &Tensor| -> Result<(Tensor, Tensor)> {
+            let r0 = (x0.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;
+            let r1 = (x0.broadcast_mul(&self.sin)? + x1.broadcast_mul(&self.cos)?)?;
+            Ok((r0, r1))
+        };
+        match self.style {
+            RopeStyle::Pairs => {
+                let pairs = x.reshape((h, n, hd / 2, 2))?;
+                let (r0, r1) = rotate(&pairs.narrow(3, 0, 1)?, &pairs.narrow(3, 1, 1)?)?;
+                Ok(Tensor::cat(&[r0, r1], 3)?.reshape((h, n, hd))?)
+            }
+            RopeStyle::Halves => {
+                let (r0, r1) = rotate(&x.narrow(2, 0, hd / 2)?, &x.narrow(2, hd / 2, hd / 2)?)?;
+                Ok(Tensor::cat(&[r0, r1], 2)?)
+            }
+        }
     }
 }

@@ -83,10 +83,14 @@ impl ModelSource {
             ModelSource::Gguf(g) => HParams::from_gguf(g)?,
             ModelSource::Hf(h) => h.hparams.clone(),
         };
-        for (name, expected) in arch::required_tensors(&hp) {
-            let got = self
-                .shape(&name)
-                .ok_or_else(|| Error::MissingTensor(name.clone()))?;
+        for (name, expected, need) in arch::tensor_specs(&hp) {
+            let got = match self.shape(&name) {
+                Some(got) => got,
+                None if need.required(hp.tied_embeddings) => {
+                    return Err(Error::MissingTensor(name))
+                }
+                None => continue,
+            };
             if got != expected {
                 return Err(Error::Shape {
                     name,

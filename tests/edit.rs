@@ -101,13 +101,14 @@ fn gguf_delta_roundtrip(
 }
 
 #[test]
-fn written_delta_equals_lr_e_xt_on_tiny_models_and_smollm2() {
+fn written_delta_equals_lr_e_xt_on_tiny_models_of_every_family_and_smollm2() {
     let dir = common::temp_dir("delta");
-    let cases = [
-        (common::tiny(Arch::Gpt2).gguf.clone(), 1, "Paris"),
-        (common::tiny(Arch::Llama).gguf.clone(), 2, "Paris"),
-        (common::smollm2(), 22, "Paris"),
-    ];
+    let mut cases: Vec<(std::path::PathBuf, usize, &str)> = Arch::ALL
+        .iter()
+        .map(|&a| (common::tiny(a).gguf.clone(), 2 - a as usize % 2, "Paris"))
+        .collect();
+    cases.push((common::tiny_llama3().gguf.clone(), 1, "Paris"));
+    cases.push((common::smollm2(), 22, "Paris"));
     for (i, (path, layer, target)) in cases.iter().enumerate() {
         let (got, want) =
             gguf_delta_roundtrip(path, *layer, target, &dir.join(format!("{i}.gguf")));
@@ -120,10 +121,101 @@ fn written_delta_equals_lr_e_xt_on_tiny_models_and_smollm2() {
     }
 }
 
+/// For each family's tiny model: the shift edit (lr doubled from 0.24 until candle's edited
+/// model predicts the target) written as an F32-patched GGUF and as a LoRA adapter makes
+/// llama.cpp predict the target too, where it did not before.
+#[test]
+fn shift_edit_flips_the_target_in_llama_cpp_for_every_family() {
+    let dir = common::temp_dir("flip");
+    let mut fixtures: Vec<&common::Fixture> = Arch::ALL.iter().map(|&a| common::tiny(a)).collect();
+    fixtures.push(common::tiny_llama3());
+    for fx in fixtures {
+        let name = fx.gguf.file_stem().unwrap().to_string_lossy().to_string();
+        let common::Loaded {
+            source: src,
+            tok,
+            model,
+            hp,
+        } = common::load(&fx.gguf);
+        let ids = tok.encode_prompt(PROMPT).unwrap();
+        let rt = LlamaRuntime::load(&fx.gguf).unwrap();
+        let base_logits = rt.session().unwrap().logits_last(&ids).unwrap();
+        let before = argmax(&base_logits);
+        // The runner-up in llama.cpp's ranking that is a whole word the target encoder gives
+        // back as its first token.
+        let mut order: Vec<usize> = (0..base_logits.len()).collect();
+        order.sort_by(|&a, &b| base_logits[b].total_cmp(&base_logits[a]));
+        let (target, target_id) = order[1..]
+            .iter()
+            .find_map(|&id| {
+                let text = tok.decode(&[id as u32]);
+                let word = text.strip_prefix(' ')?.to_string();
+                let ids = tok.encode_target(&word).ok()?;
+                (ids.first() == Some(&(id as u32)) && !word.trim().is_empty()).then_some((word, id))
+            })
+            .unwrap();
+        let target = target.as_str();
+        // Gemma's post-FFN norm bounds what FF2 can write, so the shift may need the last layer.
+        let (mut layer, mut lr) = (hp.n_layer - 2, 0.24);
+        let delta = loop {
+            let settings = EditSettings {
+                method: Method::Shift,
+                layer,
+                lr,
+            };
+            let req = EditRequest::new(PROMPT, target, None).unwrap();
+            let delta = edit::compute(&model, &tok, &req, &settings)
+                .unwrap()
+                .delta
+                .expect("target is not top-1");
+            let mut edited = model.clone();
+            edited.apply_delta(&delta).unwrap();
+            let (logits, _) = edited.forward(&ids, None).unwrap();
+            let last: Vec<f32> = logits.get(ids.len() - 1).unwrap().to_vec1().unwrap();
+            if argmax(&last) == target_id || (lr > 100.0 && layer == hp.n_layer - 1) {
+                break delta;
+            }
+            lr *= 2.0;
+            if lr > 100.0 && layer < hp.n_layer - 1 {
+                (layer, lr) = (layer + 1, 0.24);
+            }
+        };
+        let ModelSource::Gguf(g) = &src else {
+            unreachable!()
+        };
+        let patched = dir.join(format!("{name}-patched.gguf"));
+        let adapter = dir.join(format!("{name}-lora.gguf"));
+        patch_plan(g, std::slice::from_ref(&delta), Ff2Type::F32, &[])
+            .unwrap()
+            .write(&patched)
+            .unwrap();
+        lora::write_adapter(&adapter, hp.arch, std::slice::from_ref(&delta), &[]).unwrap();
+        let via_gguf = argmax(
+            &LlamaRuntime::load(&patched)
+                .unwrap()
+                .session()
+                .unwrap()
+                .logits_last(&ids)
+                .unwrap(),
+        );
+        let mut base = LlamaRuntime::load(&fx.gguf).unwrap();
+        let mut a = base.load_lora(&adapter).unwrap();
+        let mut s = base.session().unwrap();
+        s.set_lora(&mut a, 1.0).unwrap();
+        let via_lora = argmax(&s.logits_last(&ids).unwrap());
+        println!(
+            "{name}: layer {layer}, lr {lr}: llama.cpp top-1 {before} -> {via_gguf} (GGUF), {via_lora} (LoRA); target {target:?} = {target_id}"
+        );
+        assert_eq!(via_gguf, target_id, "{name}: patched GGUF");
+        assert_eq!(via_lora, target_id, "{name}: LoRA");
+    }
+}
+
 #[test]
 fn safetensors_patch_respects_hf_layout() {
     let dir = common::temp_dir("st");
-    for (arch, layer) in [(Arch::Gpt2, 1), (Arch::Llama, 2)] {
+    for arch in Arch::ALL {
+        let layer = 2 - arch as usize % 2;
         let common::Loaded {
             source: src,
             tok,

@@ -2,7 +2,7 @@
 
 mod common;
 
-use backlens::arch::Arch;
+use backlens::arch::{Arch, HParams};
 use backlens::model::{log_softmax_last, Numerics, Transformer};
 use backlens::numeric::{argmax, log_probs};
 use backlens::runtime::LlamaRuntime;
@@ -41,34 +41,56 @@ fn tiny_llama_candle_matches_llama_cpp() {
     tiny_parity(Arch::Llama);
 }
 
+/// Llama 3.x: `rope_freqs.weight` factors, linear RoPE scaling and attention factor, biases.
+#[test]
+fn tiny_llama3_candle_matches_llama_cpp() {
+    let worst = tiny_gap(&common::tiny_llama3().gguf, Numerics::Exact);
+    println!("Llama 3.x: worst max|Δlogit| / max|logit| = {worst:.2e}");
+    assert!(worst <= 1e-3, "llama3: {worst}");
+}
+
+/// Phi-3.5: LongRoPE factors (the short ones apply) and a RoPE attention factor.
+#[test]
+fn tiny_phi3_longrope_candle_matches_llama_cpp() {
+    let worst = tiny_gap(&common::tiny_phi3_longrope().gguf, Numerics::Exact);
+    println!("Phi-3 LongRoPE: worst max|Δlogit| / max|logit| = {worst:.2e}");
+    assert!(worst <= 1e-3, "phi3 longrope: {worst}");
+}
+
+#[test]
+fn tiny_qwen2_candle_matches_llama_cpp() {
+    tiny_parity(Arch::Qwen2);
+}
+
+#[test]
+fn tiny_qwen3_candle_matches_llama_cpp() {
+    tiny_parity(Arch::Qwen3);
+}
+
+#[test]
+fn tiny_phi3_candle_matches_llama_cpp() {
+    tiny_parity(Arch::Phi3);
+}
+
+#[test]
+fn tiny_gemma3_candle_matches_llama_cpp() {
+    tiny_parity(Arch::Gemma3);
+}
+
 #[test]
 fn safetensors_and_gguf_give_the_same_logits() {
-    for arch in [Arch::Gpt2, Arch::Llama] {
+    for arch in Arch::ALL {
+        let mut worst = 0f32;
         let fx = common::tiny(arch);
         let (a, b) = (common::load(&fx.gguf), common::load(&fx.hf));
         let (ha, hb) = (&a.hp, &b.hp);
         assert!((ha.norm_eps - hb.norm_eps).abs() < 1e-9, "{arch:?} eps");
-        assert_eq!(
-            (
-                ha.n_layer,
-                ha.n_embd,
-                ha.n_ff,
-                ha.n_head,
-                ha.n_head_kv,
-                ha.n_vocab,
-                ha.n_ctx
-            ),
-            (
-                hb.n_layer,
-                hb.n_embd,
-                hb.n_ff,
-                hb.n_head,
-                hb.n_head_kv,
-                hb.n_vocab,
-                hb.n_ctx
-            ),
-            "{arch:?} hparams"
-        );
+        // Everything else equal (the GGUF stores the epsilon as f32).
+        let same_eps = |h: &HParams| HParams {
+            norm_eps: 0.0,
+            ..h.clone()
+        };
+        assert_eq!(same_eps(ha), same_eps(hb), "{arch:?} hparams");
         let (ta, tb) = (&a.tok, &b.tok);
         let (ma, mb) = (&a.model, &b.model);
         for prompt in PROMPTS {
@@ -81,7 +103,9 @@ fn safetensors_and_gguf_give_the_same_logits() {
                 .zip(lb.iter().flatten())
                 .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(diff <= 1e-5, "{arch:?} {prompt:?}: {diff}");
+            worst = worst.max(diff);
         }
+        println!("{arch:?}: GGUF vs safetensors max |Δlogit| = {worst:.2e}");
     }
 }
 

@@ -37,7 +37,7 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn weight_gradients_are_sums_of_rank_one_outer_products() {
-    for arch in [Arch::Gpt2, Arch::Llama] {
+    for arch in Arch::ALL {
         let (mut model, tok) = load(arch, DType::F32);
         let layer = 1;
         let ffn = &mut model.blocks[layer].ffn;
@@ -83,7 +83,7 @@ fn weight_gradients_are_sums_of_rank_one_outer_products() {
 
 #[test]
 fn ff2_gradient_matches_finite_differences_in_f64() {
-    for arch in [Arch::Gpt2, Arch::Llama] {
+    for arch in Arch::ALL {
         let (mut model, tok) = load(arch, DType::F64);
         let layer = 2;
         let prompt = tok.encode_prompt(PROMPT).unwrap();
@@ -134,6 +134,7 @@ fn ff2_gradient_matches_finite_differences_in_f64() {
 }
 
 /// The final norm and unembedding computed by hand in f64.
+/// Final norm, unembedding and (Gemma) softcapping of `v`, one vocabulary row at a time.
 fn brute_scores(model: &Transformer, v: &[f32]) -> Vec<f64> {
     let norm = &model.out_norm;
     let w: Vec<f32> = norm.w.to_vec1().unwrap();
@@ -152,14 +153,16 @@ fn brute_scores(model: &Transformer, v: &[f32]) -> Vec<f64> {
         .map(|i| (v[i] as f64 - mean) / (var + norm.eps).sqrt() * w[i] as f64 + b[i] as f64)
         .collect();
     let out: Vec<Vec<f32>> = model.output.to_vec2().unwrap();
+    let cap = model.hp.logit_softcap;
     out.iter()
         .map(|row| row.iter().zip(&normed).map(|(a, b)| *a as f64 * b).sum())
+        .map(|s: f64| if cap > 0.0 { cap * (s / cap).tanh() } else { s })
         .collect()
 }
 
 #[test]
 fn projections_equal_a_token_by_token_computation() {
-    for arch in [Arch::Gpt2, Arch::Llama] {
+    for arch in Arch::ALL {
         let (model, tok) = load(arch, DType::F32);
         let opts = LensOptions {
             layers: 0..3,

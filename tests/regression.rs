@@ -255,6 +255,38 @@ fn huge_tensor_count_is_rejected_before_allocating() {
     );
 }
 
+// docs/errors.md row 37
+#[test]
+fn family_features_the_forward_lacks_are_named() {
+    for (tag, key, value, message) in [
+        (
+            "yarn",
+            "llama.rope.scaling.type",
+            Value::String("yarn".into()),
+            "llama.rope.scaling.type is 'yarn': backlens implements RoPE scaling none, linear, longrope",
+        ),
+        (
+            "vlen",
+            "llama.attention.value_length",
+            Value::U32(8),
+            "invalid hyperparameters: llama.attention.value_length is 8, but the key width is 16 (different key and value widths are not supported)",
+        ),
+    ] {
+        let dir = common::temp_dir(tag);
+        let src = GgufFile::open(&common::tiny(Arch::Llama).gguf).unwrap();
+        let mut plan = GgufPlan::copy_of(&src);
+        plan.set(key, value);
+        let path = dir.join(format!("{tag}.gguf"));
+        plan.write(&path).unwrap();
+        let p = path.to_str().unwrap();
+        expect_error(
+            &["predict", p, "The city of"],
+            &format!("{p}: {message}"),
+            &dir,
+        );
+    }
+}
+
 // docs/errors.md row 10
 #[test]
 fn missing_required_tensor_is_named() {
@@ -277,7 +309,7 @@ fn unknown_architecture_lists_the_supported_ones() {
     let p = path.to_str().unwrap();
     expect_error(
         &["predict", p, "The city of"],
-        &format!("{p}: unknown architecture 'mamba9' (supported: gpt2, llama)"),
+        &format!("{p}: unknown architecture 'mamba9' (supported: gpt2, llama, qwen2, qwen3, phi3, gemma3)"),
         &dir,
     );
 }

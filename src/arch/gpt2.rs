@@ -1,8 +1,45 @@
-//! GPT-2: tensor names and shapes, and hyperparameters from an HF `config.json`.
+//! GPT-2 (llama.cpp `src/models/gpt2.cpp`): the family table, and hyperparameters from an HF
+//! `config.json`.
 
-use super::{block_tensor, Arch, HParams};
+use super::family::{spec, Dim::*, Family, FfnKind, Need::*, NormKind, Positions, QkvLayout};
+use super::{Arch, HParams};
 use crate::Result;
 use serde::Deserialize;
+
+/// Learned positions, LayerNorm, fused q|k|v, a biased GELU MLP, tied unembedding.
+pub const FAMILY: Family = Family {
+    norm: NormKind::Layer,
+    eps_key: "attention.layer_norm_epsilon",
+    positions: Positions::Learned,
+    qkv: QkvLayout::Fused,
+    ffn: FfnKind::Gelu,
+    qk_norm: false,
+    sandwich_norms: false,
+    embed_scale: false,
+    sliding_window: false,
+    logit_softcap: false,
+    globals: &[
+        spec("token_embd.weight", &[Vocab, Embd], Required),
+        spec("position_embd.weight", &[Ctx, Embd], Required),
+        spec("output_norm.weight", &[Embd], Required),
+        spec("output_norm.bias", &[Embd], Required),
+        spec("output.weight", &[Vocab, Embd], Untied),
+    ],
+    block: &[
+        spec("attn_norm.weight", &[Embd], Required),
+        spec("attn_norm.bias", &[Embd], Required),
+        spec("attn_qkv.weight", &[Qkv, Embd], Required),
+        spec("attn_qkv.bias", &[Qkv], Required),
+        spec("attn_output.weight", &[Embd, Q], Required),
+        spec("attn_output.bias", &[Embd], Required),
+        spec("ffn_norm.weight", &[Embd], Required),
+        spec("ffn_norm.bias", &[Embd], Required),
+        spec("ffn_up.weight", &[Ff, Embd], Required),
+        spec("ffn_up.bias", &[Ff], Required),
+        spec("ffn_down.weight", &[Embd, Ff], Required),
+        spec("ffn_down.bias", &[Embd], Required),
+    ],
+};
 
 /// The fields of HF `GPT2Config` that backlens uses.
 #[derive(Debug, Deserialize)]
@@ -35,39 +72,9 @@ impl Gpt2Config {
             n_vocab: self.vocab_size,
             n_ctx: self.n_positions,
             norm_eps: self.layer_norm_epsilon,
-            rope_base: 0.0,
             tied_embeddings: true,
+            ..HParams::plain(Arch::Gpt2, self.n_embd, self.n_head)
         }
         .validate()
     }
-}
-
-/// Required tensors with row-major shapes (GGUF layout: linear weights are [out, in]).
-pub fn required_tensors(hp: &HParams) -> Vec<(String, Vec<usize>)> {
-    let (d, f, v) = (hp.n_embd, hp.n_ff, hp.n_vocab);
-    let mut out = vec![
-        ("token_embd.weight".to_string(), vec![v, d]),
-        ("position_embd.weight".to_string(), vec![hp.n_ctx, d]),
-        ("output_norm.weight".to_string(), vec![d]),
-        ("output_norm.bias".to_string(), vec![d]),
-    ];
-    for l in 0..hp.n_layer {
-        for (role, shape) in [
-            ("attn_norm.weight", vec![d]),
-            ("attn_norm.bias", vec![d]),
-            ("attn_qkv.weight", vec![3 * d, d]),
-            ("attn_qkv.bias", vec![3 * d]),
-            ("attn_output.weight", vec![d, d]),
-            ("attn_output.bias", vec![d]),
-            ("ffn_norm.weight", vec![d]),
-            ("ffn_norm.bias", vec![d]),
-            ("ffn_up.weight", vec![f, d]),
-            ("ffn_up.bias", vec![f]),
-            ("ffn_down.weight", vec![d, f]),
-            ("ffn_down.bias", vec![d]),
-        ] {
-            out.push((block_tensor(l, role), shape));
-        }
-    }
-    out
 }

@@ -1,14 +1,127 @@
-//! The one place that maps HF checkpoint tensors onto GGUF names and layouts, both ways.
+//! The one place that maps HF checkpoint tensors onto GGUF names and layouts, both ways, and
+//! HF `config.json` files onto hyperparameters.
 //!
 //! GGUF (and backlens internally) stores every linear weight row-major as [out, in]. HF GPT-2's
 //! Conv1D stores [in, out]; HF Llama stores q/k rows in the rotate-half RoPE order, which
-//! llama.cpp's converter permutes into the interleaved order its RoPE kernel expects.
+//! llama.cpp's converter permutes into the interleaved order its RoPE kernel expects (the other
+//! RoPE families rotate halves in both); HF Gemma stores each norm weight as w − 1, GGUF as w.
 
+use super::family::{Positions, RopeStyle};
 use super::gpt2::Gpt2Config;
-use super::llama::LlamaConfig;
 use super::{Arch, HParams};
 use crate::{Error, Result};
+use serde::Deserialize;
 use std::path::Path;
+
+/// The `config.json` fields of the Llama-like HF decoders (Llama, Mistral, Qwen2, Qwen3, Phi-3,
+/// Gemma 3 text) that backlens uses; the family decides the defaults.
+#[derive(Debug, Deserialize)]
+struct DecoderConfig {
+    num_hidden_layers: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    #[serde(default)]
+    max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    #[serde(default)]
+    rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    sliding_window_pattern: Option<usize>,
+    #[serde(default)]
+    layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    rope_local_base_freq: Option<f64>,
+    #[serde(default)]
+    final_logit_softcapping: Option<f64>,
+}
+
+/// HF `rope_scaling` (`rope_type`, or the older `type`).
+#[derive(Debug, Deserialize)]
+struct RopeScaling {
+    #[serde(default, alias = "type")]
+    rope_type: Option<String>,
+    #[serde(default)]
+    factor: Option<f64>,
+}
+
+impl DecoderConfig {
+    /// Resolves the config into hyperparameters of `arch`, with the defaults of HF's config
+    /// class for the family.
+    fn into_hparams(self, arch: Arch) -> Result<HParams> {
+        let gemma = arch == Arch::Gemma3;
+        let plain = HParams::plain(arch, self.hidden_size, self.num_attention_heads);
+        let n_embd_head = self.head_dim.unwrap_or(plain.n_embd_head);
+        let rope_freq_scale = match &self.rope_scaling {
+            None => 1.0,
+            Some(r) => match (r.rope_type.as_deref(), r.factor) {
+                (Some("linear") | None, Some(f)) if f > 0.0 => 1.0 / f,
+                (kind, _) => {
+                    return Err(Error::Invalid(format!(
+                        "rope_scaling of type {:?}: backlens implements only linear RoPE scaling from config.json",
+                        kind.unwrap_or("?")
+                    )))
+                }
+            },
+        };
+        let n_layer = self.num_hidden_layers;
+        let n_swa = match gemma {
+            true => self.sliding_window.unwrap_or(4096),
+            false => 0,
+        };
+        let swa_layers = match (n_swa, &self.layer_types) {
+            (0, _) => Vec::new(),
+            (_, Some(types)) => (0..n_layer)
+                .map(|l| types.get(l).is_some_and(|t| t == "sliding_attention"))
+                .collect(),
+            (_, None) => {
+                let n = self.sliding_window_pattern.unwrap_or(6);
+                (0..n_layer).map(|l| n == 0 || l % n < n - 1).collect()
+            }
+        };
+        let mut hp = HParams {
+            n_layer,
+            n_ff: self.intermediate_size,
+            n_head_kv: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            n_embd_head,
+            n_vocab: self.vocab_size,
+            n_ctx: self.max_position_embeddings.unwrap_or(2048),
+            norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rope_base: self
+                .rope_theta
+                .unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 }),
+            rope_freq_scale,
+            rope_base_swa: self.rope_local_base_freq.unwrap_or(10_000.0),
+            n_swa,
+            swa_layers,
+            attn_scale: 1.0 / (n_embd_head.max(1) as f64).sqrt(),
+            logit_softcap: match gemma {
+                true => self.final_logit_softcapping.unwrap_or(0.0),
+                false => 0.0,
+            },
+            tied_embeddings: self.tie_word_embeddings.unwrap_or(gemma),
+            ..plain
+        };
+        // As llama.cpp reads the converted file (gemma3.cpp): the 62-layer Gemma 3 scales by
+        // n_embd / n_head.
+        if gemma && n_layer == 62 {
+            hp.attn_scale = 1.0 / ((hp.n_embd / hp.n_head.max(1)) as f64).sqrt();
+        }
+        hp.validate()
+    }
+}
 
 /// The two `config.json` fields that name the architecture.
 #[derive(serde::Deserialize)]
@@ -30,15 +143,22 @@ pub fn hparams_from_config(path: &Path, text: &str) -> Result<HParams> {
         .model_type
         .or_else(|| probe.architectures.first().cloned())
         .unwrap_or_default();
-    match kind.as_str() {
-        "gpt2" | "GPT2LMHeadModel" => serde_json::from_str::<Gpt2Config>(text)
-            .map_err(json_err)?
-            .into_hparams(),
-        "llama" | "LlamaForCausalLM" => serde_json::from_str::<LlamaConfig>(text)
-            .map_err(json_err)?
-            .into_hparams(),
-        other => Err(Error::UnknownArch(other.to_string())),
-    }
+    let arch = match kind.as_str() {
+        "gpt2" | "GPT2LMHeadModel" => {
+            return serde_json::from_str::<Gpt2Config>(text)
+                .map_err(json_err)?
+                .into_hparams()
+        }
+        "llama" | "LlamaForCausalLM" | "mistral" | "MistralForCausalLM" => Arch::Llama,
+        "qwen2" | "Qwen2ForCausalLM" => Arch::Qwen2,
+        "qwen3" | "Qwen3ForCausalLM" => Arch::Qwen3,
+        "phi3" | "Phi3ForCausalLM" => Arch::Phi3,
+        "gemma3_text" | "Gemma3ForCausalLM" => Arch::Gemma3,
+        other => return Err(Error::UnknownArch(other.to_string())),
+    };
+    serde_json::from_str::<DecoderConfig>(text)
+        .map_err(json_err)?
+        .into_hparams(arch)
 }
 
 /// How an HF tensor's values must be rearranged to reach the GGUF layout.
@@ -50,6 +170,8 @@ pub enum Layout {
     Transposed,
     /// Llama q/k rows: HF rotate-half order, `heads` heads.
     RopeRows { heads: usize },
+    /// Gemma norm weights: HF stores w − 1.
+    PlusOne,
 }
 
 /// The HF name and layout of a GGUF tensor, or None when the architecture has no such tensor.
@@ -57,7 +179,7 @@ pub enum Layout {
 pub fn hf_name(hp: &HParams, gguf: &str, prefix: &str) -> Option<(String, Layout)> {
     let (name, layout) = match hp.arch {
         Arch::Gpt2 => gpt2_name(gguf)?,
-        Arch::Llama => llama_name(hp, gguf)?,
+        _ => decoder_name(hp, gguf)?,
     };
     let full = if name == "lm_head.weight" {
         name
@@ -105,36 +227,48 @@ fn gpt2_name(gguf: &str) -> Option<(String, Layout)> {
     Some((format!("h.{l}.{hf}"), layout))
 }
 
-fn llama_name(hp: &HParams, gguf: &str) -> Option<(String, Layout)> {
+/// The Llama-like decoders: `model.layers.{l}.self_attn.*` and `mlp.*`, with the family's
+/// differences (Llama's RoPE row order, Phi-3's fused matrices, Gemma's four norms stored as
+/// w − 1).
+fn decoder_name(hp: &HParams, gguf: &str) -> Option<(String, Layout)> {
     use Layout::*;
+    let gemma = hp.arch == Arch::Gemma3;
+    let norm = if gemma { PlusOne } else { AsIs };
     let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+        "token_embd.weight" => Some(("model.embed_tokens.weight", AsIs)),
+        "output_norm.weight" => Some(("model.norm.weight", norm)),
+        "output.weight" => Some(("lm_head.weight", AsIs)),
         _ => None,
     };
-    if let Some(name) = fixed {
-        return Some((name.to_string(), AsIs));
+    if let Some((name, layout)) = fixed {
+        return Some((name.to_string(), layout));
     }
     let (l, role) = split_block(gguf)?;
-    let (hf, layout) = match role {
-        "attn_norm.weight" => ("input_layernorm.weight", AsIs),
-        "attn_q.weight" => ("self_attn.q_proj.weight", RopeRows { heads: hp.n_head }),
-        "attn_k.weight" => (
-            "self_attn.k_proj.weight",
-            RopeRows {
-                heads: hp.n_head_kv,
-            },
-        ),
-        "attn_v.weight" => ("self_attn.v_proj.weight", AsIs),
-        "attn_output.weight" => ("self_attn.o_proj.weight", AsIs),
-        "ffn_norm.weight" => ("post_attention_layernorm.weight", AsIs),
-        "ffn_gate.weight" => ("mlp.gate_proj.weight", AsIs),
-        "ffn_up.weight" => ("mlp.up_proj.weight", AsIs),
-        "ffn_down.weight" => ("mlp.down_proj.weight", AsIs),
+    let (stem, kind) = role.rsplit_once('.')?;
+    let rope_rows = |heads: usize| match hp.arch.family().positions {
+        Positions::Rope(RopeStyle::Pairs) => RopeRows { heads },
+        _ => AsIs,
+    };
+    let (hf, layout) = match stem {
+        "attn_norm" => ("input_layernorm", norm),
+        "attn_q" => ("self_attn.q_proj", rope_rows(hp.n_head)),
+        "attn_k" => ("self_attn.k_proj", rope_rows(hp.n_head_kv)),
+        "attn_v" => ("self_attn.v_proj", AsIs),
+        "attn_qkv" => ("self_attn.qkv_proj", AsIs),
+        "attn_output" => ("self_attn.o_proj", AsIs),
+        "attn_q_norm" => ("self_attn.q_norm", norm),
+        "attn_k_norm" => ("self_attn.k_norm", norm),
+        "post_attention_norm" => ("post_attention_layernorm", norm),
+        "ffn_norm" if gemma => ("pre_feedforward_layernorm", norm),
+        "ffn_norm" => ("post_attention_layernorm", norm),
+        "post_ffw_norm" => ("post_feedforward_layernorm", norm),
+        "ffn_gate" => ("mlp.gate_proj", AsIs),
+        "ffn_up" if hp.arch == Arch::Phi3 => ("mlp.gate_up_proj", AsIs),
+        "ffn_up" => ("mlp.up_proj", AsIs),
+        "ffn_down" => ("mlp.down_proj", AsIs),
         _ => return None,
     };
-    Some((format!("model.layers.{l}.{hf}"), layout))
+    Some((format!("model.layers.{l}.{hf}.{kind}"), layout))
 }
 
 /// Rearranges `values` (row-major, HF shape `hf_shape`) into the GGUF layout.
@@ -150,6 +284,7 @@ pub fn to_gguf(values: Vec<f32>, hf_shape: &[usize], layout: Layout) -> (Vec<f32
             permute_rope_rows(&values, hf_shape, heads, true),
             hf_shape.to_vec(),
         ),
+        Layout::PlusOne => (values.iter().map(|v| v + 1.0).collect(), hf_shape.to_vec()),
     }
 }
 
@@ -159,6 +294,7 @@ pub fn to_hf(values: &[f32], gguf_shape: &[usize], layout: Layout) -> Vec<f32> {
         Layout::AsIs => values.to_vec(),
         Layout::Transposed => transpose(values, gguf_shape[0], gguf_shape[1]),
         Layout::RopeRows { heads } => permute_rope_rows(values, gguf_shape, heads, false),
+        Layout::PlusOne => values.iter().map(|v| v - 1.0).collect(),
     }
 }
 

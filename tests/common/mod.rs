@@ -182,29 +182,93 @@ pub struct Fixture {
     pub hp: HParams,
 }
 
-/// Hyperparameters of the tiny fixtures.
+/// Hyperparameters of the tiny fixtures: 3 layers of width 64, 4 heads; grouped-query
+/// attention (2 kv heads) beyond GPT-2; Qwen3 and Gemma 3 with heads of 32 (n_head · head ≠
+/// n_embd); Gemma 3 with a 4-position window on layers 0 and 2, its own RoPE bases, linear
+/// RoPE scaling 8 on the global layer and softcapping at 15.
 pub fn tiny_hparams(arch: Arch, n_vocab: usize) -> HParams {
-    HParams {
-        arch,
+    let mut hp = HParams {
         n_layer: 3,
-        n_embd: 64,
         n_ff: 128,
-        n_head: 4,
-        n_head_kv: if arch == Arch::Llama { 2 } else { 4 },
+        n_head_kv: if arch == Arch::Gpt2 { 4 } else { 2 },
         n_vocab,
         n_ctx: 64,
         norm_eps: 1e-5,
-        rope_base: if arch == Arch::Llama { 10_000.0 } else { 0.0 },
-        tied_embeddings: true,
+        ..HParams::plain(arch, 64, 4)
+    };
+    if matches!(arch, Arch::Qwen3 | Arch::Gemma3) {
+        hp.n_embd_head = 32;
+        hp.attn_scale = 1.0 / 32f64.sqrt();
     }
+    if arch == Arch::Gemma3 {
+        hp.rope_base = 1_000_000.0;
+        hp.rope_freq_scale = 0.125;
+        hp.n_swa = 4;
+        hp.swa_layers = vec![true, false, true];
+        hp.logit_softcap = 15.0;
+    }
+    hp
 }
 
 /// The tiny fixture of `arch`, generated once per test process.
 pub fn tiny(arch: Arch) -> &'static Fixture {
-    static GPT2: OnceLock<Fixture> = OnceLock::new();
-    static LLAMA: OnceLock<Fixture> = OnceLock::new();
-    let cell = if arch == Arch::Gpt2 { &GPT2 } else { &LLAMA };
-    cell.get_or_init(|| write_fixture(arch, &temp_dir(arch.name())))
+    static CELLS: [OnceLock<Fixture>; 6] = [const { OnceLock::new() }; 6];
+    CELLS[arch as usize].get_or_init(|| write_fixture(arch, &temp_dir(arch.name())))
+}
+
+/// A tiny Phi-3.5-style file: LongRoPE short and long factors and a RoPE attention factor, with
+/// an original context (4096) above llama.cpp's session context (512), so that llama.cpp uses
+/// the short factors, as it does on Phi-3.5 itself.
+pub fn tiny_phi3_longrope() -> &'static Fixture {
+    static CELL: OnceLock<Fixture> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let dir = temp_dir("phi3-longrope");
+        let mut synth = fixture_synth(Arch::Phi3, 0);
+        synth.name = "tiny-phi-three-longrope".into();
+        synth.seed ^= 0x5;
+        synth.hp.rope_attn_factor = 1.19;
+        synth.optional = vec!["rope_factors_long.weight", "rope_factors_short.weight"];
+        synth.extra_metadata = vec![(
+            "phi3.rope.scaling.original_context_length".into(),
+            Value::U32(4096),
+        )];
+        let gguf = dir.join("tiny-phi3-longrope.gguf");
+        synth.write(&gguf).unwrap();
+        Fixture {
+            gguf,
+            hf: dir.join("no-hf-layout"),
+            hp: synth.hp,
+        }
+    })
+}
+
+/// A tiny Llama 3.x-style file: `rope_freqs.weight` factors, RoPE base 500000, linear RoPE
+/// scaling 2, a RoPE attention factor, and the optional q/k/v and output biases.
+pub fn tiny_llama3() -> &'static Fixture {
+    static CELL: OnceLock<Fixture> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let dir = temp_dir("llama3");
+        let mut synth = fixture_synth(Arch::Llama, 0);
+        synth.name = "tiny-llama3".into();
+        synth.seed ^= 0x3;
+        synth.hp.rope_base = 500_000.0;
+        synth.hp.rope_freq_scale = 0.5;
+        synth.hp.rope_attn_factor = 1.1;
+        synth.optional = vec![
+            "rope_freqs.weight",
+            "attn_q.bias",
+            "attn_k.bias",
+            "attn_v.bias",
+            "attn_output.bias",
+        ];
+        let gguf = dir.join("tiny-llama3.gguf");
+        synth.write(&gguf).unwrap();
+        Fixture {
+            gguf,
+            hf: dir.join("no-hf-layout"),
+            hp: synth.hp,
+        }
+    })
 }
 
 fn strings(items: &[String]) -> Value {
@@ -277,17 +341,27 @@ pub fn tiny_starcoder2() -> &'static Path {
 /// Writes the tiny GGUF of `arch` with `n_pad` extra (unreachable) vocabulary entries, which make
 /// the embedding as large as a test needs.
 pub fn write_gguf_fixture(arch: Arch, dir: &Path, n_pad: usize) -> (PathBuf, HParams) {
-    let (tokenizer, n_tokens) = tiny_tokenizer(n_pad);
-    let synth = Synth {
-        hp: tiny_hparams(arch, n_tokens),
-        name: format!("tiny-{}", arch.name()),
-        tokenizer,
-        matrix_type: GgmlType::F32,
-        seed: 0x9e37_79b9_7f4a_7c15 ^ arch as u64,
-    };
+    let synth = fixture_synth(arch, n_pad);
     let gguf = dir.join(format!("tiny-{}.gguf", arch.name()));
     synth.write(&gguf).unwrap();
     (gguf, synth.hp)
+}
+
+/// The generator of the tiny fixture of `arch` (byte-level BPE vocabulary plus `n_pad`
+/// unreachable entries).
+pub fn fixture_synth(arch: Arch, n_pad: usize) -> Synth {
+    let (tokenizer, n_tokens) = tiny_tokenizer(n_pad);
+    Synth {
+        hp: tiny_hparams(arch, n_tokens),
+        // Not "phi3": llama.cpp's vocabulary loader looks up `</s>` in any file whose
+        // general.name contains it, and the byte-level fixture vocabulary has no such token.
+        name: format!("tiny-{}", arch.name()).replace("phi3", "phi-three"),
+        tokenizer,
+        matrix_type: GgmlType::F32,
+        seed: 0x9e37_79b9_7f4a_7c15 ^ arch as u64,
+        optional: Vec::new(),
+        extra_metadata: Vec::new(),
+    }
 }
 
 /// Writes an HF folder (config.json, model.safetensors, tokenizer.json) from a fixture GGUF.
@@ -303,14 +377,45 @@ fn write_hf(gguf: &Path, dir: &Path, hp: &HParams) {
             "n_inner": hp.n_ff, "vocab_size": hp.n_vocab, "n_positions": hp.n_ctx,
             "layer_norm_epsilon": hp.norm_eps,
         }),
-        Arch::Llama => serde_json::json!({
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "num_hidden_layers": hp.n_layer, "hidden_size": hp.n_embd,
-            "intermediate_size": hp.n_ff, "num_attention_heads": hp.n_head,
-            "num_key_value_heads": hp.n_head_kv, "vocab_size": hp.n_vocab,
-            "max_position_embeddings": hp.n_ctx, "rms_norm_eps": hp.norm_eps,
-            "rope_theta": hp.rope_base, "tie_word_embeddings": true,
-        }),
+        arch => {
+            let model_type = match arch {
+                Arch::Gemma3 => "gemma3_text",
+                other => other.name(),
+            };
+            let mut c = serde_json::json!({
+                "model_type": model_type,
+                "num_hidden_layers": hp.n_layer, "hidden_size": hp.n_embd,
+                "intermediate_size": hp.n_ff, "num_attention_heads": hp.n_head,
+                "num_key_value_heads": hp.n_head_kv, "head_dim": hp.n_embd_head,
+                "vocab_size": hp.n_vocab,
+                "max_position_embeddings": hp.n_ctx, "rms_norm_eps": hp.norm_eps,
+                "rope_theta": hp.rope_base, "tie_word_embeddings": true,
+            });
+            if hp.rope_freq_scale != 1.0 {
+                c["rope_scaling"] =
+                    serde_json::json!({"rope_type": "linear", "factor": 1.0 / hp.rope_freq_scale});
+            }
+            if hp.n_swa > 0 {
+                c["sliding_window"] = hp.n_swa.into();
+                c["rope_local_base_freq"] = hp.rope_base_swa.into();
+                c["layer_types"] = hp
+                    .swa_layers
+                    .iter()
+                    .map(|&s| {
+                        if s {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .into();
+            }
+            if hp.logit_softcap > 0.0 {
+                c["final_logit_softcapping"] = hp.logit_softcap.into();
+            }
+            c
+        }
     };
     std::fs::write(
         dir.join("config.json"),

@@ -1,12 +1,13 @@
 //! The one synthetic-GGUF generator, shared by the test fixtures (`tests/common/mod.rs`: tiny
-//! F32 GPT-2 and Llama models) and the scale benchmark (`examples/scale.rs`: a 7B-shaped Q4_0
-//! Llama): llama.cpp metadata for given hyperparameters, every tensor the architecture requires,
-//! and seeded pseudo-random weights, written to disk one tensor at a time (so a 4 GB model never
-//! sits in memory).
+//! F32 models of every family) and the scale benchmark (`examples/scale.rs`: a 7B-shaped Q4_0
+//! Llama): llama.cpp metadata for given hyperparameters (the keys the family's table reads),
+//! every tensor the table requires (and chosen optional ones), and seeded pseudo-random
+//! weights, written to disk one tensor at a time (so a 4 GB model never sits in memory).
 #![allow(dead_code)]
 
-use backlens::arch::{self, Arch, HParams};
-use backlens::weights::gguf::Value;
+use backlens::arch::family::{Need, Positions};
+use backlens::arch::{self, HParams};
+use backlens::weights::gguf::{Value, ValueType};
 use backlens::weights::quant::GgmlType;
 use backlens::write::gguf::{write_generated, GeneratedTensor};
 use std::path::Path;
@@ -24,6 +25,11 @@ pub struct Synth {
     pub matrix_type: GgmlType,
     /// Seed of the weights.
     pub seed: u64,
+    /// Optional tensors of the table to write too (names as in the table, e.g.
+    /// `rope_freqs.weight` or `attn_q.bias` for every block).
+    pub optional: Vec<&'static str>,
+    /// Metadata entries written after the hyperparameters, before the tokenizer.
+    pub extra_metadata: Vec<(String, Value)>,
 }
 
 /// Deterministic pseudo-random numbers (xorshift64).
@@ -50,6 +56,8 @@ fn spread(name: &str, fan_in: u64) -> (f32, f32) {
     match name {
         "token_embd.weight" | "output.weight" => (0.5, 0.0),
         "position_embd.weight" => (0.2, 0.0),
+        // RoPE frequency factors in [1, 3), as Llama 3's run from 1 to 8 (and LongRoPE's).
+        _ if name.starts_with("rope_") => (1.0, 2.0),
         _ if name.ends_with(".bias") => (0.1, 0.0),
         _ if name.contains("norm") => (0.2, 1.0),
         _ => (1.7 / (fan_in as f32).sqrt(), 0.0),
@@ -72,27 +80,68 @@ impl Synth {
             (format!("{a}.attention.head_count"), u(hp.n_head)),
             (format!("{a}.attention.head_count_kv"), u(hp.n_head_kv)),
         ];
-        let eps = Value::F32(hp.norm_eps as f32);
-        match hp.arch {
-            Arch::Gpt2 => md.push((format!("{a}.attention.layer_norm_epsilon"), eps)),
-            Arch::Llama => md.extend([
-                (format!("{a}.attention.layer_norm_rms_epsilon"), eps),
-                (
-                    format!("{a}.rope.freq_base"),
-                    Value::F32(hp.rope_base as f32),
-                ),
-                (format!("{a}.rope.dimension_count"), u(hp.head_dim())),
-            ]),
+        let fam = hp.arch.family();
+        let f = |v: f64| Value::F32(v as f32);
+        md.push((format!("{a}.{}", fam.eps_key), f(hp.norm_eps)));
+        if hp.n_head * hp.n_embd_head != hp.n_embd {
+            md.push((format!("{a}.attention.key_length"), u(hp.n_embd_head)));
+            md.push((format!("{a}.attention.value_length"), u(hp.n_embd_head)));
         }
+        if let Positions::Rope(_) = fam.positions {
+            md.push((format!("{a}.rope.freq_base"), f(hp.rope_base)));
+            md.push((format!("{a}.rope.dimension_count"), u(hp.head_dim())));
+            if hp.rope_freq_scale != 1.0 {
+                md.push((
+                    format!("{a}.rope.scaling.type"),
+                    Value::String("linear".into()),
+                ));
+                md.push((
+                    format!("{a}.rope.scaling.factor"),
+                    f(1.0 / hp.rope_freq_scale),
+                ));
+            }
+            if hp.rope_attn_factor != 1.0 {
+                md.push((
+                    format!("{a}.rope.scaling.attn_factor"),
+                    f(hp.rope_attn_factor),
+                ));
+            }
+        }
+        if hp.n_swa > 0 {
+            md.push((format!("{a}.attention.sliding_window"), u(hp.n_swa)));
+            md.push((
+                format!("{a}.attention.sliding_window_pattern"),
+                Value::Array(
+                    ValueType::Bool,
+                    hp.swa_layers.iter().map(|&b| Value::Bool(b)).collect(),
+                ),
+            ));
+            md.push((format!("{a}.rope.freq_base_swa"), f(hp.rope_base_swa)));
+        }
+        if hp.logit_softcap > 0.0 {
+            md.push((format!("{a}.final_logit_softcapping"), f(hp.logit_softcap)));
+        }
+        md.extend(self.extra_metadata.iter().cloned());
         md.extend(self.tokenizer.iter().cloned());
         md
     }
 
-    /// The tensors the architecture requires, in its order; 1-D ones (norms, biases) are F32.
+    /// The tensors the table requires and the chosen optional ones, in its order; 1-D ones
+    /// (norms, biases, factors) are F32.
     pub fn tensors(&self) -> Vec<GeneratedTensor> {
-        arch::required_tensors(&self.hp)
+        let wanted = |name: &str| {
+            let role = name
+                .splitn(3, '.')
+                .nth(2)
+                .filter(|_| name.starts_with("blk."));
+            self.optional.contains(&role.unwrap_or(name))
+        };
+        arch::tensor_specs(&self.hp)
             .into_iter()
-            .map(|(name, shape)| GeneratedTensor {
+            .filter(|(name, _, need)| {
+                need.required(self.hp.tied_embeddings) || (*need == Need::Optional && wanted(name))
+            })
+            .map(|(name, shape, _)| GeneratedTensor {
                 ggml_type: if shape.len() == 1 {
                     GgmlType::F32
                 } else {
@@ -110,7 +159,12 @@ impl Synth {
         let mut rng = Rng(self.seed);
         write_generated(path, &self.metadata(), &tensors, |i, buf| {
             let t = &tensors[i];
-            let (scale, offset) = spread(&t.name, t.dims[0]);
+            let (mut scale, offset) = spread(&t.name, t.dims[0]);
+            // Gemma multiplies the embedding rows by √n_embd; trained Gemma embeddings are
+            // that much smaller, which keeps the residual stream at the scale of the rest.
+            if t.name == "token_embd.weight" && self.hp.arch.family().embed_scale {
+                scale /= (self.hp.n_embd as f32).sqrt();
+            }
             match t.ggml_type {
                 GgmlType::F32 => {
                     for c in buf.chunks_exact_mut(4) {
