@@ -752,9 +752,7 @@ impl<'a> BlockStream<'a> {
 
     /// Block `layer` applied to `h`: the residual stream after it.
     pub fn forward(&self, layer: usize, h: &Tensor) -> Result<Tensor> {
-        let step = self
-            .block(layer)?
-            .step(&self.hp, h, &self.tables, None)?;
+        let step = self.block(layer)?.step(&self.hp, h, &self.tables, None)?;
         Ok(step.resid_out)
     }
 

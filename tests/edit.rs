@@ -189,7 +189,7 @@ fn shift_edit_flips_the_target_in_llama_cpp_for_every_family() {
             .unwrap()
             .write(&patched)
             .unwrap();
-        lora::write_adapter(&adapter, hp.arch, std::slice::from_ref(&delta), &[]).unwrap();
+        lora::write_adapter(&adapter, hp.arch.name(), std::slice::from_ref(&delta), &[]).unwrap();
         let via_gguf = argmax(
             &LlamaRuntime::load(&patched)
                 .unwrap()

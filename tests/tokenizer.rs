@@ -304,6 +304,8 @@ fn write_model(dir: &Path, kind: &Kind) -> PathBuf {
         tokenizer: kind.metadata.clone(),
         matrix_type: GgmlType::F32,
         seed: 7,
+        optional: Vec::new(),
+        extra_metadata: Vec::new(),
     };
     let path = dir.join(format!("{}.gguf", kind.name));
     synth.write(&path).unwrap();

@@ -1,9 +1,9 @@
 //! Architectures: hyperparameters, the tensor names each one needs, and how HF checkpoints map
 //! onto GGUF names and layouts (`hf`).
 
-pub mod generic;
 pub mod family;
 pub mod gemma3;
+pub mod generic;
 pub mod gpt2;
 pub mod hf;
 pub mod llama;

@@ -5,7 +5,7 @@ use anyhow::Result;
 use backlens::edit::{EditRequest, EditSettings, Method};
 use backlens::eval::{self, EvalConfig, LayerChoice, LrChoice};
 use backlens::lens::{self, LensOptions};
-use backlens::model::{Attention, Transformer};
+use backlens::model::Transformer;
 use backlens::patch::{self, Format, Forward, Job, WhitenSetup};
 use backlens::runtime::LlamaRuntime;
 use backlens::trace::Tracer;
@@ -71,13 +71,9 @@ fn weight_elems(model: &Transformer) -> usize {
         .blocks
         .iter()
         .map(|b| {
-            let attn = match &b.attn {
-                Attention::Fused { qkv } => vec![qkv],
-                Attention::Split { q, k, v } => vec![q, k, v],
-            };
+            let attn = [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn_out];
             let ffn = [Some(&b.ffn.up), b.ffn.gate.as_ref(), Some(&b.ffn.down)];
             attn.into_iter()
-                .chain([&b.attn_out])
                 .chain(ffn.into_iter().flatten())
                 .map(|l| l.w.elem_count())
                 .sum::<usize>()
