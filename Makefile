@@ -38,7 +38,7 @@ lint: deps
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 
-test: deps model lint llama-server
+test: deps model real-models lint llama-server
 	cargo test --release -- --test-threads=2
 
 demo: build model
