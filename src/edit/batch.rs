@@ -99,7 +99,7 @@ pub fn compute_all(
 
 /// Refuses two requests with the same prompt and different targets (the rule is documented in
 /// docs/methods.md: a request file may repeat a fact only with the same target).
-fn refuse_conflicts(requests: &[EditRequest]) -> Result<()> {
+pub fn refuse_conflicts(requests: &[EditRequest]) -> Result<()> {
     let mut seen: std::collections::HashMap<&str, (usize, &str)> = Default::default();
     for (i, r) in requests.iter().enumerate() {
         if let Some(&(j, target)) = seen.get(r.prompt.as_str()) {
