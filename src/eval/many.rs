@@ -9,7 +9,7 @@
 
 use super::{encode, locality_top1, ngram_entropy, score, summarize, Encoded, Stat, Summary};
 use super::{load_adapter, FLUENCY_TOKENS};
-use crate::edit::{self, batch, Delta, EditContext, EditOutcome, EditRequest, EditSettings, Method};
+use crate::edit::{self, Delta, EditContext, EditOutcome, EditRequest, EditSettings, Method};
 use crate::model::Transformer;
 use crate::perplexity::{self, Perplexity, GENERAL_TEXT};
 use crate::runtime::{LlamaRuntime, Session};
@@ -22,12 +22,9 @@ use std::path::Path;
 use std::time::Instant;
 
 /// Prompts whose greedy continuations give the fluency score (general text no edit targets).
-pub const FLUENCY_PROMPTS: [&str; 6] = [
+pub const FLUENCY_PROMPTS: [&str; 3] = [
     "The history of the city begins",
-    "In the morning, the weather",
     "The most important thing about science is",
-    "My favourite book tells the story of",
-    "The river flows through",
     "When the war ended, the people",
 ];
 
@@ -103,7 +100,7 @@ pub fn check_sizes(sizes: &[usize], available: usize, source: &str) -> Result<()
     let max = *sizes.last().expect("not empty");
     if max > available {
         return Err(Error::Invalid(format!(
-            "{source}: {max} edits asked for but only {available} records are there (after --offset)"
+            "{source}: --edits/--curve asks for {max} records, it has {available} (after --offset)"
         )));
     }
     Ok(())
@@ -127,7 +124,7 @@ pub fn evaluate_many(
     let records = &records[..max];
     let mut rt = LlamaRuntime::load(gguf)?;
     let encoded = encode_all(tok, records, rt.session()?.max_tokens())?;
-    batch::refuse_conflicts(records)?;
+    edit::request::refuse_conflicts(records)?;
     for &method in &config.methods {
         EditSettings {
             method,
