@@ -179,7 +179,9 @@ impl Session<'_> {
     /// Logits after each position in `want` (indices into `tokens`), from one decode.
     pub fn logits_at(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<Vec<f32>>> {
         self.decode_fresh(tokens, |i| want.contains(&i))?;
-        want.iter().map(|&i| self.finite_row(i).map(<[f32]>::to_vec)).collect()
+        want.iter()
+            .map(|&i| self.finite_row(i).map(<[f32]>::to_vec))
+            .collect()
     }
 
     /// Decodes `tokens` from an empty KV cache, with logits at the positions `keep` selects.
@@ -199,9 +201,7 @@ impl Session<'_> {
                 .add(LlamaToken(t as i32), i as i32, &[0], keep(i))
                 .map_err(|e| rt_err("batch", e))?;
         }
-        self.ctx
-            .decode(&mut batch)
-            .map_err(|e| rt_err("decode", e))
+        self.ctx.decode(&mut batch).map_err(|e| rt_err("decode", e))
     }
 
     /// The logits row of position `i` of the last decode, refused when non-finite.

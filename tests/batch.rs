@@ -208,7 +208,9 @@ fn fifty_val_records_in_one_batch_adapter_flip_through_llama_cpp() {
     let base_ppl = perplexity::perplexity(&mut rt.session().unwrap(), &text)
         .unwrap()
         .perplexity;
-    println!("perplexity on the shipped text: {base_ppl:.3} unedited, {edited_ppl:.3} with the 50 edits");
+    println!(
+        "perplexity on the shipped text: {base_ppl:.3} unedited, {edited_ppl:.3} with the 50 edits"
+    );
     assert!(
         (edited_ppl / base_ppl - 1.0).abs() <= 0.05,
         "{edited_ppl} vs {base_ppl}"

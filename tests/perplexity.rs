@@ -13,13 +13,19 @@ use backlens::write::{OutputClaim, OutputKind};
 
 #[test]
 fn smollm2_perplexity_on_the_shipped_text_is_sane_and_a_zero_adapter_changes_nothing() {
-    assert!(GENERAL_TEXT.split("\n\n").count() >= 300, "a few hundred paragraphs");
+    assert!(
+        GENERAL_TEXT.split("\n\n").count() >= 300,
+        "a few hundred paragraphs"
+    );
     let path = common::smollm2();
     let mut rt = LlamaRuntime::load(&path).unwrap();
     let tokens = perplexity::text_tokens(&rt, GENERAL_TEXT, Some(DEFAULT_TOKENS)).unwrap();
     assert_eq!(tokens.len(), DEFAULT_TOKENS);
     let base = perplexity::perplexity(&mut rt.session().unwrap(), &tokens).unwrap();
-    println!("SmolLM2 perplexity on {} tokens: {:.3}", base.tokens, base.perplexity);
+    println!(
+        "SmolLM2 perplexity on {} tokens: {:.3}",
+        base.tokens, base.perplexity
+    );
     assert_eq!(base.chunks, DEFAULT_TOKENS / 512);
     assert_eq!(base.tokens, DEFAULT_TOKENS - base.chunks);
     assert!(

@@ -276,7 +276,12 @@ pub fn apply_sequence_with(
             settings.check(model.hp.n_layer)?;
             let stats = ctx.stats_at(settings)?;
             let (layer, lr) = (settings.layer, settings.lr);
-            Some(protected::Sequence::new(stats, layer, lr, batch::DEFAULT_RIDGE)?)
+            Some(protected::Sequence::new(
+                stats,
+                layer,
+                lr,
+                batch::DEFAULT_RIDGE,
+            )?)
         }
         _ => None,
     };

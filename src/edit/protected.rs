@@ -169,7 +169,8 @@ mod tests {
         let mut moment = vec![0f64; n * n];
         for i in 0..n {
             for j in 0..n {
-                moment[i * n + j] = (0..n).map(|k| a[i * n + k] * a[j * n + k]).sum::<f64>() / n as f64;
+                moment[i * n + j] =
+                    (0..n).map(|k| a[i * n + k] * a[j * n + k]).sum::<f64>() / n as f64;
             }
             moment[i * n + i] += 0.1;
         }
@@ -230,7 +231,10 @@ mod tests {
             for o in 0..n_out {
                 let got: f64 = (0..n).map(|i| sum[o * n + i] * x[i]).sum();
                 let want = lr * dot(x, x) * e[o] as f64;
-                assert!((got - want).abs() < 0.02 * want.abs().max(0.1), "{got} vs {want}");
+                assert!(
+                    (got - want).abs() < 0.02 * want.abs().max(0.1),
+                    "{got} vs {want}"
+                );
             }
         }
     }

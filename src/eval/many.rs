@@ -236,7 +236,9 @@ fn fluency(s: &mut Session, tok: &Tokenizer) -> Result<Stat> {
         .iter()
         .map(|p| {
             let ids = tok.encode_prompt(p)?;
-            Ok(ngram_entropy(&tok.decode(&s.generate(&ids, FLUENCY_TOKENS)?)))
+            Ok(ngram_entropy(
+                &tok.decode(&s.generate(&ids, FLUENCY_TOKENS)?),
+            ))
         })
         .collect::<Result<Vec<f64>>>()?;
     Ok(Stat::of(&values))
@@ -303,7 +305,9 @@ pub fn curve_svg(report: &ManyReport) -> String {
     let metrics: [(&str, Pick); 5] = [
         ("efficacy (ES)", |p| p.summary.efficacy.mean),
         ("paraphrase (PS)", |p| p.summary.paraphrase.mean),
-        ("neighborhood top-1 kept", |p| p.summary.neighborhood_top1.mean),
+        ("neighborhood top-1 kept", |p| {
+            p.summary.neighborhood_top1.mean
+        }),
         ("perplexity / unedited", |p| p.perplexity_ratio),
         ("fluency (generation entropy)", |p| p.fluency.mean),
     ];

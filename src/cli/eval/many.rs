@@ -17,7 +17,9 @@ pub fn run(args: Args) -> Result<()> {
     let methods = match (args.methods.is_empty(), args.method.0) {
         (false, _) => args.methods.clone(),
         (true, Some(m)) => vec![m],
-        (true, None) => bail!("--edits/--curve need an edit method (--method or --methods), not none"),
+        (true, None) => {
+            bail!("--edits/--curve need an edit method (--method or --methods), not none")
+        }
     };
     let lr = match args.lr {
         LrChoice::Fixed(lr) => lr,
@@ -101,9 +103,9 @@ pub fn run(args: Args) -> Result<()> {
     );
     for p in &report.points {
         let s = &p.summary;
-        let per_edit = p
-            .compute_seconds
-            .map_or("-".into(), |c| format!("{:.3}", (c + p.write_seconds) / p.n as f64));
+        let per_edit = p.compute_seconds.map_or("-".into(), |c| {
+            format!("{:.3}", (c + p.write_seconds) / p.n as f64)
+        });
         println!(
             "{:<16} {:>5} {:>6} {:>6.3} {:>6.3} {:>6.3} {:>7.3} {:>9.4} {:>8.3} {:>9}",
             p.method.name(),
