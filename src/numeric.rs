@@ -122,9 +122,9 @@ impl GrowingCholesky {
     }
 
     /// Extends the matrix by the column `col` (its entries against the existing rows) and the
-    /// diagonal `diag`. Err(()) when the extended matrix is not positive definite (the factor is
-    /// left unchanged).
-    pub fn push(&mut self, col: &[f64], diag: f64) -> std::result::Result<(), ()> {
+    /// diagonal `diag`. Err(pivot) when the extended matrix is not positive definite (the factor
+    /// is left unchanged).
+    pub fn push(&mut self, col: &[f64], diag: f64) -> std::result::Result<(), f64> {
         assert_eq!(col.len(), self.rows.len(), "one entry per existing row");
         let mut row = Vec::with_capacity(col.len() + 1);
         for (j, &c) in col.iter().enumerate() {
@@ -133,7 +133,7 @@ impl GrowingCholesky {
         }
         let d = diag - dot(&row, &row);
         if !(d.is_finite() && d > 0.0) {
-            return Err(());
+            return Err(d);
         }
         row.push(d.sqrt());
         self.rows.push(row);

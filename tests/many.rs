@@ -141,12 +141,16 @@ fn eval_edits_scores_every_record_on_one_model() {
         assert_eq!(p.summary.efficacy.n, p.n, "every record scored");
         assert!(p.edited <= p.n && p.edited > 0);
         assert!(p.perplexity_ratio.is_finite() && p.perplexity_ratio > 0.5);
-        if p.method == Method::Batch {
-            assert!((p.perplexity_ratio - 1.0).abs() < 0.05, "{}", p.perplexity_ratio);
-        }
         assert!(p.fluency.mean.is_finite());
     }
-    let batch8 = &report.points[3];
+    let (shift8, batch8) = (&report.points[1], &report.points[3]);
+    // The joint solve protects general text far better than plain sequential FPS.
+    assert!(
+        batch8.perplexity_ratio < shift8.perplexity_ratio,
+        "{} vs {}",
+        batch8.perplexity_ratio,
+        shift8.perplexity_ratio
+    );
     assert_eq!((batch8.method, batch8.n), (Method::Batch, 8));
     assert!(
         batch8.summary.efficacy.mean >= 7.0 / 8.0,

@@ -161,20 +161,6 @@ impl EditRequest {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn both_shapes_parse() {
-        let flat = r#"[{"prompt": "A plays for", "target_new": "B", "subject": "A"}]"#;
-        let rome = r#"{"prompt": "{} plays for", "subject": "A", "target_new": {"str": "B"}}"#;
-        assert_eq!(EditRequest::parse(flat), EditRequest::parse(rome));
-        assert!(EditRequest::parse(r#"[{"prompt": "x"}]"#).is_err());
-        assert!(EditRequest::parse(r#"[{"prompt": "x", "target_new": " "}]"#).is_err());
-    }
-}
-
 /// Refuses two requests that edit the same prompt toward different targets, for every method
 /// (docs/methods.md: a request file may repeat a fact only with the same target; neither a joint
 /// solve nor a sequence can satisfy both, and "last wins" would silently drop a fact).
@@ -192,4 +178,18 @@ pub fn refuse_conflicts(requests: &[EditRequest]) -> Result<()> {
         seen.insert(&r.prompt, (i, &r.target_new));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_shapes_parse() {
+        let flat = r#"[{"prompt": "A plays for", "target_new": "B", "subject": "A"}]"#;
+        let rome = r#"{"prompt": "{} plays for", "subject": "A", "target_new": {"str": "B"}}"#;
+        assert_eq!(EditRequest::parse(flat), EditRequest::parse(rome));
+        assert!(EditRequest::parse(r#"[{"prompt": "x"}]"#).is_err());
+        assert!(EditRequest::parse(r#"[{"prompt": "x", "target_new": " "}]"#).is_err());
+    }
 }
