@@ -20,6 +20,7 @@ pub mod model;
 mod names;
 pub mod numeric;
 pub mod patch;
+pub mod perplexity;
 pub mod provenance;
 pub mod report;
 pub mod runtime;

@@ -103,6 +103,61 @@ pub fn cholesky_in_place(a: &mut [f64], n: usize) -> std::result::Result<(), usi
     Ok(())
 }
 
+/// The lower Cholesky factor of a symmetric positive definite matrix that grows by one row and
+/// column at a time (rows stored ragged: row i holds i + 1 entries).
+#[derive(Debug, Clone, Default)]
+pub struct GrowingCholesky {
+    rows: Vec<Vec<f64>>,
+}
+
+impl GrowingCholesky {
+    /// Order of the factored matrix.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether nothing has been pushed.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Extends the matrix by the column `col` (its entries against the existing rows) and the
+    /// diagonal `diag`. Err(pivot) when the extended matrix is not positive definite (the factor
+    /// is left unchanged).
+    pub fn push(&mut self, col: &[f64], diag: f64) -> std::result::Result<(), f64> {
+        assert_eq!(col.len(), self.rows.len(), "one entry per existing row");
+        let mut row = Vec::with_capacity(col.len() + 1);
+        for (j, &c) in col.iter().enumerate() {
+            let s = dot(&row[..j], &self.rows[j][..j]);
+            row.push((c - s) / self.rows[j][j]);
+        }
+        let d = diag - dot(&row, &row);
+        if !(d.is_finite() && d > 0.0) {
+            return Err(d);
+        }
+        row.push(d.sqrt());
+        self.rows.push(row);
+        Ok(())
+    }
+
+    /// Solves L Lᵀ y = b.
+    pub fn solve(&self, mut y: Vec<f64>) -> Vec<f64> {
+        let n = self.rows.len();
+        for i in 0..n {
+            let s = dot(&self.rows[i][..i], &y[..i]);
+            y[i] = (y[i] - s) / self.rows[i][i];
+        }
+        for i in (0..n).rev() {
+            y[i] /= self.rows[i][i];
+            let yi = y[i];
+            for (yk, &lik) in y[..i].iter_mut().zip(&self.rows[i][..i]) {
+                *yk -= lik * yi;
+            }
+        }
+        y
+    }
+}
+
 /// y += a·x.
 pub fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
     for (yi, xi) in y.iter_mut().zip(x) {

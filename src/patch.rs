@@ -465,6 +465,7 @@ pub fn run(
 ) -> Result<PatchReport> {
     job.format.check_input(source)?;
     job.settings.check(n_layer(source)?)?;
+    edit::request::refuse_conflicts(&job.requests)?;
     for r in &job.requests {
         r.validate()?;
         if job.check && job.format != Format::Safetensors {

@@ -647,6 +647,19 @@ pub fn line_plot_svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f6
     o.finish()
 }
 
+/// Panels made by [`line_plot_svg`] in one SVG, two a row.
+pub fn line_plot_grid_svg(panels: &[String]) -> String {
+    let (w, h) = (600.0, 340.0);
+    let rows = panels.len().div_ceil(2).max(1);
+    let mut o = Svg::new(2.0 * w, rows as f64 * h, true);
+    for (i, p) in panels.iter().enumerate() {
+        let (x, y) = ((i % 2) as f64 * w, (i / 2) as f64 * h);
+        let inner = p.strip_prefix("<svg").unwrap_or(p);
+        o.0.push_str(&format!("<svg x=\"{x:.0}\" y=\"{y:.0}\"{inner}"));
+    }
+    o.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

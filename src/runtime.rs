@@ -181,6 +181,14 @@ impl Session<'_> {
 
     /// Logits after each position in `want` (indices into `tokens`), from one decode.
     pub fn logits_at(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<Vec<f32>>> {
+        self.decode_fresh(tokens, |i| want.contains(&i))?;
+        want.iter()
+            .map(|&i| self.finite_row(i).map(<[f32]>::to_vec))
+            .collect()
+    }
+
+    /// Decodes `tokens` from an empty KV cache, with logits at the positions `keep` selects.
+    fn decode_fresh(&mut self, tokens: &[u32], keep: impl Fn(usize) -> bool) -> Result<()> {
         if tokens.is_empty() || tokens.len() > self.max_tokens {
             return Err(Error::BadRequest(format!(
                 "{} tokens: llama.cpp sessions of {} take 1 to {} (its training context, at most {SESSION_CTX})",
@@ -193,23 +201,41 @@ impl Session<'_> {
         let mut batch = LlamaBatch::new(tokens.len(), 1);
         for (i, &t) in tokens.iter().enumerate() {
             batch
-                .add(LlamaToken(t as i32), i as i32, &[0], want.contains(&i))
+                .add(LlamaToken(t as i32), i as i32, &[0], keep(i))
                 .map_err(|e| rt_err("batch", e))?;
         }
-        self.ctx
-            .decode(&mut batch)
-            .map_err(|e| rt_err("decode", e))?;
-        let rows: Vec<Vec<f32>> = want
-            .iter()
-            .map(|&i| self.ctx.get_logits_ith(i as i32).to_vec())
-            .collect();
-        if rows.iter().flatten().any(|v| !v.is_finite()) {
-            return Err(Error::Numeric(
+        self.ctx.decode(&mut batch).map_err(|e| rt_err("decode", e))
+    }
+
+    /// The logits row of position `i` of the last decode, refused when non-finite.
+    fn finite_row(&self, i: usize) -> Result<&[f32]> {
+        let row = self.ctx.get_logits_ith(i as i32);
+        match row.iter().all(|v| v.is_finite()) {
+            true => Ok(row),
+            false => Err(Error::Numeric(
                 "llama.cpp gives non-finite logits: the model's weights (or the edit) hold NaN or Inf"
                     .into(),
+            )),
+        }
+    }
+
+    /// Most tokens one evaluation may hold (the session's context, at most the training one).
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// log p(tokens[i+1] | tokens[..=i]) for every i, from one decode (each row's log-softmax
+    /// is taken as it is read, so no logits matrix is kept).
+    pub fn next_token_logprobs(&mut self, tokens: &[u32]) -> Result<Vec<f64>> {
+        if tokens.len() < 2 {
+            return Err(Error::Invalid(
+                "scoring next tokens needs at least two tokens".into(),
             ));
         }
-        Ok(rows)
+        self.decode_fresh(tokens, |i| i + 1 < tokens.len())?;
+        (0..tokens.len() - 1)
+            .map(|i| Ok(log_probs(self.finite_row(i)?)[tokens[i + 1] as usize]))
+            .collect()
     }
 
     /// Scores prompts and their continuations with as few decodes as one sequence allows:

@@ -12,6 +12,8 @@ use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
+mod many;
+
 /// An edit method, or none for the unedited baseline.
 #[derive(Debug, Clone, Copy)]
 struct EvalMethod(Option<Method>);
@@ -73,12 +75,28 @@ pub struct Args {
     /// Replace an existing plot file.
     #[arg(long)]
     force: bool,
+    /// Edit the first N records into one model and score them all on it (with perplexity on
+    /// the shipped general text and fluency on fixed prompts).
+    #[arg(long, conflicts_with_all = ["curve", "sequential", "sweep_layers", "sweep_lr"])]
+    edits: Option<usize>,
+    /// As --edits, at each of these N (ascending, comma-separated), with an SVG plot (--plot).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["sequential", "sweep_layers", "sweep_lr"])]
+    curve: Vec<usize>,
+    /// Methods of --edits/--curve, comma-separated [default: --method].
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<Method>,
+    /// Tokens of the general text the perplexity of --edits/--curve is taken over.
+    #[arg(long, default_value_t = backlens::perplexity::DEFAULT_TOKENS)]
+    ppl_tokens: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.edits.is_some() || !args.curve.is_empty() {
+        return many::run(args);
+    }
     let sweep = args.sweep_layers.is_some() || !args.sweep_lr.is_empty();
     let plot_claim = match sweep {
         true => Some(OutputClaim::new(

@@ -60,7 +60,7 @@ pub fn compute_all(
             "the batch ridge must be ≥ 0, got {ridge}"
         )));
     }
-    refuse_conflicts(requests)?;
+    super::request::refuse_conflicts(requests)?;
     // (target id, top-1, key and value when the request is edited)
     let mut keyed: Vec<(u32, u32, Option<Keyed>)> = Vec::with_capacity(requests.len());
     for req in requests {
@@ -95,24 +95,6 @@ pub fn compute_all(
             None => EditOutcome::skipped(req, *target_id, *top1),
         })
         .collect())
-}
-
-/// Refuses two requests with the same prompt and different targets (the rule is documented in
-/// docs/methods.md: a request file may repeat a fact only with the same target).
-fn refuse_conflicts(requests: &[EditRequest]) -> Result<()> {
-    let mut seen: std::collections::HashMap<&str, (usize, &str)> = Default::default();
-    for (i, r) in requests.iter().enumerate() {
-        if let Some(&(j, target)) = seen.get(r.prompt.as_str()) {
-            if target != r.target_new {
-                return Err(Error::BadRequest(format!(
-                    "requests #{j} and #{i} edit the prompt {:?} toward different targets ({target:?}, {:?})",
-                    r.prompt, r.target_new
-                )));
-            }
-        }
-        seen.insert(&r.prompt, (i, &r.target_new));
-    }
-    Ok(())
 }
 
 /// The rank-one shares r'ᵢ zᵢᵀ of ΔW = R (ρ·s·I + KᵀZ)⁻¹ Zᵀ, Z = C⁻¹K.

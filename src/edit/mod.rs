@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod grad;
+pub mod protected;
 pub mod request;
 pub mod shift;
 pub mod whiten;
@@ -32,6 +33,10 @@ pub enum Method {
     /// statistics): each key gets the write plain FPS would give it, everything else as little
     /// as possible (module edit::batch).
     Batch,
+    /// Sequential edits that keep earlier edits' and generic text's outputs: the batch solve
+    /// updated one request at a time, ending where it would (module edit::protected).
+    #[serde(rename = "shift-protected")]
+    ShiftProtected,
 }
 
 /// Layer and step of an edit.
@@ -113,7 +118,10 @@ fn first_target_token(tok: &crate::tokenizer::Tokenizer, req: &EditRequest) -> R
 impl Method {
     /// Whether the method needs key statistics in its [`EditContext`].
     pub fn needs_stats(self) -> bool {
-        matches!(self, Method::ShiftWhitened | Method::Batch)
+        matches!(
+            self,
+            Method::ShiftWhitened | Method::Batch | Method::ShiftProtected
+        )
     }
 }
 
@@ -122,6 +130,7 @@ crate::named_enum!(Method, "method", [
     ShiftWhitened => "shift-whitened",
     Grad => "grad",
     Batch => "batch",
+    ShiftProtected => "shift-protected",
 ]);
 
 /// What an edit may need besides the model and the request.
@@ -180,6 +189,12 @@ pub fn compute_with(
                 batch::compute_all(model, tok, reqs, settings.layer, settings.lr, &stats, ridge)?;
             Ok(one.remove(0))
         }
+        Method::ShiftProtected => {
+            let stats = ctx.stats_at(settings)?;
+            let ridge = batch::DEFAULT_RIDGE;
+            protected::Sequence::new(stats, settings.layer, settings.lr, ridge)?
+                .step(model, tok, req)
+        }
     }
 }
 
@@ -229,7 +244,8 @@ pub fn apply_in_order(
 }
 
 /// [`apply_sequence`] with a context (key statistics always come from the unedited model).
-/// [`Method::Batch`] solves all requests jointly on the unedited model instead.
+/// [`Method::Batch`] solves all requests jointly on the unedited model instead;
+/// [`Method::ShiftProtected`] carries its protection from one request to the next.
 pub fn apply_sequence_with(
     model: &mut Transformer,
     tok: &crate::tokenizer::Tokenizer,
@@ -255,9 +271,29 @@ pub fn apply_sequence_with(
         }
         return Ok(outcomes);
     }
+    let mut protection = match settings.method {
+        Method::ShiftProtected => {
+            settings.check(model.hp.n_layer)?;
+            let stats = ctx.stats_at(settings)?;
+            let (layer, lr) = (settings.layer, settings.lr);
+            Some(protected::Sequence::new(
+                stats,
+                layer,
+                lr,
+                batch::DEFAULT_RIDGE,
+            )?)
+        }
+        _ => None,
+    };
     let mut outcomes = Vec::with_capacity(requests.len());
     for req in requests {
-        let outcome = compute_with(model, tok, req, settings, ctx)?;
+        let outcome = match &mut protection {
+            Some(seq) => {
+                req.validate()?;
+                seq.step(model, tok, req)?
+            }
+            None => compute_with(model, tok, req, settings, ctx)?,
+        };
         if let Some(d) = &outcome.delta {
             model.apply_delta(d)?;
         }

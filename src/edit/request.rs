@@ -161,6 +161,25 @@ impl EditRequest {
     }
 }
 
+/// Refuses two requests that edit the same prompt toward different targets, for every method
+/// (docs/methods.md: a request file may repeat a fact only with the same target; neither a joint
+/// solve nor a sequence can satisfy both, and "last wins" would silently drop a fact).
+pub fn refuse_conflicts(requests: &[EditRequest]) -> Result<()> {
+    let mut seen: std::collections::HashMap<&str, (usize, &str)> = Default::default();
+    for (i, r) in requests.iter().enumerate() {
+        if let Some(&(j, target)) = seen.get(r.prompt.as_str()) {
+            if target != r.target_new {
+                return Err(Error::BadRequest(format!(
+                    "requests #{j} and #{i} edit the prompt {:?} toward different targets ({target:?}, {:?})",
+                    r.prompt, r.target_new
+                )));
+            }
+        }
+        seen.insert(&r.prompt, (i, &r.target_new));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,9 @@
 //! CounterFact evaluation through llama.cpp, as in ROME/MEMIT: each record is edited in memory
 //! with the same code as `edit`, the edit is hot-swapped into llama.cpp as a low-rank LoRA
 //! adapter (no model reload), scored, and removed again, so records are independent unless
-//! `sequential` is set.
+//! `sequential` is set. [`many`] puts many records into one model instead (`eval --edits`).
+
+pub mod many;
 
 use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};
 use crate::lens::backward_pass;
