@@ -44,7 +44,7 @@ fn smollm2_perplexity_on_the_shipped_text_is_sane_and_a_zero_adapter_changes_not
     };
     let dir = common::temp_dir("ppl");
     let claim = OutputClaim::new(&dir.join("zero.gguf"), OutputKind::File, &[], false).unwrap();
-    let staged = patch::stage_adapter(Arch::Llama, &[zero], claim).unwrap();
+    let staged = patch::stage_adapter(Arch::Llama.name(), &[zero], claim).unwrap();
     let mut adapter = rt.load_lora(staged.path()).unwrap();
     let mut s = rt.session().unwrap();
     s.set_lora(&mut adapter, 1.0).unwrap();
