@@ -105,7 +105,16 @@ fn inspect_reports_capabilities_of_a_supported_model() {
         .iter()
         .map(|m| m.as_str().unwrap())
         .collect();
-    assert_eq!(methods, ["shift", "shift-whitened", "grad", "batch"]);
+    assert_eq!(
+        methods,
+        [
+            "shift",
+            "shift-whitened",
+            "grad",
+            "batch",
+            "shift-protected"
+        ]
+    );
 }
 
 /// Runs the binary; returns (exit code, stdout, stderr).

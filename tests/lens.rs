@@ -212,7 +212,12 @@ fn projections_equal_a_token_by_token_computation() {
                     for t in &proj.top {
                         assert!(
                             (t.score as f64 - scores[t.id as usize]).abs()
-                                < 1e-4 * s.abs().max(1.0)
+                                < 1e-4 * s.abs().max(1.0),
+                            "{arch:?} score layer {} pos {}: {} vs {}",
+                            l.layer,
+                            c.pos,
+                            t.score,
+                            scores[t.id as usize]
                         );
                     }
                 }

@@ -172,6 +172,16 @@ pub fn project_and_pick(
         out.extend(pick_rows(&scores, vocab, signs, k, ids)?);
         start += n;
     }
+    // A final logit softcap (Gemma) is odd and increasing: the picks and ranks of the capped
+    // scores are those of the raw ones, and only the reported scores change.
+    let cap = model.hp.logit_softcap as f32;
+    if cap > 0.0 {
+        for picked in out.iter_mut().flatten() {
+            for (_, s) in picked.top.iter_mut().chain(picked.bottom.iter_mut()) {
+                *s = cap * (*s / cap).tanh();
+            }
+        }
+    }
     Ok(out)
 }
 
