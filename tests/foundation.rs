@@ -109,18 +109,6 @@ fn safetensors_and_gguf_give_the_same_logits() {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct Record {
-    prompt: String,
-    target_new: String,
-    ground_truth: String,
-}
-
-fn val_records() -> Vec<Record> {
-    let text = std::fs::read_to_string(common::counterfact("counterfact-val.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
 /// Top-1 agreement, llama.cpp top-1 margins where the two disagree, and mean KL(llama.cpp ‖ candle)
 /// over the first 200 val prompts.
 struct Agreement {
@@ -140,7 +128,7 @@ fn agreement_with_llama_cpp(numerics: Numerics) -> Agreement {
         flips: Vec::new(),
         mean_kl: 0.0,
     };
-    for r in val_records().iter().take(200) {
+    for r in common::val_records().iter().take(200) {
         let ids = tok.encode_prompt(&r.prompt).unwrap();
         let theirs = log_probs(&session.logits_last(&ids).unwrap());
         let (logits, _) = model.forward(&ids, None).unwrap();
@@ -284,24 +272,7 @@ fn smollm2_tokenizer_matches_llama_cpp() {
     let path = common::smollm2();
     let tok = &common::smollm2_loaded().tok;
     let rt = LlamaRuntime::load(&path).unwrap();
-    let mut checked = 0;
-    for r in val_records() {
-        assert_eq!(
-            tok.encode_prompt(&r.prompt).unwrap(),
-            rt.tokenize(&r.prompt, true),
-            "{:?}",
-            r.prompt
-        );
-        for t in [&r.target_new, &r.ground_truth] {
-            let spaced = format!(" {t}");
-            assert_eq!(
-                tok.encode_target(t).unwrap(),
-                rt.tokenize(&spaced, false),
-                "{spaced:?}"
-            );
-        }
-        checked += 1;
-    }
+    let checked = common::assert_tokenizer_matches_llama_cpp(tok, &rt, "SmolLM2");
     assert_eq!(checked, 1919);
 }
 

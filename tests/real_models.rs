@@ -27,45 +27,15 @@ fn real(name: &str) -> PathBuf {
     p
 }
 
-#[derive(serde::Deserialize)]
-struct Record {
-    prompt: String,
-    target_new: String,
-    ground_truth: String,
-}
-
-fn val_records() -> Vec<Record> {
-    let text = std::fs::read_to_string(common::counterfact("counterfact-val.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
 /// Token ids equal llama.cpp's on every val prompt and target, for both tokenizer kinds.
 #[test]
 fn real_tokenizers_equal_llama_cpp_on_every_val_record() {
-    let records = val_records();
     for name in MODELS {
         let path = real(name);
         let source = backlens::source::ModelSource::open(&path).unwrap();
         let tok = backlens::tokenizer::Tokenizer::from_source(&source).unwrap();
         let rt = LlamaRuntime::load(&path).unwrap();
-        let mut checked = 0;
-        for r in &records {
-            assert_eq!(
-                tok.encode_prompt(&r.prompt).unwrap(),
-                rt.tokenize(&r.prompt, true),
-                "{name}: {:?}",
-                r.prompt
-            );
-            for t in [&r.target_new, &r.ground_truth] {
-                let spaced = format!(" {t}");
-                assert_eq!(
-                    tok.encode_target(t).unwrap(),
-                    rt.tokenize(&spaced, false),
-                    "{name}: {spaced:?}"
-                );
-            }
-            checked += 1;
-        }
+        let checked = common::assert_tokenizer_matches_llama_cpp(&tok, &rt, name);
         assert_eq!(checked, 1919, "{name}");
     }
 }
@@ -73,7 +43,7 @@ fn real_tokenizers_equal_llama_cpp_on_every_val_record() {
 /// candle's exact forward picks llama.cpp's top-1 next token on the first 40 val prompts.
 #[test]
 fn real_models_candle_top1_agrees_with_llama_cpp() {
-    let records = val_records();
+    let records = common::val_records();
     for name in MODELS {
         let path = real(name);
         let loaded = common::load_with(&path, DType::F32, Numerics::Exact);

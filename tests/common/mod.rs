@@ -29,6 +29,48 @@ pub fn ff2_in_last(model: &Transformer, tok: &Tokenizer, prompt: &str, layer: us
         .unwrap()
 }
 
+/// A CounterFact val record: the fields the parity tests read.
+#[derive(serde::Deserialize)]
+pub struct ValRecord {
+    pub prompt: String,
+    pub target_new: String,
+    pub ground_truth: String,
+}
+
+/// The 1919 records of `counterfact-val.json`.
+pub fn val_records() -> Vec<ValRecord> {
+    let text = std::fs::read_to_string(counterfact("counterfact-val.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Asserts that `tok` gives llama.cpp's ids (`rt`) for every val prompt and for " " + each
+/// target; returns the number of records checked.
+pub fn assert_tokenizer_matches_llama_cpp(
+    tok: &Tokenizer,
+    rt: &backlens::runtime::LlamaRuntime,
+    name: &str,
+) -> usize {
+    let mut checked = 0;
+    for r in val_records() {
+        assert_eq!(
+            tok.encode_prompt(&r.prompt).unwrap(),
+            rt.tokenize(&r.prompt, true),
+            "{name}: {:?}",
+            r.prompt
+        );
+        for t in [&r.target_new, &r.ground_truth] {
+            let spaced = format!(" {t}");
+            assert_eq!(
+                tok.encode_target(t).unwrap(),
+                rt.tokenize(&spaced, false),
+                "{name}: {spaced:?}"
+            );
+        }
+        checked += 1;
+    }
+    checked
+}
+
 /// Path of the real default model (fetched by `make model`).
 pub fn smollm2() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
