@@ -413,6 +413,63 @@ impl Transformer {
         Ok(self.run_blocks(tokens, None, layer + 1)?.1)
     }
 
+    /// The residual stream after block `layer` (rows = tokens) and the trace of blocks
+    /// 0..=`layer`: the fixed part of an optimisation that changes only what follows.
+    pub fn resid_after(&self, tokens: &[u32], layer: usize) -> Result<(Tensor, Trace)> {
+        if layer >= self.blocks.len() {
+            return Err(Error::Invalid(format!(
+                "layer {layer} out of range: the model has {} layers",
+                self.blocks.len()
+            )));
+        }
+        self.run_blocks(tokens, None, layer + 1)
+    }
+
+    /// The rest of a forward pass from `h`, the residual stream after block `start - 1` (one row
+    /// per token): blocks `start..`, then the logits of the rows `rows` only, shape
+    /// (rows.len(), n_vocab). Differentiable in `h`.
+    pub fn forward_from(&self, h: &Tensor, start: usize, rows: &[usize]) -> Result<Tensor> {
+        self.forward_packed(h, start, &[h.dim(0)?], rows)
+    }
+
+    /// [`Self::forward_from`] over several sequences packed one after another in `h` (lengths
+    /// `segments`): each attends only within itself and its positions start at 0, so each gets
+    /// the logits it would get alone, in one pass over the weights.
+    pub fn forward_packed(
+        &self,
+        h: &Tensor,
+        start: usize,
+        segments: &[usize],
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let n = h.dim(0)?;
+        if segments.iter().sum::<usize>() != n
+            || segments.iter().any(|&s| s == 0 || s > self.hp.n_ctx)
+            || rows.iter().any(|&r| r >= n)
+            || start > self.blocks.len()
+        {
+            return Err(Error::Invalid(format!(
+                "forward from block {start} over {n} rows in segments {segments:?}: rows {rows:?}, \
+                 the segments or the block are out of range"
+            )));
+        }
+        let positions: Vec<usize> = segments.iter().flat_map(|&s| 0..s).collect();
+        let mask = packed_mask(segments, self.dtype())?;
+        let rope = match self.hp.arch {
+            Arch::Llama => Some(RopeTables::at(&self.hp, &positions, self.dtype())?),
+            Arch::Gpt2 => None,
+        };
+        let mut h = h.clone();
+        for block in &self.blocks[start..] {
+            h = block
+                .step(&self.hp, &h, &mask, rope.as_ref(), None)?
+                .resid_out;
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let picked = h.index_select(&Tensor::new(idx.as_slice(), h.device())?, 0)?;
+        self.unembed(&picked)
+    }
+
     /// The embedding and the first `n_blocks` blocks: the residual stream after them and the
     /// trace of each.
     fn run_blocks(
@@ -684,6 +741,22 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
+/// The block-diagonal causal mask of sequences of lengths `segments` packed in one.
+fn packed_mask(segments: &[usize], dtype: DType) -> Result<Tensor> {
+    let n: usize = segments.iter().sum();
+    let mut values = vec![f32::NEG_INFINITY; n * n];
+    let mut at = 0;
+    for &s in segments {
+        for i in 0..s {
+            for j in 0..=i {
+                values[(at + i) * n + at + j] = 0.0;
+            }
+        }
+        at += s;
+    }
+    Ok(Tensor::from_vec(values, (n, n), &Device::Cpu)?.to_dtype(dtype)?)
+}
+
 fn causal_mask(n: usize, dtype: DType) -> Result<Tensor> {
     let values: Vec<f32> = (0..n)
         .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
@@ -699,10 +772,15 @@ struct RopeTables {
 
 impl RopeTables {
     fn new(hp: &HParams, n: usize, dtype: DType) -> Result<RopeTables> {
-        let half = hp.head_dim() / 2;
+        Self::at(hp, &(0..n).collect::<Vec<_>>(), dtype)
+    }
+
+    /// Tables for the given position of each row.
+    fn at(hp: &HParams, positions: &[usize], dtype: DType) -> Result<RopeTables> {
+        let (half, n) = (hp.head_dim() / 2, positions.len());
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
-        for p in 0..n {
+        for &p in positions {
             for i in 0..half {
                 let theta = hp.rope_base.powf(-2.0 * i as f64 / hp.head_dim() as f64);
                 let angle = p as f64 * theta;

@@ -417,6 +417,9 @@ pub struct EditSummary {
     pub top1_before: String,
     /// True when the target already was the top-1 and nothing was written for it.
     pub skipped: bool,
+    /// The optimising methods' loss per step (rome).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimisation: Option<crate::edit::value::Optimisation>,
 }
 
 /// The result of [`run`].
@@ -500,6 +503,7 @@ pub fn run(
                 target_id: o.target_id,
                 top1_before: tok.token_text(o.top1_before),
                 skipped: o.delta.is_none(),
+                optimisation: o.optimisation.clone(),
             })
             .collect(),
         check,

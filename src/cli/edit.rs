@@ -149,9 +149,10 @@ pub fn run(args: Args) -> Result<()> {
         requests: requests(&args)?,
         settings: EditSettings {
             method: args.method,
-            layer: args
-                .layer
-                .unwrap_or_else(|| EditSettings::default_layer(m.hp.n_layer)),
+            layer: match args.layer {
+                Some(l) => l,
+                None => args.method.default_layer(&m.hp)?,
+            },
             lr: args.lr,
         },
         whiten: args.whiten.setup(),

@@ -90,9 +90,11 @@ pub fn run(args: Args) -> Result<()> {
     let model = Transformer::load(&m.source, DType::F32)?;
     let n_layer = model.hp.n_layer;
     let method = args.method.0;
-    let layer = args
-        .layer
-        .unwrap_or_else(|| LayerChoice::Fixed(EditSettings::default_layer(n_layer)));
+    let layer = match (args.layer, method) {
+        (Some(l), _) => l,
+        (None, Some(m)) => LayerChoice::Fixed(m.default_layer(&model.hp)?),
+        (None, None) => LayerChoice::Fixed(EditSettings::default_layer(n_layer)),
+    };
     let lr = args.lr;
     if let Some(path) = &args.whiten.stats_data {
         let eval_end = args.offset + records.len();

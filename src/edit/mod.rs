@@ -4,8 +4,11 @@
 
 pub mod batch;
 pub mod grad;
+pub mod hparams;
 pub mod request;
+pub mod rome;
 pub mod shift;
+pub mod value;
 pub mod whiten;
 
 use crate::model::Transformer;
@@ -32,6 +35,9 @@ pub enum Method {
     /// statistics): each key gets the write plain FPS would give it, everything else as little
     /// as possible (module edit::batch).
     Batch,
+    /// ROME: a rank-one update mapping the subject's mean key k* to a value found by gradient
+    /// descent, least change in the metric of the FF2-input second moment (module edit::rome).
+    Rome,
 }
 
 /// Layer and step of an edit.
@@ -81,6 +87,9 @@ pub struct EditOutcome {
     pub top1_before: u32,
     /// The change, or None when skipped.
     pub delta: Option<Delta>,
+    /// The value optimisation of an optimising method (its loss per step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimisation: Option<value::Optimisation>,
 }
 
 impl EditOutcome {
@@ -90,6 +99,7 @@ impl EditOutcome {
             target_id,
             top1_before: top1,
             delta: None,
+            optimisation: None,
         }
     }
 
@@ -99,6 +109,7 @@ impl EditOutcome {
             target_id,
             top1_before: top1,
             delta: Some(delta),
+            optimisation: None,
         }
     }
 }
@@ -113,7 +124,17 @@ fn first_target_token(tok: &crate::tokenizer::Tokenizer, req: &EditRequest) -> R
 impl Method {
     /// Whether the method needs key statistics in its [`EditContext`].
     pub fn needs_stats(self) -> bool {
-        matches!(self, Method::ShiftWhitened | Method::Batch)
+        matches!(self, Method::ShiftWhitened | Method::Batch | Method::Rome)
+    }
+
+    /// The method's default layer for the model: round(0.73 · n_layer) for the FPS family
+    /// ([`EditSettings::default_layer`]), the family's hyperparameter file for the optimising
+    /// methods ([`hparams::MethodParams`]).
+    pub fn default_layer(self, hp: &crate::arch::HParams) -> Result<usize> {
+        Ok(match self {
+            Method::Rome => hparams::MethodParams::for_arch(hp.arch)?.default_layer(hp.n_layer),
+            _ => EditSettings::default_layer(hp.n_layer),
+        })
     }
 }
 
@@ -122,6 +143,7 @@ crate::named_enum!(Method, "method", [
     ShiftWhitened => "shift-whitened",
     Grad => "grad",
     Batch => "batch",
+    Rome => "rome",
 ]);
 
 /// What an edit may need besides the model and the request.
@@ -141,6 +163,21 @@ impl EditContext<'_> {
             ))
         })?;
         store.get(settings.layer)
+    }
+
+    /// The key statistics at the settings' layer under other key options.
+    fn stats_with(
+        &self,
+        settings: &EditSettings,
+        options: whiten::WhitenOptions,
+    ) -> Result<std::sync::Arc<whiten::KeyStats>> {
+        let store = self.stats.ok_or_else(|| {
+            crate::Error::Invalid(format!(
+                "{} needs key statistics (EditContext::stats)",
+                settings.method
+            ))
+        })?;
+        store.get_with(settings.layer, options)
     }
 }
 
@@ -179,6 +216,11 @@ pub fn compute_with(
             let mut one =
                 batch::compute_all(model, tok, reqs, settings.layer, settings.lr, &stats, ridge)?;
             Ok(one.remove(0))
+        }
+        Method::Rome => {
+            let p = hparams::MethodParams::for_arch(model.hp.arch)?.rome;
+            let stats = ctx.stats_with(settings, rome::key_options(&p))?;
+            rome::compute(model, tok, req, settings.layer, &p, &stats)
         }
     }
 }
