@@ -3,6 +3,8 @@
 //! adapter (no model reload), scored, and removed again, so records are independent unless
 //! `sequential` is set.
 
+pub mod paper;
+
 use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};
 use crate::lens::backward_pass;
 use crate::model::Transformer;
@@ -149,6 +151,11 @@ pub struct RecordScores {
     pub neighborhood_top1: Option<bool>,
     /// n-gram entropy of a greedy continuation of the prompt.
     pub fluency: Option<f64>,
+    /// The paper's top-1 accuracies.
+    #[serde(flatten)]
+    pub accuracy: paper::Accuracy,
+    /// Seconds spent computing the edit (0 for the unedited model).
+    pub edit_seconds: f64,
 }
 
 /// Mean and 95% confidence half-width.
@@ -200,6 +207,10 @@ pub struct Summary {
     pub fluency: Stat,
     /// Share of records skipped (target already top-1).
     pub skipped: Stat,
+    /// The paper's Table 1 metrics (top-1 accuracies, n-gram entropy ×100).
+    pub paper: paper::PaperSummary,
+    /// Seconds per edit computed (skipped records included).
+    pub edit_seconds: Stat,
 }
 
 /// A full evaluation result.
@@ -230,6 +241,11 @@ fn summarize(records: &[RecordScores]) -> Summary {
         efficacy_magnitude: pick(&|r| Some(r.efficacy_magnitude)),
         fluency: pick(&|r| r.fluency),
         skipped: pick(&|r| Some(b(r.skipped))),
+        paper: paper::summarize(
+            &records.iter().map(|r| r.accuracy).collect::<Vec<_>>(),
+            &records.iter().filter_map(|r| r.fluency).collect::<Vec<_>>(),
+        ),
+        edit_seconds: pick(&|r| r.layer.map(|_| r.edit_seconds)),
     }
 }
 
@@ -482,6 +498,7 @@ pub fn evaluate_with(
             record.layer = edit.layer;
             record.lr = edit.lr;
             record.skipped = edit.skipped;
+            record.edit_seconds = edit.seconds;
             scores.push(record);
             progress(index + 1);
         }
@@ -524,6 +541,7 @@ struct RecordEdit {
     lr: Option<f64>,
     delta: Option<Delta>,
     skipped: bool,
+    seconds: f64,
 }
 
 /// Computes the record's edit in candle with the configured method, layer and step rules.
@@ -541,8 +559,10 @@ fn edit_record(
             lr: None,
             delta: None,
             skipped: false,
+            seconds: 0.0,
         });
     };
+    let start = std::time::Instant::now();
     let layer = match config.layer {
         LayerChoice::Fixed(l) => l,
         LayerChoice::Auto => auto_layer(model, &enc.prompt, &enc.new)?,
@@ -573,6 +593,7 @@ fn edit_record(
         lr: delta.as_ref().map(|d| d.1),
         skipped: delta.is_none(),
         delta: delta.map(|d| d.0),
+        seconds: start.elapsed().as_secs_f64(),
     })
 }
 
@@ -637,6 +658,16 @@ fn score(
         });
     }
     let scored = s.score(&queries)?;
+    let accuracy = paper::Accuracy::of(&paper::NextTokens {
+        prompt: &scored[0].next_logits,
+        paraphrase: e.rephrase.as_ref().map(|_| &scored[1].next_logits[..]),
+        neighborhood: e
+            .locality
+            .as_ref()
+            .map(|_| &scored.last().expect("locality query").next_logits[..]),
+        new: e.new[0],
+        neighborhood_truth: e.locality_truth[0],
+    });
     let (p_new, p_true) = (scored[0].logprobs[0], scored[0].logprobs[1]);
     let paraphrase = e
         .rephrase
@@ -669,6 +700,8 @@ fn score(
         neighborhood,
         neighborhood_top1,
         fluency,
+        accuracy,
+        edit_seconds: 0.0,
     })
 }
 

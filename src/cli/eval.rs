@@ -68,6 +68,17 @@ pub struct Args {
     /// Replace an existing plot file.
     #[arg(long)]
     force: bool,
+    /// Write the paper's Table 1 for every method of --methods on these records: Markdown here,
+    /// JSON beside it (same name, .json).
+    #[arg(long)]
+    table1: Option<PathBuf>,
+    /// Methods of --table1, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "none,grad,ft,shift,shift-whitened,rome"
+    )]
+    methods: Vec<EvalMethod>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -83,6 +94,17 @@ pub fn run(args: Args) -> Result<()> {
             args.force,
         )?),
         false => None,
+    };
+    let table_claims = match &args.table1 {
+        Some(md) => {
+            let inputs = [args.model.as_path(), args.data.as_path()];
+            let json = md.with_extension("json");
+            Some((
+                OutputClaim::new(md, OutputKind::File, &inputs, args.force)?,
+                OutputClaim::new(&json, OutputKind::File, &inputs, args.force)?,
+            ))
+        }
+        None => None,
     };
     let m = open(&args.model)?;
     let gguf = require_gguf(&m.source)?;
@@ -109,6 +131,64 @@ pub fn run(args: Args) -> Result<()> {
                 args.offset
             );
         }
+    }
+    if let Some((md, json)) = table_claims {
+        let mut reports = Vec::new();
+        for &EvalMethod(method) in &args.methods {
+            let layer = match (args.layer, method) {
+                (Some(l), _) => l,
+                (None, Some(m)) => LayerChoice::Fixed(m.default_layer(&model.hp)?),
+                (None, None) => LayerChoice::Fixed(EditSettings::default_layer(n_layer)),
+            };
+            let store = match method {
+                Some(method) => args.whiten.setup().store(method, &model, &m.tok, &gguf)?,
+                None => None,
+            };
+            let ctx = backlens::edit::EditContext {
+                stats: store.as_ref(),
+            };
+            let config = EvalConfig {
+                method,
+                layer,
+                lr,
+                sequential: args.sequential,
+                fluency: !args.no_fluency,
+                ff2_type: args.ff2_type,
+            };
+            let name = method.map_or("none", Method::name);
+            eprintln!("table1: {name}");
+            let mut fresh = model.clone();
+            let report = eval::evaluate_with(
+                &gguf,
+                &mut fresh,
+                &m.tok,
+                &records,
+                &config,
+                &ctx,
+                &std::env::temp_dir(),
+                |_| {},
+            )?;
+            let layer = match (method, layer) {
+                (Some(_), LayerChoice::Fixed(l)) => Some(l),
+                _ => None,
+            };
+            reports.push((name.to_string(), layer, report));
+        }
+        let table = super::table1::Table {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            records: records.len(),
+            rows: reports
+                .iter()
+                .map(|(method, layer, report)| super::table1::Row {
+                    method: method.clone(),
+                    layer: *layer,
+                    report,
+                })
+                .collect(),
+        };
+        super::table1::write(&table, md, json)?;
+        print!("{}", super::table1::markdown(&table));
+        return Ok(());
     }
     let t_stats = std::time::Instant::now();
     let store = match method {

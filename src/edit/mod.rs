@@ -3,6 +3,7 @@
 //! kept apart from applying or writing it.
 
 pub mod batch;
+pub mod ft;
 pub mod grad;
 pub mod hparams;
 pub mod request;
@@ -38,6 +39,9 @@ pub enum Method {
     /// ROME: a rank-one update mapping the subject's mean key k* to a value found by gradient
     /// descent, least change in the metric of the FF2-input second moment (module edit::rome).
     Rome,
+    /// Constrained fine-tuning of one FF2 matrix: a few gradient steps, every entry of ΔW within
+    /// ±ε (ROME's FT-L baseline; module edit::ft).
+    Ft,
 }
 
 /// Layer and step of an edit.
@@ -132,7 +136,9 @@ impl Method {
     /// methods ([`hparams::MethodParams`]).
     pub fn default_layer(self, hp: &crate::arch::HParams) -> Result<usize> {
         Ok(match self {
-            Method::Rome => hparams::MethodParams::for_arch(hp.arch)?.default_layer(hp.n_layer),
+            Method::Rome | Method::Ft => {
+                hparams::MethodParams::for_arch(hp.arch)?.default_layer(hp.n_layer)
+            }
             _ => EditSettings::default_layer(hp.n_layer),
         })
     }
@@ -144,6 +150,7 @@ crate::named_enum!(Method, "method", [
     Grad => "grad",
     Batch => "batch",
     Rome => "rome",
+    Ft => "ft",
 ]);
 
 /// What an edit may need besides the model and the request.
@@ -221,6 +228,10 @@ pub fn compute_with(
             let p = hparams::MethodParams::for_arch(model.hp.arch)?.rome;
             let stats = ctx.stats_with(settings, rome::key_options(&p))?;
             rome::compute(model, tok, req, settings.layer, &p, &stats)
+        }
+        Method::Ft => {
+            let p = hparams::MethodParams::for_arch(model.hp.arch)?.ft;
+            ft::compute(model, tok, req, settings.layer, &p)
         }
     }
 }

@@ -52,9 +52,9 @@ pub struct Optimisation {
     pub layer: usize,
     /// The loss of each step, first (δ = 0) to last (the returned δ).
     pub steps: Vec<LossStep>,
-    /// ‖δ‖.
+    /// ‖δ‖ (ft: ‖ΔW‖∞, the largest entry).
     pub delta_norm: f64,
-    /// ‖v₀‖.
+    /// ‖v₀‖ (ft: 0).
     pub reference_norm: f64,
     /// δ.
     #[serde(skip)]

@@ -50,6 +50,8 @@ pub struct MemitParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FtParams {
+    /// Step size of each gradient step.
+    pub lr: f64,
     /// Gradient steps (at most).
     pub steps: usize,
     /// ε: every entry of ΔW stays within ±ε.
@@ -91,6 +93,7 @@ impl MethodParams {
             ("memit.clamp_norm_factor", p.memit.clamp_norm_factor),
             ("memit.mom2_update_weight", p.memit.mom2_update_weight),
             ("ft.norm_constraint", p.ft.norm_constraint),
+            ("ft.lr", p.ft.lr),
         ];
         let non_negative = [
             ("rome.v_weight_decay", r.v_weight_decay),
