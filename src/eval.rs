@@ -455,15 +455,15 @@ pub fn evaluate_with(
         let mut adapters = Vec::with_capacity(recs.len());
         for (i, (r, enc)) in recs.iter().zip(encs).enumerate() {
             let edit = edit_record(model, tok, r, enc, config, ctx)?;
-            let active: Vec<Delta> = match (&edit.delta, config.sequential) {
-                (Some(d), true) => {
-                    all_deltas.push(d.clone());
-                    model.apply_delta(d)?;
+            let active: Vec<Delta> = match config.sequential {
+                true => {
+                    for d in &edit.deltas {
+                        all_deltas.push(d.clone());
+                        model.apply_delta(d)?;
+                    }
                     all_deltas.clone()
                 }
-                (Some(d), false) => vec![d.clone()],
-                (None, true) => all_deltas.clone(),
-                (None, false) => Vec::new(),
+                false => edit.deltas.clone(),
             };
             let stored = stored_deltas(&file, &active, config.ff2_type)?;
             adapters.push(match stored.is_empty() {
@@ -539,7 +539,8 @@ pub fn evaluate_with(
 struct RecordEdit {
     layer: Option<usize>,
     lr: Option<f64>,
-    delta: Option<Delta>,
+    /// Every change of the edit (several layers for memit).
+    deltas: Vec<Delta>,
     skipped: bool,
     seconds: f64,
 }
@@ -557,7 +558,7 @@ fn edit_record(
         return Ok(RecordEdit {
             layer: None,
             lr: None,
-            delta: None,
+            deltas: Vec::new(),
             skipped: false,
             seconds: 0.0,
         });
@@ -577,6 +578,11 @@ fn edit_record(
         lr: fixed_lr,
     };
     let outcome = edit::compute_with(model, tok, r, &settings, ctx)?;
+    if config.lr == LrChoice::Auto && !outcome.extra.is_empty() {
+        return Err(Error::Invalid(format!(
+            "--lr auto scales one layer's edit; {method} edits several"
+        )));
+    }
     let delta = match (outcome.delta, config.lr) {
         (Some(mut d), LrChoice::Auto) => {
             let lr = auto_lr(model, &enc.prompt, &d, outcome.target_id)?;
@@ -592,7 +598,11 @@ fn edit_record(
         layer: Some(layer),
         lr: delta.as_ref().map(|d| d.1),
         skipped: delta.is_none(),
-        delta: delta.map(|d| d.0),
+        deltas: delta
+            .map(|d| d.0)
+            .into_iter()
+            .chain(outcome.extra)
+            .collect(),
         seconds: start.elapsed().as_secs_f64(),
     })
 }

@@ -461,7 +461,7 @@ pub fn run(
         &job.whiten,
         job.forward,
     )?;
-    let deltas: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
+    let deltas: Vec<Delta> = outcomes.iter().flat_map(|o| o.deltas().cloned()).collect();
     if deltas.is_empty() {
         return Err(Error::Invalid(
             "every target is already the model's top-1 continuation: nothing to edit, no file written"

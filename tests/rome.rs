@@ -217,3 +217,109 @@ fn rome_flips_at_least_9_of_10_val_records_in_llama_cpp() {
     assert_eq!(n, 10);
     assert!(mean >= 0.9, "{mean}");
 }
+
+// docs/errors.md row 34
+#[test]
+fn rome_without_a_subject_is_one_line_naming_the_request_and_writes_nothing() {
+    let fx = common::tiny(backlens::arch::Arch::Llama);
+    let dir = common::temp_dir("rome-subject");
+    let out = dir.join("out.gguf");
+    let run = Command::new(BIN)
+        .args(["edit", fx.gguf.to_str().unwrap()])
+        .args([
+            "--prompt",
+            "The city of",
+            "--target",
+            "Paris",
+            "--method",
+            "rome",
+        ])
+        .args(["--no-stats-cache", "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "error: the request \"The city of\" names no subject (rome and memit key the edit on it; give --subject or a \"subject\" field)"
+    );
+    assert!(run.stdout.is_empty());
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "left something in {}",
+        dir.display()
+    );
+}
+
+/// MEMIT over layers 1 and 2 of the tiny Llama, one request, no context prefixes and a
+/// negligible w: the residual after the last layer at the subject's last token becomes exactly
+/// the optimised z = h + δ, one rank-one change per layer.
+#[test]
+fn memit_writes_the_optimised_residual_across_its_layers_on_a_tiny_model() {
+    use backlens::edit::whiten::{builtin_prompts, StatsStore, WhitenOptions};
+    let fx = common::tiny(backlens::arch::Arch::Llama);
+    let common::Loaded { tok, model, .. } = common::load(&fx.gguf);
+    let prompts: Vec<Vec<u32>> = builtin_prompts()
+        .iter()
+        .step_by(8)
+        .map(|p| tok.encode_prompt(p).unwrap())
+        .collect();
+    let store = StatsStore::from_tokens(
+        &model,
+        prompts,
+        &fx.gguf,
+        "t",
+        WhitenOptions::default(),
+        None,
+    )
+    .unwrap();
+    let mut p = MethodParams::for_arch(model.hp.arch).unwrap();
+    p.rome.context_prefixes.clear();
+    p.memit.layers = 2;
+    p.memit.mom2_update_weight = 1e-9;
+    let req = EditRequest::new("Lionel Messi plays for", "Paris", Some("Lionel Messi")).unwrap();
+    let out =
+        backlens::edit::memit::compute_all(&model, &tok, &[req.clone()], 2, &p, &store).unwrap();
+    let o = &out[0];
+    let deltas: Vec<_> = o.deltas().collect();
+    assert_eq!(
+        deltas
+            .iter()
+            .map(|d| (d.layer, d.out_vecs.len()))
+            .collect::<Vec<_>>(),
+        [(2, 1), (1, 1)]
+    );
+    let opt = o.optimisation.as_ref().unwrap();
+    assert!(opt.converged(), "{:?}", opt.steps);
+    let ids = tok.encode_prompt(&req.prompt).unwrap();
+    let at = subject_row(&tok, &req.prompt, "Lionel Messi");
+    let resid = |m: &backlens::model::Transformer| -> Vec<f32> {
+        m.resid_after(&ids, 2)
+            .unwrap()
+            .0
+            .get(at)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let h0 = resid(&model);
+    let mut edited = model.clone();
+    for d in &deltas {
+        edited.apply_delta(d).unwrap();
+    }
+    let h1 = resid(&edited);
+    let err: f64 = h1
+        .iter()
+        .zip(&h0)
+        .zip(&opt.delta)
+        .map(|((a, b), d)| ((a - b - d) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    println!(
+        "‖h_after − (h + δ)‖ / ‖δ‖ = {:.2e} (‖δ‖ = {:.3})",
+        err / opt.delta_norm,
+        opt.delta_norm
+    );
+    assert!(err / opt.delta_norm <= 1e-3, "{}", err / opt.delta_norm);
+}

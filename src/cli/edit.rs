@@ -27,10 +27,11 @@ pub struct Args {
     /// JSON file of requests (CounterFact/EasyEdit or ROME shape), applied in order.
     #[arg(long)]
     requests: Option<PathBuf>,
-    /// Edit method: shift, shift-whitened, grad or batch (all requests solved jointly).
+    /// Edit method: shift, shift-whitened, grad, batch (all requests solved jointly), rome or ft
+    /// (hyperparameters from src/edit/hparams; --lr does not apply to them).
     #[arg(long, default_value = "shift")]
     method: Method,
-    /// Layer to edit (default round(0.73 · n_layers)).
+    /// Layer to edit (default round(0.73 · n_layers); rome and ft: their hyperparameter file).
     #[arg(long)]
     layer: Option<usize>,
     /// Step size.

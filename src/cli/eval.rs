@@ -35,7 +35,7 @@ pub struct Args {
     /// Records to skip first.
     #[arg(long, default_value_t = 0)]
     offset: usize,
-    /// Edit method: none (the unedited model), shift, shift-whitened, grad or batch.
+    /// Edit method: none (the unedited model), shift, shift-whitened, grad, batch, rome or ft.
     #[arg(long, default_value = "shift")]
     method: EvalMethod,
     /// Layer, or "auto" (chosen per record from the Backward Lens) [default: round(0.73 · n_layers)].

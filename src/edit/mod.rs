@@ -6,6 +6,7 @@ pub mod batch;
 pub mod ft;
 pub mod grad;
 pub mod hparams;
+pub mod memit;
 pub mod request;
 pub mod rome;
 pub mod shift;
@@ -42,6 +43,9 @@ pub enum Method {
     /// Constrained fine-tuning of one FF2 matrix: a few gradient steps, every entry of ΔW within
     /// ±ε (ROME's FT-L baseline; module edit::ft).
     Ft,
+    /// MEMIT: ROME's value at the edited layer spread over FF2 of the layers below it, all
+    /// requests solved jointly (module edit::memit).
+    Memit,
 }
 
 /// Layer and step of an edit.
@@ -94,6 +98,9 @@ pub struct EditOutcome {
     /// The value optimisation of an optimising method (its loss per step).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub optimisation: Option<value::Optimisation>,
+    /// A multi-layer method's changes of the other layers (memit: the layers below `delta`'s).
+    #[serde(skip)]
+    pub extra: Vec<Delta>,
 }
 
 impl EditOutcome {
@@ -104,6 +111,7 @@ impl EditOutcome {
             top1_before: top1,
             delta: None,
             optimisation: None,
+            extra: Vec::new(),
         }
     }
 
@@ -114,7 +122,13 @@ impl EditOutcome {
             top1_before: top1,
             delta: Some(delta),
             optimisation: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// Every change of the edit: `delta`, then `extra`.
+    pub fn deltas(&self) -> impl Iterator<Item = &Delta> {
+        self.delta.iter().chain(&self.extra)
     }
 }
 
@@ -128,7 +142,10 @@ fn first_target_token(tok: &crate::tokenizer::Tokenizer, req: &EditRequest) -> R
 impl Method {
     /// Whether the method needs key statistics in its [`EditContext`].
     pub fn needs_stats(self) -> bool {
-        matches!(self, Method::ShiftWhitened | Method::Batch | Method::Rome)
+        matches!(
+            self,
+            Method::ShiftWhitened | Method::Batch | Method::Rome | Method::Memit
+        )
     }
 
     /// The method's default layer for the model: round(0.73 · n_layer) for the FPS family
@@ -136,7 +153,7 @@ impl Method {
     /// methods ([`hparams::MethodParams`]).
     pub fn default_layer(self, hp: &crate::arch::HParams) -> Result<usize> {
         Ok(match self {
-            Method::Rome | Method::Ft => {
+            Method::Rome | Method::Ft | Method::Memit => {
                 hparams::MethodParams::for_arch(hp.arch)?.default_layer(hp.n_layer)
             }
             _ => EditSettings::default_layer(hp.n_layer),
@@ -151,6 +168,7 @@ crate::named_enum!(Method, "method", [
     Batch => "batch",
     Rome => "rome",
     Ft => "ft",
+    Memit => "memit",
 ]);
 
 /// What an edit may need besides the model and the request.
@@ -233,6 +251,10 @@ pub fn compute_with(
             let p = hparams::MethodParams::for_arch(model.hp.arch)?.ft;
             ft::compute(model, tok, req, settings.layer, &p)
         }
+        Method::Memit => {
+            let mut one = compute_memit(model, tok, std::slice::from_ref(req), settings, ctx)?;
+            Ok(one.remove(0))
+        }
     }
 }
 
@@ -275,7 +297,7 @@ pub fn apply_in_order(
     let mut outcomes: Vec<EditOutcome> = Vec::with_capacity(requests.len());
     for req in requests {
         req.validate()?;
-        let prior: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
+        let prior: Vec<Delta> = outcomes.iter().flat_map(|o| o.deltas().cloned()).collect();
         outcomes.push(step(req, &prior)?);
     }
     Ok(outcomes)
@@ -290,6 +312,14 @@ pub fn apply_sequence_with(
     settings: &EditSettings,
     ctx: &EditContext,
 ) -> Result<Vec<EditOutcome>> {
+    if settings.method == Method::Memit {
+        settings.check(model.hp.n_layer)?;
+        let outcomes = compute_memit(model, tok, requests, settings, ctx)?;
+        for d in outcomes.iter().flat_map(EditOutcome::deltas) {
+            model.apply_delta(d)?;
+        }
+        return Ok(outcomes);
+    }
     if settings.method == Method::Batch {
         settings.check(model.hp.n_layer)?;
         let stats = ctx.stats_at(settings)?;
@@ -303,7 +333,7 @@ pub fn apply_sequence_with(
             &stats,
             batch::DEFAULT_RIDGE,
         )?;
-        for d in outcomes.iter().filter_map(|o| o.delta.as_ref()) {
+        for d in outcomes.iter().flat_map(EditOutcome::deltas) {
             model.apply_delta(d)?;
         }
         return Ok(outcomes);
@@ -311,10 +341,25 @@ pub fn apply_sequence_with(
     let mut outcomes = Vec::with_capacity(requests.len());
     for req in requests {
         let outcome = compute_with(model, tok, req, settings, ctx)?;
-        if let Some(d) = &outcome.delta {
+        for d in outcome.deltas() {
             model.apply_delta(d)?;
         }
         outcomes.push(outcome);
     }
     Ok(outcomes)
+}
+
+/// MEMIT over `requests` with the context's statistics store.
+fn compute_memit(
+    model: &Transformer,
+    tok: &crate::tokenizer::Tokenizer,
+    requests: &[EditRequest],
+    settings: &EditSettings,
+    ctx: &EditContext,
+) -> Result<Vec<EditOutcome>> {
+    let store = ctx.stats.ok_or_else(|| {
+        crate::Error::Invalid("memit needs key statistics (EditContext::stats)".into())
+    })?;
+    let p = hparams::MethodParams::for_arch(model.hp.arch)?;
+    memit::compute_all(model, tok, requests, settings.layer, &p, store)
 }

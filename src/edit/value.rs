@@ -97,7 +97,7 @@ pub fn subject_of(req: &EditRequest) -> Result<&str> {
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
             Error::BadRequest(format!(
-                "the request {:?} names no subject (rome and memit key the edit on it)",
+                "the request {:?} names no subject (rome and memit key the edit on it; give --subject or a \"subject\" field)",
                 req.prompt
             ))
         })

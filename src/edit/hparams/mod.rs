@@ -41,8 +41,9 @@ pub struct MemitParams {
     pub layers: usize,
     /// ‖δ‖ bound relative to the residual stream's norm (replaces ROME's factor).
     pub clamp_norm_factor: f64,
-    /// Weight of the preserved statistics: ΔW = R Kᵀ (w·C + K Kᵀ)⁻¹, C = E[a aᵀ] over the
-    /// statistics prompts (MEMIT's `mom2_update_weight`, for C normalised per position).
+    /// Weight w of the preserved statistics: ΔW = R Kᵀ (w·C + K Kᵀ)⁻¹, C = E[a aᵀ] per position
+    /// over the statistics prompts (MEMIT's `mom2_update_weight`: 20000 for GPT-2 XL; about
+    /// n_ff for SmolLM2, since kᵀC⁻¹k is about n_ff for a typical key).
     pub mom2_update_weight: f64,
 }
 
