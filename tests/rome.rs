@@ -252,7 +252,7 @@ fn rome_without_a_subject_is_one_line_naming_the_request_and_writes_nothing() {
     );
 }
 
-/// MEMIT over layers 1 and 2 of the tiny Llama, one request, no context prefixes and a
+/// MEMIT over layers 0 and 1 of the tiny Llama (block 2 carries the subject row to the last), one request, no context prefixes and a
 /// negligible w: the residual after the last layer at the subject's last token becomes exactly
 /// the optimised z = h + δ, one rank-one change per layer.
 #[test]
@@ -280,7 +280,7 @@ fn memit_writes_the_optimised_residual_across_its_layers_on_a_tiny_model() {
     p.memit.mom2_update_weight = 1e-9;
     let req = EditRequest::new("Lionel Messi plays for", "Paris", Some("Lionel Messi")).unwrap();
     let out =
-        backlens::edit::memit::compute_all(&model, &tok, &[req.clone()], 2, &p, &store).unwrap();
+        backlens::edit::memit::compute_all(&model, &tok, &[req.clone()], 1, &p, &store).unwrap();
     let o = &out[0];
     let deltas: Vec<_> = o.deltas().collect();
     assert_eq!(
@@ -288,14 +288,14 @@ fn memit_writes_the_optimised_residual_across_its_layers_on_a_tiny_model() {
             .iter()
             .map(|d| (d.layer, d.out_vecs.len()))
             .collect::<Vec<_>>(),
-        [(2, 1), (1, 1)]
+        [(1, 1), (0, 1)]
     );
     let opt = o.optimisation.as_ref().unwrap();
     assert!(opt.converged(), "{:?}", opt.steps);
     let ids = tok.encode_prompt(&req.prompt).unwrap();
     let at = subject_row(&tok, &req.prompt, "Lionel Messi");
     let resid = |m: &backlens::model::Transformer| -> Vec<f32> {
-        m.resid_after(&ids, 2)
+        m.resid_after(&ids, 1)
             .unwrap()
             .0
             .get(at)
