@@ -280,7 +280,8 @@ fn memit_writes_the_optimised_residual_across_its_layers_on_a_tiny_model() {
     p.memit.mom2_update_weight = 1e-9;
     let req = EditRequest::new("Lionel Messi plays for", "Paris", Some("Lionel Messi")).unwrap();
     let out =
-        backlens::edit::memit::compute_all(&model, &tok, &[req.clone()], 1, &p, &store).unwrap();
+        backlens::edit::memit::compute_all(&model, &tok, std::slice::from_ref(&req), 1, &p, &store)
+            .unwrap();
     let o = &out[0];
     let deltas: Vec<_> = o.deltas().collect();
     assert_eq!(
