@@ -569,6 +569,57 @@ impl Transformer {
         Ok(self.run_blocks(tokens, None, layer + 1)?.1)
     }
 
+    /// The residual stream after block `layer` (rows = tokens) and the trace of blocks
+    /// 0..=`layer`: the fixed part of an optimisation that changes only what follows.
+    pub fn resid_after(&self, tokens: &[u32], layer: usize) -> Result<(Tensor, Trace)> {
+        if layer >= self.blocks.len() {
+            return Err(Error::Invalid(format!(
+                "layer {layer} out of range: the model has {} layers",
+                self.blocks.len()
+            )));
+        }
+        self.run_blocks(tokens, None, layer + 1)
+    }
+
+    /// The rest of a forward pass from `h`, the residual stream after block `start - 1` (one row
+    /// per token): blocks `start..`, then the logits of the rows `rows` only, shape
+    /// (rows.len(), n_vocab). Differentiable in `h`.
+    pub fn forward_from(&self, h: &Tensor, start: usize, rows: &[usize]) -> Result<Tensor> {
+        self.forward_packed(h, start, &[h.dim(0)?], rows)
+    }
+
+    /// [`Self::forward_from`] over several sequences packed one after another in `h` (lengths
+    /// `segments`): each attends only within itself and its positions start at 0, so each gets
+    /// the logits it would get alone, in one pass over the weights.
+    pub fn forward_packed(
+        &self,
+        h: &Tensor,
+        start: usize,
+        segments: &[usize],
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let n = h.dim(0)?;
+        if segments.iter().sum::<usize>() != n
+            || segments.iter().any(|&s| s == 0 || s > self.hp.n_ctx)
+            || rows.iter().any(|&r| r >= n)
+            || start > self.blocks.len()
+        {
+            return Err(Error::Invalid(format!(
+                "forward from block {start} over {n} rows in segments {segments:?}: rows {rows:?}, \
+                 the segments or the block are out of range"
+            )));
+        }
+        let tables =
+            PositionTables::packed(&self.hp, segments, self.dtype(), self.rope_freqs.as_deref())?;
+        let mut h = h.clone();
+        for block in &self.blocks[start..] {
+            h = block.step(&self.hp, &h, &tables, None)?.resid_out;
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let picked = h.index_select(&Tensor::new(idx.as_slice(), h.device())?, 0)?;
+        self.unembed(&picked)
+    }
+
     /// The embedding and the first `n_blocks` blocks: the residual stream after them and the
     /// trace of each.
     fn run_blocks(
@@ -946,9 +997,21 @@ struct PositionTables {
 
 impl PositionTables {
     fn new(hp: &HParams, n: usize, dtype: DType, freqs: Option<&[f64]>) -> Result<PositionTables> {
+        Self::packed(hp, &[n], dtype, freqs)
+    }
+
+    /// The tables of sequences of lengths `segments` packed one after another: each attends
+    /// only within itself and its positions start at 0.
+    fn packed(
+        hp: &HParams,
+        segments: &[usize],
+        dtype: DType,
+        freqs: Option<&[f64]>,
+    ) -> Result<PositionTables> {
+        let positions: Vec<usize> = segments.iter().flat_map(|&s| 0..s).collect();
         let rope = |base: f64, scale: f64| -> Result<Option<RopeTables>> {
             match hp.arch.family().positions {
-                Positions::Rope(style) => Some(RopeTables::new(
+                Positions::Rope(style) => Some(RopeTables::at(
                     RopeParams {
                         style,
                         head_dim: hp.head_dim(),
@@ -957,7 +1020,7 @@ impl PositionTables {
                         attn_factor: hp.rope_attn_factor,
                         freqs,
                     },
-                    n,
+                    &positions,
                     dtype,
                 ))
                 .transpose(),
@@ -965,12 +1028,12 @@ impl PositionTables {
             }
         };
         Ok(PositionTables {
-            mask: causal_mask(n, None, dtype)?,
+            mask: packed_mask(segments, None, dtype)?,
             rope: rope(hp.rope_base, hp.rope_freq_scale)?,
             swa: match hp.n_swa {
                 0 => None,
                 w => Some((
-                    causal_mask(n, Some(w), dtype)?,
+                    packed_mask(segments, Some(w), dtype)?,
                     rope(hp.rope_base_swa, 1.0)?,
                 )),
             },
@@ -1001,18 +1064,22 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
-/// Position i sees positions j ≤ i, and with a window w only those with i − j < w (llama.cpp's
-/// standard sliding window).
-fn causal_mask(n: usize, window: Option<usize>, dtype: DType) -> Result<Tensor> {
+/// The block-diagonal causal mask of sequences of lengths `segments` packed in one: position i
+/// of a sequence sees its positions j ≤ i, and with a window w only those with i − j < w
+/// (llama.cpp's standard sliding window).
+fn packed_mask(segments: &[usize], window: Option<usize>, dtype: DType) -> Result<Tensor> {
     let w = window.unwrap_or(usize::MAX);
-    let values: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            (0..n).map(move |j| match j > i || i - j >= w {
-                true => f32::NEG_INFINITY,
-                false => 0.0,
-            })
-        })
-        .collect();
+    let n: usize = segments.iter().sum();
+    let mut values = vec![f32::NEG_INFINITY; n * n];
+    let mut at = 0;
+    for &s in segments {
+        for i in 0..s {
+            for j in i.saturating_sub(w - 1)..=i {
+                values[(at + i) * n + at + j] = 0.0;
+            }
+        }
+        at += s;
+    }
     Ok(Tensor::from_vec(values, (n, n), &Device::Cpu)?.to_dtype(dtype)?)
 }
 
@@ -1035,8 +1102,9 @@ struct RopeTables {
 }
 
 impl RopeTables {
-    fn new(rp: RopeParams, n: usize, dtype: DType) -> Result<RopeTables> {
-        let half = rp.head_dim / 2;
+    /// Tables for the given position of each row.
+    fn at(rp: RopeParams, positions: &[usize], dtype: DType) -> Result<RopeTables> {
+        let (half, n) = (rp.head_dim / 2, positions.len());
         if let Some(f) = rp.freqs {
             if f.len() != half || f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
                 return Err(Error::Invalid(format!(
@@ -1047,7 +1115,7 @@ impl RopeTables {
         }
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
-        for p in 0..n {
+        for &p in positions {
             for i in 0..half {
                 let factor = rp.freqs.map_or(1.0, |f| f[i]);
                 let theta = rp.base.powf(-2.0 * i as f64 / rp.head_dim as f64) / factor;

@@ -438,6 +438,9 @@ pub struct EditSummary {
     pub top1_before: String,
     /// True when the target already was the top-1 and nothing was written for it.
     pub skipped: bool,
+    /// The optimising methods' loss per step (rome).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimisation: Option<crate::edit::value::Optimisation>,
 }
 
 /// The result of [`run`].
@@ -495,7 +498,7 @@ pub fn run(
         (outcomes, hash)
     });
     let outcomes = outcomes?;
-    let deltas: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
+    let deltas: Vec<Delta> = outcomes.iter().flat_map(|o| o.deltas().cloned()).collect();
     if deltas.is_empty() {
         return Err(Error::Invalid(
             "every target is already the model's top-1 continuation: nothing to edit, no file written"
@@ -534,6 +537,7 @@ pub fn run(
                 target_id: o.target_id,
                 top1_before: tok.token_text(o.top1_before),
                 skipped: o.delta.is_none(),
+                optimisation: o.optimisation.clone(),
             })
             .collect(),
         check,

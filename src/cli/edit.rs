@@ -27,10 +27,11 @@ pub struct Args {
     /// JSON file of requests (CounterFact/EasyEdit or ROME shape), applied in order.
     #[arg(long)]
     requests: Option<PathBuf>,
-    /// Edit method: shift, shift-whitened, grad or batch (all requests solved jointly).
+    /// Edit method: shift, shift-whitened, grad, batch (all requests solved jointly), rome or ft
+    /// (hyperparameters from src/edit/hparams; --lr does not apply to them).
     #[arg(long, default_value = "shift")]
     method: Method,
-    /// Layer to edit (default round(0.73 · n_layers)).
+    /// Layer to edit (default round(0.73 · n_layers); rome and ft: their hyperparameter file).
     #[arg(long)]
     layer: Option<usize>,
     /// Step size.
@@ -147,9 +148,10 @@ pub fn run(args: Args) -> Result<()> {
     inputs.extend(args.whiten.stats_data.as_deref());
     let claim = OutputClaim::new(&args.output, args.format.output_kind(), &inputs, args.force)?;
     let m = open_any(&args.model)?;
-    let layer = match args.layer {
-        Some(l) => l,
-        None => EditSettings::default_layer(patch::n_layer(&m.source)?),
+    let layer = match (args.layer, args.method.optimises()) {
+        (Some(l), _) => l,
+        (None, true) => args.method.default_layer(&m.source.hparams()?)?,
+        (None, false) => EditSettings::default_layer(patch::n_layer(&m.source)?),
     };
     let job = Job {
         requests: requests(&args)?,

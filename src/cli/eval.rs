@@ -25,6 +25,17 @@ impl std::str::FromStr for EvalMethod {
     }
 }
 
+/// The methods of `--table1` unless `--methods` names others.
+const TABLE1_METHODS: [&str; 7] = [
+    "none",
+    "grad",
+    "ft",
+    "shift",
+    "shift-whitened",
+    "rome",
+    "memit",
+];
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// GGUF model.
@@ -38,7 +49,7 @@ pub struct Args {
     /// Records to skip first.
     #[arg(long, default_value_t = 0)]
     offset: usize,
-    /// Edit method: none (the unedited model), shift, shift-whitened, grad or batch.
+    /// Edit method: none (the unedited model), shift, shift-whitened, grad, batch, rome or ft.
     #[arg(long, default_value = "shift")]
     method: EvalMethod,
     /// Layer, or "auto" (chosen per record from the Backward Lens) [default: round(0.73 · n_layers)].
@@ -77,17 +88,22 @@ pub struct Args {
     force: bool,
     /// Edit the first N records into one model and score them all on it (with perplexity on
     /// the shipped general text and fluency on fixed prompts).
-    #[arg(long, conflicts_with_all = ["curve", "sequential", "sweep_layers", "sweep_lr"])]
+    #[arg(long, conflicts_with_all = ["curve", "sequential", "sweep_layers", "sweep_lr", "table1"])]
     edits: Option<usize>,
     /// As --edits, at each of these N (ascending, comma-separated), with an SVG plot (--plot).
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["sequential", "sweep_layers", "sweep_lr"])]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["sequential", "sweep_layers", "sweep_lr", "table1"])]
     curve: Vec<usize>,
-    /// Methods of --edits/--curve, comma-separated [default: --method].
-    #[arg(long, value_delimiter = ',')]
-    methods: Vec<Method>,
     /// Tokens of the general text the perplexity of --edits/--curve is taken over.
     #[arg(long, default_value_t = backlens::perplexity::DEFAULT_TOKENS)]
     ppl_tokens: usize,
+    /// Write the paper's Table 1 for every method of --methods on these records: Markdown here,
+    /// JSON beside it (same name, .json).
+    #[arg(long)]
+    table1: Option<PathBuf>,
+    /// Methods of --edits/--curve [default: --method] or --table1 [default: none, grad, ft,
+    /// shift, shift-whitened, rome, memit], comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<EvalMethod>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -107,15 +123,28 @@ pub fn run(args: Args) -> Result<()> {
         )?),
         false => None,
     };
+    let table_claims = match &args.table1 {
+        Some(md) => {
+            let inputs = [args.model.as_path(), args.data.as_path()];
+            let json = md.with_extension("json");
+            Some((
+                OutputClaim::new(md, OutputKind::File, &inputs, args.force)?,
+                OutputClaim::new(&json, OutputKind::File, &inputs, args.force)?,
+            ))
+        }
+        None => None,
+    };
     let m = open(&args.model)?;
     let gguf = require_gguf(&m.source)?;
     let records = eval::load_records(&args.data, args.offset, args.n)?;
     let model = Transformer::load(&m.source, DType::F32)?;
     let n_layer = model.hp.n_layer;
     let method = args.method.0;
-    let layer = args
-        .layer
-        .unwrap_or_else(|| LayerChoice::Fixed(EditSettings::default_layer(n_layer)));
+    let layer = match (args.layer, method) {
+        (Some(l), _) => l,
+        (None, Some(m)) => LayerChoice::Fixed(m.default_layer(&model.hp)?),
+        (None, None) => LayerChoice::Fixed(EditSettings::default_layer(n_layer)),
+    };
     let lr = args.lr;
     if let Some(path) = &args.whiten.stats_data {
         let eval_end = args.offset + records.len();
@@ -130,6 +159,73 @@ pub fn run(args: Args) -> Result<()> {
                 args.offset
             );
         }
+    }
+    if let Some((md, json)) = table_claims {
+        let mut reports = Vec::new();
+        let methods = match args.methods.is_empty() {
+            true => TABLE1_METHODS
+                .iter()
+                .map(|m| m.parse())
+                .collect::<std::result::Result<Vec<EvalMethod>, String>>()
+                .map_err(anyhow::Error::msg)?,
+            false => args.methods.clone(),
+        };
+        for &EvalMethod(method) in &methods {
+            let layer = match (args.layer, method) {
+                (Some(l), _) => l,
+                (None, Some(m)) => LayerChoice::Fixed(m.default_layer(&model.hp)?),
+                (None, None) => LayerChoice::Fixed(EditSettings::default_layer(n_layer)),
+            };
+            let store = match method {
+                Some(method) => args.whiten.setup().store(method, &model, &m.tok, &gguf)?,
+                None => None,
+            };
+            let ctx = backlens::edit::EditContext {
+                stats: store.as_ref(),
+            };
+            let config = EvalConfig {
+                method,
+                layer,
+                lr,
+                sequential: args.sequential,
+                fluency: !args.no_fluency,
+                ff2_type: args.ff2_type,
+                forward: args.forward,
+            };
+            let name = method.map_or("none", Method::name);
+            eprintln!("table1: {name}");
+            let mut fresh = model.clone();
+            let report = eval::evaluate_with(
+                &gguf,
+                &mut fresh,
+                &m.tok,
+                &records,
+                &config,
+                &ctx,
+                &std::env::temp_dir(),
+                |_| {},
+            )?;
+            let layer = match (method, layer) {
+                (Some(_), LayerChoice::Fixed(l)) => Some(l),
+                _ => None,
+            };
+            reports.push((name.to_string(), layer, report));
+        }
+        let table = super::table1::Table {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            records: records.len(),
+            rows: reports
+                .iter()
+                .map(|(method, layer, report)| super::table1::Row {
+                    method: method.clone(),
+                    layer: *layer,
+                    report,
+                })
+                .collect(),
+        };
+        super::table1::write(&table, md, json)?;
+        print!("{}", super::table1::markdown(&table));
+        return Ok(());
     }
     let t_stats = std::time::Instant::now();
     let store = match method {

@@ -8,6 +8,7 @@ mod inspect;
 mod lens;
 mod predict;
 mod serve;
+mod table1;
 
 use anyhow::Result;
 use backlens::source::ModelSource;

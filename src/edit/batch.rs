@@ -105,14 +105,44 @@ fn solve(
     ridge: f64,
     layer: usize,
 ) -> Result<Vec<Delta>> {
-    let m = keyed.len();
-    if m == 0 {
-        return Ok(Vec::new());
-    }
     let xs: Vec<Vec<f64>> = keyed
         .iter()
         .map(|k| k.x.iter().map(|&v| v as f64).collect())
         .collect();
+    let rs: Vec<Vec<f64>> = keyed
+        .iter()
+        .zip(&xs)
+        .map(|(k, x)| {
+            let s = lr * dot(x, x);
+            k.e.iter().map(|&v| s * v as f64).collect()
+        })
+        .collect();
+    joint_shares(&xs, &rs, stats, Ridge::Relative(ridge), layer)
+}
+
+/// The ridge added to the diagonal of KᵀC⁻¹K.
+#[derive(Debug, Clone, Copy)]
+pub enum Ridge {
+    /// ρ · s, s = the mean diagonal of KᵀC⁻¹K.
+    Relative(f64),
+    /// λ itself (MEMIT's `mom2_update_weight` for C normalised per position).
+    Absolute(f64),
+}
+
+/// The least-squares write of values `rs` at keys `xs` in the metric of C: the rank-one shares
+/// r'ᵢ zᵢᵀ of ΔW = R (λ·I + KᵀZ)⁻¹ Zᵀ, Z = C⁻¹K, one per key (m Cholesky solves against the
+/// factor of C and one m × m Cholesky).
+pub fn joint_shares(
+    xs: &[Vec<f64>],
+    rs: &[Vec<f64>],
+    stats: &KeyStats,
+    ridge: Ridge,
+    layer: usize,
+) -> Result<Vec<Delta>> {
+    let m = xs.len();
+    if m == 0 {
+        return Ok(Vec::new());
+    }
     let zs: Vec<Vec<f64>> = xs.iter().map(|x| stats.solve(x)).collect();
     let mut g = vec![0f64; m * m];
     for a in 0..m {
@@ -125,40 +155,32 @@ fn solve(
     let s = (0..m).map(|i| g[i * m + i]).sum::<f64>() / m as f64;
     if !(s.is_finite() && s > 0.0) {
         return Err(Error::Numeric(format!(
-            "batch edit at layer {layer}: the keys have no weight under the statistics (mean xᵀC⁻¹x = {s})"
+            "joint edit at layer {layer}: the keys have no weight under the statistics (mean xᵀC⁻¹x = {s})"
         )));
     }
+    let lambda = match ridge {
+        Ridge::Relative(rho) => rho * s,
+        Ridge::Absolute(l) => l,
+    };
     for i in 0..m {
-        g[i * m + i] += ridge * s;
+        g[i * m + i] += lambda;
     }
     cholesky_in_place(&mut g, m).map_err(|i| {
         Error::Numeric(format!(
-            "batch edit at layer {layer}: the keys are linearly dependent (pivot {i}); raise the ridge"
+            "joint edit at layer {layer}: the keys are linearly dependent (pivot {i}); raise the ridge"
         ))
     })?;
     // R' = R G⁻¹: row o of R' solves G y = (row o of R) since G is symmetric.
-    let n_out = keyed[0].e.len();
-    let scale: Vec<f64> = xs.iter().map(|x| lr * dot(x, x)).collect();
+    let n_out = rs[0].len();
     let solved: Vec<Vec<f64>> = (0..n_out)
-        .map(|o| {
-            let row: Vec<f64> = keyed
-                .iter()
-                .zip(&scale)
-                .map(|(k, s)| s * k.e[o] as f64)
-                .collect();
-            cholesky_solve(&g, m, row)
-        })
+        .map(|o| cholesky_solve(&g, m, rs.iter().map(|r| r[o]).collect()))
         .collect();
-    let out_vecs: Vec<Vec<f32>> = (0..m)
-        .map(|i| solved.iter().map(|y| y[i] as f32).collect())
-        .collect();
-    Ok(out_vecs
-        .into_iter()
+    Ok((0..m)
         .zip(zs)
-        .map(|(u, z)| Delta {
+        .map(|(i, z)| Delta {
             tensor: ff2_weight(layer),
             layer,
-            out_vecs: vec![u],
+            out_vecs: vec![solved.iter().map(|y| y[i] as f32).collect()],
             in_vecs: vec![z.into_iter().map(|v| v as f32).collect()],
         })
         .collect())

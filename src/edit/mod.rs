@@ -3,10 +3,15 @@
 //! kept apart from applying or writing it.
 
 pub mod batch;
+pub mod ft;
 pub mod grad;
+pub mod hparams;
+pub mod memit;
 pub mod protected;
 pub mod request;
+pub mod rome;
 pub mod shift;
+pub mod value;
 pub mod whiten;
 
 use crate::model::Transformer;
@@ -37,6 +42,15 @@ pub enum Method {
     /// updated one request at a time, ending where it would (module edit::protected).
     #[serde(rename = "shift-protected")]
     ShiftProtected,
+    /// ROME: a rank-one update mapping the subject's mean key k* to a value found by gradient
+    /// descent, least change in the metric of the FF2-input second moment (module edit::rome).
+    Rome,
+    /// Constrained fine-tuning of one FF2 matrix: a few gradient steps, every entry of ΔW within
+    /// ±ε (ROME's FT-L baseline; module edit::ft).
+    Ft,
+    /// MEMIT: ROME's value at the edited layer spread over FF2 of the layers below it, all
+    /// requests solved jointly (module edit::memit).
+    Memit,
 }
 
 /// Layer and step of an edit.
@@ -86,6 +100,12 @@ pub struct EditOutcome {
     pub top1_before: u32,
     /// The change, or None when skipped.
     pub delta: Option<Delta>,
+    /// The value optimisation of an optimising method (its loss per step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimisation: Option<value::Optimisation>,
+    /// A multi-layer method's changes of the other layers (memit: the layers below `delta`'s).
+    #[serde(skip)]
+    pub extra: Vec<Delta>,
 }
 
 impl EditOutcome {
@@ -95,6 +115,8 @@ impl EditOutcome {
             target_id,
             top1_before: top1,
             delta: None,
+            optimisation: None,
+            extra: Vec::new(),
         }
     }
 
@@ -104,7 +126,14 @@ impl EditOutcome {
             target_id,
             top1_before: top1,
             delta: Some(delta),
+            optimisation: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// Every change of the edit: `delta`, then `extra`.
+    pub fn deltas(&self) -> impl Iterator<Item = &Delta> {
+        self.delta.iter().chain(&self.extra)
     }
 }
 
@@ -120,8 +149,30 @@ impl Method {
     pub fn needs_stats(self) -> bool {
         matches!(
             self,
-            Method::ShiftWhitened | Method::Batch | Method::ShiftProtected
+            Method::ShiftWhitened
+                | Method::Batch
+                | Method::ShiftProtected
+                | Method::Rome
+                | Method::Memit
         )
+    }
+
+    /// Whether the method optimises a value through candle's backward (rome, ft, memit): its
+    /// defaults come from the family's hyperparameter file.
+    pub fn optimises(self) -> bool {
+        matches!(self, Method::Rome | Method::Ft | Method::Memit)
+    }
+
+    /// The method's default layer for the model: round(0.73 · n_layer) for the FPS family
+    /// ([`EditSettings::default_layer`]), the family's hyperparameter file for the optimising
+    /// methods ([`hparams::MethodParams`]).
+    pub fn default_layer(self, hp: &crate::arch::HParams) -> Result<usize> {
+        Ok(match self {
+            Method::Rome | Method::Ft | Method::Memit => {
+                hparams::MethodParams::for_arch(hp.arch)?.default_layer(hp.n_layer)
+            }
+            _ => EditSettings::default_layer(hp.n_layer),
+        })
     }
 }
 
@@ -131,6 +182,9 @@ crate::named_enum!(Method, "method", [
     Grad => "grad",
     Batch => "batch",
     ShiftProtected => "shift-protected",
+    Rome => "rome",
+    Ft => "ft",
+    Memit => "memit",
 ]);
 
 /// What an edit may need besides the model and the request.
@@ -150,6 +204,21 @@ impl EditContext<'_> {
             ))
         })?;
         store.get(settings.layer)
+    }
+
+    /// The key statistics at the settings' layer under other key options.
+    fn stats_with(
+        &self,
+        settings: &EditSettings,
+        options: whiten::WhitenOptions,
+    ) -> Result<std::sync::Arc<whiten::KeyStats>> {
+        let store = self.stats.ok_or_else(|| {
+            crate::Error::Invalid(format!(
+                "{} needs key statistics (EditContext::stats)",
+                settings.method
+            ))
+        })?;
+        store.get_with(settings.layer, options)
     }
 }
 
@@ -195,6 +264,19 @@ pub fn compute_with(
             protected::Sequence::new(stats, settings.layer, settings.lr, ridge)?
                 .step(model, tok, req)
         }
+        Method::Rome => {
+            let p = hparams::MethodParams::for_arch(model.hp.arch)?.rome;
+            let stats = ctx.stats_with(settings, rome::key_options(&p))?;
+            rome::compute(model, tok, req, settings.layer, &p, &stats)
+        }
+        Method::Ft => {
+            let p = hparams::MethodParams::for_arch(model.hp.arch)?.ft;
+            ft::compute(model, tok, req, settings.layer, &p)
+        }
+        Method::Memit => {
+            let mut one = compute_memit(model, tok, std::slice::from_ref(req), settings, ctx)?;
+            Ok(one.remove(0))
+        }
     }
 }
 
@@ -237,7 +319,7 @@ pub fn apply_in_order(
     let mut outcomes: Vec<EditOutcome> = Vec::with_capacity(requests.len());
     for req in requests {
         req.validate()?;
-        let prior: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
+        let prior: Vec<Delta> = outcomes.iter().flat_map(|o| o.deltas().cloned()).collect();
         outcomes.push(step(req, &prior)?);
     }
     Ok(outcomes)
@@ -253,6 +335,14 @@ pub fn apply_sequence_with(
     settings: &EditSettings,
     ctx: &EditContext,
 ) -> Result<Vec<EditOutcome>> {
+    if settings.method == Method::Memit {
+        settings.check(model.hp.n_layer)?;
+        let outcomes = compute_memit(model, tok, requests, settings, ctx)?;
+        for d in outcomes.iter().flat_map(EditOutcome::deltas) {
+            model.apply_delta(d)?;
+        }
+        return Ok(outcomes);
+    }
     if settings.method == Method::Batch {
         settings.check(model.hp.n_layer)?;
         let stats = ctx.stats_at(settings)?;
@@ -266,7 +356,7 @@ pub fn apply_sequence_with(
             &stats,
             batch::DEFAULT_RIDGE,
         )?;
-        for d in outcomes.iter().filter_map(|o| o.delta.as_ref()) {
+        for d in outcomes.iter().flat_map(EditOutcome::deltas) {
             model.apply_delta(d)?;
         }
         return Ok(outcomes);
@@ -294,10 +384,25 @@ pub fn apply_sequence_with(
             }
             None => compute_with(model, tok, req, settings, ctx)?,
         };
-        if let Some(d) = &outcome.delta {
+        for d in outcome.deltas() {
             model.apply_delta(d)?;
         }
         outcomes.push(outcome);
     }
     Ok(outcomes)
+}
+
+/// MEMIT over `requests` with the context's statistics store.
+fn compute_memit(
+    model: &Transformer,
+    tok: &crate::tokenizer::Tokenizer,
+    requests: &[EditRequest],
+    settings: &EditSettings,
+    ctx: &EditContext,
+) -> Result<Vec<EditOutcome>> {
+    let store = ctx.stats.ok_or_else(|| {
+        crate::Error::Invalid("memit needs key statistics (EditContext::stats)".into())
+    })?;
+    let p = hparams::MethodParams::for_arch(model.hp.arch)?;
+    memit::compute_all(model, tok, requests, settings.layer, &p, store)
 }

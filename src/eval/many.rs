@@ -260,7 +260,7 @@ fn score_point(
     text: &[u32],
     baseline: &Baseline,
 ) -> Result<ManyPoint> {
-    let deltas: Vec<Delta> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
+    let deltas: Vec<Delta> = outcomes.iter().flat_map(|o| o.deltas().cloned()).collect();
     for d in &deltas {
         d.check_finite()?;
     }

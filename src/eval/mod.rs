@@ -5,6 +5,8 @@
 
 pub mod many;
 
+pub mod paper;
+
 use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};
 use crate::lens::backward_pass;
 use crate::model::Transformer;
@@ -172,6 +174,11 @@ pub struct RecordScores {
     pub neighborhood_top1: Option<bool>,
     /// n-gram entropy of a greedy continuation of the prompt.
     pub fluency: Option<f64>,
+    /// The paper's top-1 accuracies.
+    #[serde(flatten)]
+    pub accuracy: paper::Accuracy,
+    /// Seconds spent computing the edit (0 for the unedited model).
+    pub edit_seconds: f64,
 }
 
 /// Mean and 95% confidence half-width.
@@ -223,6 +230,10 @@ pub struct Summary {
     pub fluency: Stat,
     /// Share of records skipped (target already top-1).
     pub skipped: Stat,
+    /// The paper's Table 1 metrics (top-1 accuracies, n-gram entropy ×100).
+    pub paper: paper::PaperSummary,
+    /// Seconds per edit computed (skipped records included).
+    pub edit_seconds: Stat,
 }
 
 /// A full evaluation result.
@@ -253,6 +264,11 @@ fn summarize(records: &[RecordScores]) -> Summary {
         efficacy_magnitude: pick(&|r| Some(r.efficacy_magnitude)),
         fluency: pick(&|r| r.fluency),
         skipped: pick(&|r| Some(b(r.skipped))),
+        paper: paper::summarize(
+            &records.iter().map(|r| r.accuracy).collect::<Vec<_>>(),
+            &records.iter().filter_map(|r| r.fluency).collect::<Vec<_>>(),
+        ),
+        edit_seconds: pick(&|r| r.layer.map(|_| r.edit_seconds)),
     }
 }
 
@@ -473,17 +489,17 @@ pub fn evaluate_with(
                 }
                 None => edit_record(model, tok, r, enc, config, ctx)?,
             };
-            let active: Vec<Delta> = match (&edit.delta, config.sequential) {
-                (Some(d), true) => {
-                    all_deltas.push(d.clone());
-                    if traced.is_none() {
-                        model.apply_delta(d)?;
+            let active: Vec<Delta> = match config.sequential {
+                true => {
+                    for d in &edit.deltas {
+                        all_deltas.push(d.clone());
+                        if traced.is_none() {
+                            model.apply_delta(d)?;
+                        }
                     }
                     all_deltas.clone()
                 }
-                (Some(d), false) => vec![d.clone()],
-                (None, true) => all_deltas.clone(),
-                (None, false) => Vec::new(),
+                false => edit.deltas.clone(),
             };
             let stored = stored_deltas(&file, &active, config.ff2_type)?;
             adapters.push(match stored.is_empty() {
@@ -518,6 +534,7 @@ pub fn evaluate_with(
             record.layer = edit.layer;
             record.lr = edit.lr;
             record.skipped = edit.skipped;
+            record.edit_seconds = edit.seconds;
             scores.push(record);
             progress(index + 1);
         }
@@ -558,8 +575,10 @@ pub fn evaluate_with(
 struct RecordEdit {
     layer: Option<usize>,
     lr: Option<f64>,
-    delta: Option<Delta>,
+    /// Every change of the edit (several layers for memit).
+    deltas: Vec<Delta>,
     skipped: bool,
+    seconds: f64,
 }
 
 /// Computes the record's edit in candle with the configured method, layer and step rules.
@@ -575,10 +594,12 @@ fn edit_record(
         return Ok(RecordEdit {
             layer: None,
             lr: None,
-            delta: None,
+            deltas: Vec::new(),
             skipped: false,
+            seconds: 0.0,
         });
     };
+    let start = std::time::Instant::now();
     let layer = match config.layer {
         LayerChoice::Fixed(l) => l,
         LayerChoice::Auto => auto_layer(model, &enc.prompt, &enc.new)?,
@@ -593,6 +614,11 @@ fn edit_record(
         lr: fixed_lr,
     };
     let outcome = edit::compute_with(model, tok, r, &settings, ctx)?;
+    if config.lr == LrChoice::Auto && !outcome.extra.is_empty() {
+        return Err(Error::Invalid(format!(
+            "--lr auto scales one layer's edit; {method} edits several"
+        )));
+    }
     let delta = match (outcome.delta, config.lr) {
         (Some(mut d), LrChoice::Auto) => {
             let lr = auto_lr(model, &enc.prompt, &d, outcome.target_id)?;
@@ -608,7 +634,12 @@ fn edit_record(
         layer: Some(layer),
         lr: delta.as_ref().map(|d| d.1),
         skipped: delta.is_none(),
-        delta: delta.map(|d| d.0),
+        deltas: delta
+            .map(|d| d.0)
+            .into_iter()
+            .chain(outcome.extra)
+            .collect(),
+        seconds: start.elapsed().as_secs_f64(),
     })
 }
 
@@ -629,12 +660,14 @@ fn edit_record_traced(
         true => prior,
         false => &[],
     };
+    let start = std::time::Instant::now();
     let outcome = edit::shift::compute_traced(tracer, src, tok, r, layer, lr, prior)?;
     Ok(RecordEdit {
         layer: Some(layer),
         lr: outcome.delta.as_ref().map(|_| lr),
         skipped: outcome.delta.is_none(),
-        delta: outcome.delta,
+        deltas: outcome.delta.into_iter().collect(),
+        seconds: start.elapsed().as_secs_f64(),
     })
 }
 
@@ -699,6 +732,16 @@ fn score(
         });
     }
     let scored = s.score(&queries)?;
+    let accuracy = paper::Accuracy::of(&paper::NextTokens {
+        prompt: &scored[0].next_logits,
+        paraphrase: e.rephrase.as_ref().map(|_| &scored[1].next_logits[..]),
+        neighborhood: e
+            .locality
+            .as_ref()
+            .map(|_| &scored.last().expect("locality query").next_logits[..]),
+        new: e.new[0],
+        neighborhood_truth: e.locality_truth[0],
+    });
     let (p_new, p_true) = (scored[0].logprobs[0], scored[0].logprobs[1]);
     let paraphrase = e
         .rephrase
@@ -731,6 +774,8 @@ fn score(
         neighborhood,
         neighborhood_top1,
         fluency,
+        accuracy,
+        edit_seconds: 0.0,
     })
 }
 

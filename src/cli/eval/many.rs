@@ -14,12 +14,12 @@ pub fn run(args: Args) -> Result<()> {
         Some(n) => vec![n],
         None => args.curve.clone(),
     };
-    let methods = match (args.methods.is_empty(), args.method.0) {
-        (false, _) => args.methods.clone(),
-        (true, Some(m)) => vec![m],
-        (true, None) => {
-            bail!("--edits/--curve need an edit method (--method or --methods), not none")
-        }
+    let chosen = match args.methods.is_empty() {
+        true => vec![args.method.0],
+        false => args.methods.iter().map(|m| m.0).collect(),
+    };
+    let Some(methods) = chosen.into_iter().collect::<Option<Vec<Method>>>() else {
+        bail!("--edits/--curve need edit methods (--method or --methods), not none")
     };
     let lr = match args.lr {
         LrChoice::Fixed(lr) => lr,

@@ -293,6 +293,18 @@ pub enum MomentsSource {
     },
 }
 
+/// The bits of key options, to tell factorizations apart.
+type OptionsKey = [u64; 4];
+
+fn options_key(o: &WhitenOptions) -> OptionsKey {
+    [
+        o.lambda_ratio.to_bits(),
+        o.last_weight.to_bits(),
+        o.contrast_weight.to_bits(),
+        u64::from(o.context),
+    ]
+}
+
 /// Key statistics for any layer of one unedited model, computed on first use, kept in memory and
 /// cached on disk. It keeps its own copy of the unedited weights, so edits applied to the
 /// caller's model afterwards (sequential editing) never leak into the statistics.
@@ -305,7 +317,7 @@ pub struct StatsStore {
     corpus_sha: String,
     options: WhitenOptions,
     cache_dir: Option<PathBuf>,
-    loaded: Mutex<HashMap<usize, Arc<KeyStats>>>,
+    loaded: Mutex<HashMap<(usize, OptionsKey), Arc<KeyStats>>>,
     sources: Mutex<HashMap<usize, MomentsSource>>,
 }
 
@@ -420,17 +432,24 @@ impl StatsStore {
 
     /// The factored statistics of `layer` (memory, then disk cache, then computed).
     pub fn get(&self, layer: usize) -> Result<Arc<KeyStats>> {
-        if let Some(s) = self.loaded.lock().expect("stats lock").get(&layer) {
+        self.get_with(layer, self.options)
+    }
+
+    /// [`Self::get`] under other key options (the same moments, factored again once per
+    /// options: ROME's C has no last-position term).
+    pub fn get_with(&self, layer: usize, options: WhitenOptions) -> Result<Arc<KeyStats>> {
+        let key = (layer, options_key(&options));
+        if let Some(s) = self.loaded.lock().expect("stats lock").get(&key) {
             return Ok(s.clone());
         }
         let m = self.moments(layer)?;
-        let stats = match KeyStats::from_moments(layer, &m, self.options) {
+        let stats = match KeyStats::from_moments(layer, &m, options) {
             // A checksummed file of moments that do not factor was not written from these
             // prompts by backlens: compute them again instead of failing on every run.
             Err(e) if self.moments_source(layer) == Some(MomentsSource::Cache) => {
                 let path = self.cache_path(layer).expect("read from a cache file");
                 let m = self.compute(layer, Some(format!("{}: {e}", path.display())))?;
-                KeyStats::from_moments(layer, &m, self.options)
+                KeyStats::from_moments(layer, &m, options)
             }
             r => r,
         }
@@ -445,7 +464,7 @@ impl StatsStore {
         self.loaded
             .lock()
             .expect("stats lock")
-            .insert(layer, stats.clone());
+            .insert(key, stats.clone());
         Ok(stats)
     }
 
