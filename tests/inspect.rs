@@ -112,7 +112,10 @@ fn inspect_reports_capabilities_of_a_supported_model() {
             "shift-whitened",
             "grad",
             "batch",
-            "shift-protected"
+            "shift-protected",
+            "rome",
+            "ft",
+            "memit"
         ]
     );
 }
