@@ -3,6 +3,8 @@
 //! self-contained HTML page holding them, and a generic line plot for
 //! evaluation sweeps. Output is deterministic and every piece of text is XML-escaped.
 
+pub mod analyses;
+
 use crate::lens::{Cell, LensReport, Projection};
 
 const CELL_W: f64 = 78.0;
