@@ -685,8 +685,16 @@ fn aggregate_equals_the_mean_of_per_record_lens_values() {
         let span = lens::subject_tokens(tok, q.prompt, &ids, q.subject.unwrap()).unwrap();
         let segs = aggregate::segments(n, span.clone());
         let c = &rec.segment_tokens;
-        assert_eq!(c.prefix + c.subject + c.relation + c.last, n, "{:?}", q.prompt);
-        assert_eq!((c.last, c.subject), (1, span.len() - usize::from(span.end == n)));
+        assert_eq!(
+            c.prefix + c.subject + c.relation + c.last,
+            n,
+            "{:?}",
+            q.prompt
+        );
+        assert_eq!(
+            (c.last, c.subject),
+            (1, span.len() - usize::from(span.end == n))
+        );
         total_tokens += n;
         for (l, layer) in r.layers.iter().enumerate() {
             for (si, &s) in Segment::ALL.iter().enumerate() {
@@ -715,7 +723,11 @@ fn aggregate_equals_the_mean_of_per_record_lens_values() {
                 Some(got) => {
                     let w = mean(&want[l][si]);
                     assert_eq!(got.n, want[l][si].len());
-                    assert!((got.mean - w).abs() <= 1e-6 * w.abs(), "L{l} {s:?}: {} vs {w}", got.mean);
+                    assert!(
+                        (got.mean - w).abs() <= 1e-6 * w.abs(),
+                        "L{l} {s:?}: {} vs {w}",
+                        got.mean
+                    );
                 }
                 None => assert!(want[l][si].is_empty()),
             }
@@ -724,7 +736,11 @@ fn aggregate_equals_the_mean_of_per_record_lens_values() {
         assert_eq!(layer.rank_neg_d2.mean, mean(&ranks[l].1), "L{l}");
         let mut sorted = ranks[l].1.clone();
         sorted.sort_by(f64::total_cmp);
-        assert_eq!(layer.rank_neg_d2.median, 0.5 * (sorted[1] + sorted[2]), "L{l}");
+        assert_eq!(
+            layer.rank_neg_d2.median,
+            0.5 * (sorted[1] + sorted[2]),
+            "L{l}"
+        );
     }
     // The last layer's δ is zero away from the last token (nothing after it reads them).
     assert_eq!(agg.layers[29].norm_d2.subject.as_ref().unwrap().mean, 0.0);
@@ -741,8 +757,9 @@ fn smollm2_min_step_succeeds_and_nine_tenths_does_not() {
     use backlens::runtime::LlamaRuntime;
     use backlens::write::{OutputClaim, OutputKind};
     let common::Loaded { tok, model, .. } = common::smollm2_loaded();
-    let rec = &backlens::eval::load_records(&common::counterfact("counterfact-val.json"), 0, Some(1))
-        .unwrap()[0];
+    let rec =
+        &backlens::eval::load_records(&common::counterfact("counterfact-val.json"), 0, Some(1))
+            .unwrap()[0];
     let dir = common::temp_dir("min-step");
     let gguf = common::smollm2();
     let r = min_step::min_steps(&gguf, model, tok, rec, 22..25, &dir, |_| {}).unwrap();
@@ -755,8 +772,8 @@ fn smollm2_min_step_succeeds_and_nine_tenths_does_not() {
     let mut top1_with = |delta: &backlens::delta::Delta, tag: &str| -> bool {
         let path = dir.join(format!("{tag}.gguf"));
         let claim = OutputClaim::new(&path, OutputKind::File, &[], false).unwrap();
-        let staged = backlens::patch::stage_adapter("llama", std::slice::from_ref(delta), claim)
-            .unwrap();
+        let staged =
+            backlens::patch::stage_adapter("llama", std::slice::from_ref(delta), claim).unwrap();
         let mut adapter = rt.load_lora(staged.path()).unwrap();
         let mut s = rt.session().unwrap();
         s.set_lora(&mut adapter, 1.0).unwrap();
@@ -766,20 +783,59 @@ fn smollm2_min_step_succeeds_and_nine_tenths_does_not() {
     assert_eq!(r.layers.len(), 3);
     for l in &r.layers {
         for (method, search) in [(StepMethod::Shift, &l.shift), (StepMethod::Grad, &l.grad)] {
-            let step = search.step.unwrap_or_else(|| panic!("L{} {method:?}: no step", l.layer));
+            let step = search
+                .step
+                .unwrap_or_else(|| panic!("L{} {method:?}: no step", l.layer));
             let below = search.below.unwrap();
             assert!(below < step && step <= below * min_step::STEP_RATIO * (1.0 + 1e-12));
             assert!(search.margin.unwrap() > 0.0);
             let unit = min_step::unit_delta(&bp, &e, method, l.layer).unwrap();
             let scaled = |s: f64| {
                 let mut d = unit.clone();
-                d.out_vecs.iter_mut().flatten().for_each(|v| *v = (*v as f64 * s) as f32);
+                d.out_vecs
+                    .iter_mut()
+                    .flatten()
+                    .for_each(|v| *v = (*v as f64 * s) as f32);
                 d
             };
             let tag = format!("{}-{method:?}", l.layer);
-            assert!(top1_with(&scaled(step), &format!("{tag}-at")), "L{} {method:?} {step}", l.layer);
-            assert!(!top1_with(&scaled(0.9 * step), &format!("{tag}-below")), "L{} {method:?} 0.9×{step}", l.layer);
+            assert!(
+                top1_with(&scaled(step), &format!("{tag}-at")),
+                "L{} {method:?} {step}",
+                l.layer
+            );
+            assert!(
+                !top1_with(&scaled(0.9 * step), &format!("{tag}-below")),
+                "L{} {method:?} 0.9×{step}",
+                l.layer
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// docs/errors.md row 42: `lens --requests` needs each record's subject inside its prompt.
+#[test]
+fn row42_aggregate_refuses_a_record_without_its_subject() {
+    use backlens::lens::aggregate::{self, Query};
+    let (model, tok) = load(Arch::Llama, DType::F32);
+    let query = |subject| Query {
+        case_id: None,
+        prompt: "The city of",
+        target: "Paris",
+        subject,
+    };
+    let err = |q: Query| {
+        aggregate::run(&model, &tok, &[q], 0..2, |_| {})
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        err(query(None)),
+        "request #0 (\"The city of\") names no subject (the segments are read from it)"
+    );
+    assert_eq!(
+        err(query(Some("Rome"))),
+        "request #0: the subject \"Rome\" is not in the prompt \"The city of\""
+    );
 }

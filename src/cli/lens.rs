@@ -7,9 +7,9 @@ use backlens::edit::EditRequest;
 use backlens::eval::min_step::{self, MinStepReport, StepSearch};
 use backlens::lens::aggregate::{self, AggregateReport, Query, Segment};
 use backlens::lens::{self, LensOptions, LensReport};
-use backlens::source::ModelSource;
 use backlens::model::Transformer;
 use backlens::report;
+use backlens::source::ModelSource;
 use backlens::write::{OutputClaim, OutputKind};
 use candle_core::DType;
 use std::path::{Path, PathBuf};
@@ -260,7 +260,10 @@ fn run_requests(args: Args) -> Result<()> {
         }
     })?;
     if let Some(page) = html {
-        let name = |p: &Path| p.file_name().map_or(String::new(), |f| f.to_string_lossy().into_owned());
+        let name = |p: &Path| {
+            p.file_name()
+                .map_or(String::new(), |f| f.to_string_lossy().into_owned())
+        };
         let title = format!(
             "Backward Lens over {} records of {} on {}",
             report.records,
@@ -284,7 +287,14 @@ fn print_aggregate(r: &AggregateReport) {
     );
     println!(
         "{:>5}  {:>9} {:>9} {:>9} {:>9}  {:>13} {:>13} {:>6}",
-        "layer", "‖δ‖ pre", "‖δ‖ subj", "‖δ‖ rel", "‖δ‖ last", "rank x1 med", "rank −δ med", "top-1"
+        "layer",
+        "‖δ‖ pre",
+        "‖δ‖ subj",
+        "‖δ‖ rel",
+        "‖δ‖ last",
+        "rank x1 med",
+        "rank −δ med",
+        "top-1"
     );
     for l in &r.layers {
         let segs: Vec<String> = Segment::ALL

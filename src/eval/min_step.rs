@@ -257,10 +257,7 @@ pub fn min_steps(
         target: tok.decode(&target_ids),
         target_id: target,
         answer: tok.token_text(answer),
-        bracket: (
-            SCAN_BASE.powi(*SCAN.start()),
-            SCAN_BASE.powi(*SCAN.end()),
-        ),
+        bracket: (SCAN_BASE.powi(*SCAN.start()), SCAN_BASE.powi(*SCAN.end())),
         ratio: STEP_RATIO,
         layers: out,
     })

@@ -86,8 +86,19 @@ fn band_plot_svg(title: &str, x_label: &str, y_label: &str, bands: &[Band]) -> S
             mid.join(" ")
         ));
         for &(x, lo, m, hi) in &b.points {
-            let tip = esc(&format!("{}: x {} median {} [{}, {}]", b.name, x, num(m), num(lo), num(hi)));
-            let dot = format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.6\" fill=\"{c}\">", sx(x), sy(m));
+            let tip = esc(&format!(
+                "{}: x {} median {} [{}, {}]",
+                b.name,
+                x,
+                num(m),
+                num(lo),
+                num(hi)
+            ));
+            let dot = format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.6\" fill=\"{c}\">",
+                sx(x),
+                sy(m)
+            );
             o.0.push_str(&format!("{dot}<title>{tip}</title></circle>\n"));
         }
         let ly = top + 8.0 + i as f64 * 16.0;
@@ -96,6 +107,28 @@ fn band_plot_svg(title: &str, x_label: &str, y_label: &str, bands: &[Band]) -> S
         o.text((left + pw + 36.0, ly + 4.0), "", &label(&b.name, 18));
     }
     o.finish()
+}
+
+/// A rank statistic: whole numbers as such, others with one decimal.
+fn rank(v: f64) -> String {
+    match v.fract() == 0.0 {
+        true => format!("{v:.0}"),
+        false => format!("{v:.1}"),
+    }
+}
+
+/// Share of records whose target is top-1 in −δ at the last token, per layer.
+fn top1_plot(r: &AggregateReport) -> String {
+    let points = r
+        .layers
+        .iter()
+        .map(|l| (l.layer as f64, l.top1_neg_d2))
+        .collect();
+    line_plot_svg(
+        "share of records with the target top-1 in −δ (last token)",
+        "layer",
+        &[("−δ top-1".to_string(), points)],
+    )
 }
 
 /// log10(1 + v).
@@ -162,8 +195,9 @@ pub fn aggregate_html(r: &AggregateReport, title: &str) -> String {
     let d2 = segment_plot(r, "mean ‖δ‖ (VJP at FF2 output) by prompt segment", true);
     let x1 = segment_plot(r, "mean ‖x1‖ (FF1 input) by prompt segment", false);
     let ranks = rank_plot(r);
+    let top1 = top1_plot(r);
     let cell = |s: &Option<Spread>| s.as_ref().map_or("–".into(), |s| num(s.mean));
-    let spread = |s: &Spread| format!("{} [{}, {}]", num(s.median), num(s.q25), num(s.q75));
+    let spread = |s: &Spread| format!("{} [{}, {}]", rank(s.median), rank(s.q25), rank(s.q75));
     let rows: String = r
         .layers
         .iter()
@@ -193,9 +227,9 @@ pub fn aggregate_html(r: &AggregateReport, title: &str) -> String {
          {relation} relation (between the subject and the last token), {last} last.</p>\n\
          <figure>\n<div class=\"row\">\n{d2}{x1}</div>\n<figcaption>Figure 5 analog: per layer, the mean over \
          records of each record's mean norm over the segment's tokens.</figcaption>\n</figure>\n\
-         <figure>\n{ranks}<figcaption>Figure 6 analog: the target's rank (0 = top-1) when x1 and −δ at the \
+         <figure>\n<div class=\"row\">\n{ranks}{top1}</div>\n<figcaption>Figure 6 analog: the target's rank (0 = top-1) when x1 and −δ at the \
          last token are projected through the final norm and the unembedding; line = median over records, \
-         band = first to third quartile.</figcaption>\n</figure>\n\
+         band = first to third quartile; right, the share of records whose target is −δ's top-1.</figcaption>\n</figure>\n\
          <table>\n<tr><th>layer</th><th>‖δ‖ prefix</th><th>‖δ‖ subject</th><th>‖δ‖ relation</th>\
          <th>‖δ‖ last</th><th>rank in x1: median [q25, q75]</th><th>rank in −δ: median [q25, q75]</th>\
          <th>top-1 in −δ</th></tr>\n{rows}</table>\n</body>\n</html>\n"
