@@ -199,7 +199,7 @@ fn run_min_step(args: Args) -> Result<()> {
         eprintln!("layer {l} searched")
     })?;
     if let Some(svg) = svg {
-        write_file(svg, &report::analyses::min_step_svg(&report))?;
+        write_file(svg, &min_step::svg(&report))?;
     }
     if args.json {
         return print_json(&report);

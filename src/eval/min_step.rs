@@ -262,3 +262,24 @@ pub fn min_steps(
         layers: out,
     })
 }
+
+/// log10 of the minimal step of each method against the layer.
+pub fn svg(r: &MinStepReport) -> String {
+    let series = |name: &str, f: fn(&LayerSteps) -> &StepSearch| {
+        let points = r
+            .layers
+            .iter()
+            .filter_map(|l| Some((l.layer as f64, f(l).step?.log10())))
+            .collect();
+        (name.to_string(), points)
+    };
+    let title = format!("log10 minimal step: {:?} -> {:?}", r.prompt, r.target);
+    crate::report::line_plot_svg(
+        &title,
+        "layer",
+        &[
+            series("FPS (shift)", |l| &l.shift),
+            series("SGD step (grad)", |l| &l.grad),
+        ],
+    )
+}

@@ -1,32 +1,9 @@
-//! Figures of the analyses that span many passes: the minimal edit step per layer (the paper's
-//! Figure 26) and the aggregate page of a request file (the Figure 5 and 6 analogs), as
-//! deterministic SVG and one self-contained HTML page.
+//! The aggregate page of a request file (the paper's Figure 5 and 6 analogs): deterministic
+//! inline SVG in one self-contained HTML page.
 
 use super::{esc, label, line_plot_svg, num, range, ticks, Svg, BOLD, END, MID, SERIES_COLOURS};
 use super::{PAGE_STYLE, SMALL};
-use crate::eval::min_step::{MinStepReport, StepSearch};
 use crate::lens::aggregate::{AggregateReport, Segment, Spread};
-
-/// log10 of the minimal step of each method against the layer.
-pub fn min_step_svg(r: &MinStepReport) -> String {
-    let series = |name: &str, f: fn(&crate::eval::min_step::LayerSteps) -> &StepSearch| {
-        let points = r
-            .layers
-            .iter()
-            .filter_map(|l| Some((l.layer as f64, f(l).step?.log10())))
-            .collect();
-        (name.to_string(), points)
-    };
-    let title = format!("log10 minimal step: {:?} -> {:?}", r.prompt, r.target);
-    line_plot_svg(
-        &title,
-        "layer",
-        &[
-            series("FPS (shift)", |l| &l.shift),
-            series("SGD step (grad)", |l| &l.grad),
-        ],
-    )
-}
 
 /// One series of a band plot: (x, low, middle, high) points.
 struct Band {
