@@ -593,7 +593,7 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 /// A small line plot: one polyline with markers per series, axes with round ticks, the x-axis
-/// label and a legend. Non-finite points are skipped.
+/// label and a legend. Non-finite points are not drawn and break the line.
 pub fn line_plot_svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
     let (w, h, left, right, top, bottom) = (600.0, 340.0, 60.0, 170.0, 34.0, 48.0);
     let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
@@ -624,15 +624,18 @@ pub fn line_plot_svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f6
     if points.iter().all(Vec::is_empty) {
         o.text((left + pw / 2.0, top + ph / 2.0), MID, "no data");
     }
-    for (i, ((name, _), pts)) in series.iter().zip(&points).enumerate() {
+    for (i, ((name, all), pts)) in series.iter().zip(&points).enumerate() {
         let c = SERIES_COLOURS[i % SERIES_COLOURS.len()];
-        let path: Vec<String> = pts
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
-        let path = path.join(" ");
         let stroke = format!(" fill=\"none\" stroke=\"{c}\" stroke-width=\"1.8\"");
-        o.0.push_str(&format!("<polyline points=\"{path}\"{stroke}/>\n"));
+        // A non-finite point breaks the line: one polyline per run of finite points.
+        for run in all.split(|p| !finite(&p)).filter(|r| !r.is_empty()) {
+            let path: Vec<String> = run
+                .iter()
+                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+                .collect();
+            let path = path.join(" ");
+            o.0.push_str(&format!("<polyline points=\"{path}\"{stroke}/>\n"));
+        }
         for &(x, y) in pts {
             let (cx, cy) = (sx(x), sy(y));
             let tip = esc(&format!("{name}: ({}, {})", num(x), num(y)));

@@ -263,13 +263,13 @@ pub fn min_steps(
     })
 }
 
-/// log10 of the minimal step of each method against the layer.
+/// log10 of the minimal step of each method against the layer (a gap where none was found).
 pub fn svg(r: &MinStepReport) -> String {
     let series = |name: &str, f: fn(&LayerSteps) -> &StepSearch| {
         let points = r
             .layers
             .iter()
-            .filter_map(|l| Some((l.layer as f64, f(l).step?.log10())))
+            .map(|l| (l.layer as f64, f(l).step.map_or(f64::NAN, f64::log10)))
             .collect();
         (name.to_string(), points)
     };
