@@ -2,6 +2,7 @@
 //! gradient projected into the vocabulary through the final norm and the unembedding, with the
 //! paper's other readings of the same pass (`views`).
 
+pub mod aggregate;
 pub mod project;
 pub mod stream;
 pub mod views;
@@ -288,7 +289,7 @@ pub struct LensReport {
     pub claims: Claims,
 }
 
-fn l2(v: &[f32]) -> f32 {
+pub(crate) fn l2(v: &[f32]) -> f32 {
     v.iter().map(|x| x * x).sum::<f32>().sqrt()
 }
 
@@ -299,19 +300,29 @@ pub fn last_subject_token(
     ids: &[u32],
     subject: &str,
 ) -> Option<usize> {
+    subject_tokens(tok, prompt, ids, subject).map(|r| r.end - 1)
+}
+
+/// The prompt tokens whose decoded text overlaps the first occurrence of `subject`.
+pub fn subject_tokens(
+    tok: &Tokenizer,
+    prompt: &str,
+    ids: &[u32],
+    subject: &str,
+) -> Option<std::ops::Range<usize>> {
     let start = prompt.find(subject)?;
     let end = start + subject.len();
     let mut offset = 0;
-    let mut last = None;
+    let mut span: Option<std::ops::Range<usize>> = None;
     for (i, &id) in ids.iter().enumerate() {
         let piece = tok.token_text(id);
         let (s, e) = (offset, offset + piece.len());
         if s < end && e > start {
-            last = Some(i);
+            span = Some(span.map_or(i..i + 1, |r| r.start..i + 1));
         }
         offset = e;
     }
-    last
+    span
 }
 
 /// Rows `positions` of each tensor (one per reported layer), stacked layer-major.
@@ -382,8 +393,7 @@ fn encode(
     Ok((prompt_ids, target_ids))
 }
 
-/// Runs the lens for `prompt` → `target` on a model in memory: one forward and backward pass,
-/// then [`report`].
+/// Runs the lens for `prompt` → `target` on a model in memory: [`inputs`], then [`report`].
 pub fn run(
     model: &Transformer,
     tok: &Tokenizer,
@@ -392,12 +402,25 @@ pub fn run(
     subject: Option<&str>,
     opts: &LensOptions,
 ) -> Result<LensReport> {
+    let inputs = inputs(model, tok, prompt, target, opts)?;
+    report(model, tok, prompt, subject, opts, inputs)
+}
+
+/// One forward and backward pass for `prompt` → `target` on a model in memory, and what the
+/// lens reads from it at the layers of `opts`.
+pub fn inputs(
+    model: &Transformer,
+    tok: &Tokenizer,
+    prompt: &str,
+    target: &str,
+    opts: &LensOptions,
+) -> Result<LensInputs> {
     let (prompt_ids, target_ids) = encode(tok, prompt, target, &opts.layers, model.hp.n_layer)?;
     let bp = backward_pass(model, &prompt_ids, &target_ids, opts.full_target)?;
     let n = bp.prompt_len;
     let layers: Vec<usize> = opts.layers.clone().collect();
     let pick = |t: &[Tensor]| layers.iter().map(|&l| t[l].clone()).collect::<Vec<_>>();
-    let inputs = LensInputs {
+    Ok(LensInputs {
         last_logits: bp
             .logits
             .narrow(0, n - 1, 1)?
@@ -411,8 +434,7 @@ pub fn run(
         prompt_ids,
         target_ids,
         loss: bp.loss,
-    };
-    report(model, tok, prompt, subject, opts, inputs)
+    })
 }
 
 /// [`run`] for a model whose f32 weights need not fit in memory: `src`'s blocks are

@@ -3,6 +3,8 @@
 //! self-contained HTML page holding them, and a generic line plot for
 //! evaluation sweeps. Output is deterministic and every piece of text is XML-escaped.
 
+pub mod analyses;
+
 use crate::lens::{Cell, LensReport, Projection};
 
 const CELL_W: f64 = 78.0;
@@ -591,7 +593,7 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 /// A small line plot: one polyline with markers per series, axes with round ticks, the x-axis
-/// label and a legend. Non-finite points are skipped.
+/// label and a legend. Non-finite points are not drawn and break the line.
 pub fn line_plot_svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
     let (w, h, left, right, top, bottom) = (600.0, 340.0, 60.0, 170.0, 34.0, 48.0);
     let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
@@ -622,15 +624,18 @@ pub fn line_plot_svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f6
     if points.iter().all(Vec::is_empty) {
         o.text((left + pw / 2.0, top + ph / 2.0), MID, "no data");
     }
-    for (i, ((name, _), pts)) in series.iter().zip(&points).enumerate() {
+    for (i, ((name, all), pts)) in series.iter().zip(&points).enumerate() {
         let c = SERIES_COLOURS[i % SERIES_COLOURS.len()];
-        let path: Vec<String> = pts
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
-        let path = path.join(" ");
         let stroke = format!(" fill=\"none\" stroke=\"{c}\" stroke-width=\"1.8\"");
-        o.0.push_str(&format!("<polyline points=\"{path}\"{stroke}/>\n"));
+        // A non-finite point breaks the line: one polyline per run of finite points.
+        for run in all.split(|p| !finite(&p)).filter(|r| !r.is_empty()) {
+            let path: Vec<String> = run
+                .iter()
+                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+                .collect();
+            let path = path.join(" ");
+            o.0.push_str(&format!("<polyline points=\"{path}\"{stroke}/>\n"));
+        }
         for &(x, y) in pts {
             let (cx, cy) = (sx(x), sy(y));
             let tip = esc(&format!("{name}: ({}, {})", num(x), num(y)));
@@ -831,12 +836,61 @@ mod tests {
                 vec![(0.0, 0.5), (1.0, 0.75), (2.0, f64::NAN)],
             ),
             ("flat".to_string(), vec![(1.0, 1.0)]),
+            (
+                "gap".to_string(),
+                vec![(0.0, 1.0), (1.0, f64::NAN), (2.0, 3.0), (3.0, 4.0)],
+            ),
         ];
         let svg = line_plot_svg("sweep & co", "α", &series);
         assert_well_formed(&svg);
         assert!(svg.contains("acc &lt;edit&gt;") && svg.contains("sweep &amp; co"));
-        assert_eq!(svg.matches("<polyline").count(), 2);
+        // One line per run of finite points: 1 + 1 + 2.
+        assert_eq!(svg.matches("<polyline").count(), 4);
+        assert_eq!(svg.matches("<circle").count(), 2 + 1 + 3);
         assert_well_formed(&line_plot_svg("empty", "x", &[]));
+    }
+
+    #[test]
+    fn aggregate_page_is_well_formed_and_shows_every_layer() {
+        use crate::lens::aggregate::{aggregate, BySegment, RecordLayer, RecordLens};
+        let record = |r: usize| RecordLens {
+            case_id: Some(r as u64),
+            prompt: "a <b> & c".into(),
+            target: " d".into(),
+            segment_tokens: BySegment {
+                prefix: 0,
+                subject: 2,
+                relation: 1,
+                last: 1,
+            },
+            layers: (0..3)
+                .map(|layer| RecordLayer {
+                    layer,
+                    norm_d2: BySegment {
+                        prefix: None,
+                        subject: Some(0.5 * (r + layer) as f64),
+                        relation: Some(0.25),
+                        last: Some(1.0 + r as f64),
+                    },
+                    norm_x1: BySegment::default(),
+                    rank_x1: 10 * r,
+                    rank_neg_d2: r * layer,
+                })
+                .collect(),
+        };
+        let agg = aggregate((0..4).map(record).collect()).unwrap();
+        let l2 = &agg.layers[2];
+        assert_eq!(l2.norm_d2.last.as_ref().unwrap().mean, 2.5);
+        assert_eq!(l2.rank_neg_d2.median, 3.0);
+        assert_eq!(l2.rank_neg_d2.q25, 1.5);
+        assert_eq!(l2.top1_neg_d2, 0.25);
+        assert!(l2.norm_d2.prefix.is_none() && l2.norm_x1.subject.is_none());
+        assert_eq!(agg.segment_tokens.subject, 8);
+        let html = analyses::aggregate_html(&agg, "SmolLM2 <val> & co");
+        assert_well_formed(&html);
+        assert!(html.contains("SmolLM2 &lt;val&gt; &amp; co") && html.contains("4 records"));
+        assert_eq!(html.matches("<tr><td>").count(), 3);
+        assert!(html.contains("<td>3 [1.5, 4.5]</td>"));
     }
 
     #[test]

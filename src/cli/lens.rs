@@ -1,10 +1,15 @@
-//! `lens`: the Backward Lens for one prompt and target.
+//! `lens`: the Backward Lens for one prompt and target; `--min-step`, the smallest edit step per
+//! layer through llama.cpp; `--requests`, aggregates over a request file.
 
 use super::{open, print_json};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use backlens::edit::EditRequest;
+use backlens::eval::min_step::{self, MinStepReport, StepSearch};
+use backlens::lens::aggregate::{self, AggregateReport, Query, Segment};
 use backlens::lens::{self, LensOptions, LensReport};
 use backlens::model::Transformer;
 use backlens::report;
+use backlens::source::ModelSource;
 use backlens::write::{OutputClaim, OutputKind};
 use candle_core::DType;
 use std::path::{Path, PathBuf};
@@ -23,11 +28,22 @@ pub struct Args {
     /// GGUF file or HF checkpoint folder.
     model: PathBuf,
     /// The prompt.
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "requests")]
+    prompt: Option<String>,
     /// The target continuation (a leading space is added unless present).
-    #[arg(long)]
-    target: String,
+    #[arg(long, required_unless_present = "requests")]
+    target: Option<String>,
+    /// Aggregate over this request file (CounterFact shape, each record with its subject):
+    /// mean ‖δ‖ and ‖x1‖ per layer by prompt segment, the target's rank in x1 and −δ per layer.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "target", "subject", "min_step", "svg", "stream", "unit", "no_norm", "full_target"])]
+    requests: Option<PathBuf>,
+    /// Records of --requests to read, from the first (default all).
+    #[arg(long, requires = "requests")]
+    n: Option<usize>,
+    /// Instead of the lens: per layer, the smallest step of FPS and of one SGD step on FF2
+    /// that makes the target llama.cpp's top-1 (a GGUF model; --svg plots it).
+    #[arg(long, conflicts_with_all = ["html", "stream", "unit", "no_norm", "full_target"])]
+    min_step: bool,
     /// Subject inside the prompt; its last token is marked in every view.
     #[arg(long)]
     subject: Option<String>,
@@ -96,6 +112,12 @@ pub fn parse_layers(spec: &str, n_layer: usize) -> Result<std::ops::Range<usize>
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.requests.is_some() {
+        return run_requests(args);
+    }
+    if args.min_step {
+        return run_min_step(args);
+    }
     // Every output path is checked (and locked) before any work.
     let claim = |path: &Path| OutputClaim::new(path, OutputKind::File, &[&args.model], args.force);
     let svg = match &args.svg {
@@ -112,19 +134,16 @@ pub fn run(args: Args) -> Result<()> {
         true => Transformer::load_unembedding(&m.source)?,
         false => Transformer::load(&m.source, DType::F32)?,
     };
-    let layers = match &args.layers {
-        Some(spec) => parse_layers(spec, model.hp.n_layer)?,
-        None => 0..model.hp.n_layer,
-    };
     let opts = LensOptions {
-        layers,
+        layers: layers(&args, model.hp.n_layer)?,
         k: args.k.max(1),
         all_positions: args.positions == Positions::All,
         use_norm: !args.no_norm,
         full_target: args.full_target,
         unit: args.unit,
     };
-    let (prompt, target, subject) = (&args.prompt, &args.target, args.subject.as_deref());
+    let (prompt, target) = prompt_target(&args)?;
+    let subject = args.subject.as_deref();
     let report = match args.stream {
         true => lens::run_streamed(&m.source, &model, &m.tok, prompt, target, subject, &opts)?,
         false => lens::run(&model, &m.tok, prompt, target, subject, &opts)?,
@@ -142,6 +161,161 @@ pub fn run(args: Args) -> Result<()> {
     }
     print_table(&report);
     Ok(())
+}
+
+/// --prompt and --target (clap requires both unless --requests is given).
+fn prompt_target(args: &Args) -> Result<(&str, &str)> {
+    match (&args.prompt, &args.target) {
+        (Some(p), Some(t)) => Ok((p, t)),
+        _ => bail!("give --prompt and --target, or --requests FILE"),
+    }
+}
+
+/// The layers of --layers, default all.
+fn layers(args: &Args, n_layer: usize) -> Result<std::ops::Range<usize>> {
+    match &args.layers {
+        Some(spec) => parse_layers(spec, n_layer),
+        None => Ok(0..n_layer),
+    }
+}
+
+/// `lens --min-step`: the search per layer, then the table, JSON or SVG.
+fn run_min_step(args: Args) -> Result<()> {
+    let claim = |path: &Path| OutputClaim::new(path, OutputKind::File, &[&args.model], args.force);
+    let svg = args.svg.as_deref().map(claim).transpose()?;
+    let (prompt, target) = prompt_target(&args)?;
+    let m = open(&args.model)?;
+    if !matches!(m.source, ModelSource::Gguf(_)) {
+        bail!(
+            "{}: --min-step checks edits through llama.cpp, which needs a GGUF model",
+            args.model.display()
+        );
+    }
+    let model = Transformer::load(&m.source, DType::F32)?;
+    let layers = layers(&args, model.hp.n_layer)?;
+    let req = EditRequest::new(prompt, target, args.subject.as_deref())?;
+    let scratch = std::env::temp_dir();
+    let report = min_step::min_steps(&args.model, &model, &m.tok, &req, layers, &scratch, |l| {
+        eprintln!("layer {l} searched")
+    })?;
+    if let Some(svg) = svg {
+        write_file(svg, &min_step::svg(&report))?;
+    }
+    if args.json {
+        return print_json(&report);
+    }
+    print_min_steps(&report);
+    Ok(())
+}
+
+fn print_min_steps(r: &MinStepReport) {
+    println!(
+        "{:?} -> {:?} (id {}); llama.cpp's top-1 before: {:?}",
+        r.prompt, r.target, r.target_id, r.answer
+    );
+    println!(
+        "smallest step making the target llama.cpp's top-1 (bracket {:e}..{:e}, bisected to ×{}):\n",
+        r.bracket.0, r.bracket.1, r.ratio
+    );
+    println!(
+        "{:>5}  {:>11} {:>8}  {:>11} {:>8}",
+        "layer", "FPS step", "margin", "SGD step", "margin"
+    );
+    let show = |s: &StepSearch| match (s.step, s.margin) {
+        (Some(step), Some(m)) => format!("{step:>11.4e} {m:>8.3}"),
+        _ => format!("{:>11} {:>8}", "none", "-"),
+    };
+    for l in &r.layers {
+        println!("{:>5}  {}  {}", l.layer, show(&l.shift), show(&l.grad));
+    }
+}
+
+/// `lens --requests`: the aggregate, then the table, JSON or HTML page.
+fn run_requests(args: Args) -> Result<()> {
+    let Some(path) = &args.requests else {
+        bail!("--requests needs a file");
+    };
+    let claim = |p: &Path| OutputClaim::new(p, OutputKind::File, &[&args.model, path], args.force);
+    let html = args.html.as_deref().map(claim).transpose()?;
+    let records = backlens::eval::load_records(path, 0, args.n)?;
+    if records.is_empty() {
+        bail!("no records to aggregate (--n 0)");
+    }
+    let m = open(&args.model)?;
+    let model = Transformer::load(&m.source, DType::F32)?;
+    let layers = layers(&args, model.hp.n_layer)?;
+    let queries: Vec<Query> = records
+        .iter()
+        .map(|r| Query {
+            case_id: r.case_id,
+            prompt: &r.prompt,
+            target: &r.target_new,
+            subject: r.subject.as_deref(),
+        })
+        .collect();
+    let total = queries.len();
+    let report = aggregate::run(&model, &m.tok, &queries, layers, |i| {
+        if i % 10 == 0 || i == total {
+            eprintln!("{i}/{total} records");
+        }
+    })?;
+    if let Some(page) = html {
+        let name = |p: &Path| {
+            p.file_name()
+                .map_or(String::new(), |f| f.to_string_lossy().into_owned())
+        };
+        let title = format!(
+            "Backward Lens over {} records of {} on {}",
+            report.records,
+            name(path),
+            name(&args.model)
+        );
+        write_file(page, &report::analyses::aggregate_html(&report, &title))?;
+    }
+    if args.json {
+        return print_json(&report);
+    }
+    print_aggregate(&report);
+    Ok(())
+}
+
+fn print_aggregate(r: &AggregateReport) {
+    let c = &r.segment_tokens;
+    println!(
+        "{} records; prompt tokens: {} prefix, {} subject, {} relation, {} last\n",
+        r.records, c.prefix, c.subject, c.relation, c.last
+    );
+    println!(
+        "{:>5}  {:>9} {:>9} {:>9} {:>9}  {:>13} {:>13} {:>6}",
+        "layer",
+        "‖δ‖ pre",
+        "‖δ‖ subj",
+        "‖δ‖ rel",
+        "‖δ‖ last",
+        "rank x1 med",
+        "rank −δ med",
+        "top-1"
+    );
+    for l in &r.layers {
+        let segs: Vec<String> = Segment::ALL
+            .iter()
+            .map(|&s| {
+                l.norm_d2
+                    .get(s)
+                    .as_ref()
+                    .map_or(format!("{:>9}", "-"), |v| format!("{:>9.3e}", v.mean))
+            })
+            .collect();
+        println!(
+            "{:>5}  {}  {:>13} {:>13} {:>6.2}",
+            l.layer,
+            segs.join(" "),
+            l.rank_x1.median,
+            l.rank_neg_d2.median,
+            l.top1_neg_d2
+        );
+    }
+    println!("\ntop-1 = share of records whose target is top-1 in −δ at the last token");
 }
 
 /// `<stem>-<what>.svg` beside the grid SVG.

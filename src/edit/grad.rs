@@ -3,7 +3,7 @@
 
 use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
-use crate::lens::backward_pass;
+use crate::lens::{backward_pass, BackwardPass};
 use crate::model::Transformer;
 use crate::numeric::argmax;
 use crate::tokenizer::Tokenizer;
@@ -29,11 +29,17 @@ pub fn compute(
             .flatten_all()?
             .to_vec1()?,
     ) as u32;
+    let delta = step(&bp, layer, lr)?;
+    Ok(EditOutcome::edited(req, target[0], top1, delta))
+}
+
+/// The step −lr · Σₜ δₜ aₜᵀ on FF2 of `layer`, from a backward pass over every fed token.
+pub fn step(bp: &BackwardPass, layer: usize, lr: f64) -> Result<Delta> {
     let d2 = bp.d2[layer].to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let a = bp.trace.ff2_in[layer]
         .to_dtype(DType::F32)?
         .to_vec2::<f32>()?;
-    let delta = Delta {
+    Ok(Delta {
         tensor: ff2_weight(layer),
         layer,
         out_vecs: d2
@@ -41,6 +47,5 @@ pub fn compute(
             .map(|row| row.iter().map(|v| (-lr * *v as f64) as f32).collect())
             .collect(),
         in_vecs: a,
-    };
-    Ok(EditOutcome::edited(req, target[0], top1, delta))
+    })
 }

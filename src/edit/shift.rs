@@ -25,12 +25,7 @@ pub fn compute(
         return Ok(EditOutcome::skipped(req, key.target_id, key.top1));
     }
     let (x, target_id, top1) = (key.x, key.target_id, key.top1);
-    let e: Vec<f32> = model
-        .tok_embd
-        .narrow(0, target_id as usize, 1)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
+    let e = embedding(model, target_id)?;
     Ok(EditOutcome::edited(
         req,
         target_id,
@@ -104,8 +99,18 @@ fn from_last_position(
     ))
 }
 
+/// Row `id` of the model's input embedding (FPS's value e).
+pub fn embedding(model: &Transformer, id: u32) -> Result<Vec<f32>> {
+    Ok(model
+        .tok_embd
+        .narrow(0, id as usize, 1)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
 /// The FPS change at `layer`: lr · e xᵀ.
-fn fps_delta(layer: usize, lr: f64, e: &[f32], x: Vec<f32>) -> Delta {
+pub fn fps_delta(layer: usize, lr: f64, e: &[f32], x: Vec<f32>) -> Delta {
     Delta {
         tensor: ff2_weight(layer),
         layer,

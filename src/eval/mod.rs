@@ -4,6 +4,7 @@
 //! `sequential` is set. [`many`] puts many records into one model instead (`eval --edits`).
 
 pub mod many;
+pub mod min_step;
 
 pub mod paper;
 
