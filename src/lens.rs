@@ -2,7 +2,9 @@
 //! gradient projected into the vocabulary through the final norm and the unembedding, with the
 //! paper's other readings of the same pass (`views`).
 
+pub mod dot8;
 pub mod project;
+pub mod screen;
 pub mod stream;
 pub mod views;
 
