@@ -173,23 +173,25 @@ fn portable(p: &Packed, q1: &[i8], q2: &[i8], m: usize, out: Sums) {
     for (g, (e1, e2)) in groups.enumerate() {
         for i in 0..m {
             let (b1, b2) = (&q1[i * ql..(i + 1) * ql], &q2[i * ql..(i + 1) * ql]);
-            let mut x = [[0i32; GROUP]; 3];
+            let mut x = [[0i32; 3]; GROUP];
             for k in 0..ql / 4 {
-                for r in 0..GROUP {
+                for (r, xr) in x.iter_mut().enumerate() {
                     for t in 0..4 {
                         let at = k * GROUP * 4 + r * 4 + t;
                         let (a1, a2) = (e1[at] as i32, e2[at] as i32);
                         let (v1, v2) = (b1[4 * k + t] as i32, b2[4 * k + t] as i32);
-                        x[0][r] += a1 * v1;
-                        x[1][r] += a1 * v2 + a2 * v1;
-                        x[2][r] += a2 * v2;
+                        xr[0] += a1 * v1;
+                        xr[1] += a1 * v2 + a2 * v1;
+                        xr[2] += a2 * v2;
                     }
                 }
             }
             let o = i * stride + g * GROUP;
-            out.high[o..o + GROUP].copy_from_slice(&x[0]);
-            out.cross[o..o + GROUP].copy_from_slice(&x[1]);
-            out.low[o..o + GROUP].copy_from_slice(&x[2]);
+            for (r, xr) in x.iter().enumerate() {
+                out.high[o + r] = xr[0];
+                out.cross[o + r] = xr[1];
+                out.low[o + r] = xr[2];
+            }
         }
     }
 }

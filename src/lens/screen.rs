@@ -171,7 +171,7 @@ impl<'a> Unembedding<'a> {
     }
 
     fn check(&self, queries: &[f32], ids: &[u32]) -> Result<()> {
-        if queries.len() % self.d != 0 {
+        if !queries.len().is_multiple_of(self.d) {
             return Err(Error::Invalid(format!(
                 "{} query values are not rows of {}",
                 queries.len(),
@@ -363,7 +363,9 @@ fn pick_one(
         0 => (f32::INFINITY, f32::NEG_INFINITY),
         _ => (kth(lo, k, |a, b| a > b), kth(hi, k, |a, b| a < b)),
     };
-    let undecided = |l: f32, h: f32| targets.iter().any(|&t| !(l > t) && !(h < t));
+    // lo and hi are never NaN, nor is an exact score of finite inputs.
+    let open = |l: f32, h: f32, t: f32| l <= t && t <= h;
+    let undecided = |l: f32, h: f32| targets.iter().any(|&t| open(l, h, t));
     let (mut candidates, mut rescored) = (Vec::new(), 0);
     for (j, (&l, &h)) in lo.iter().zip(hi).enumerate() {
         let candidate = h >= tau || l <= rho;
@@ -373,7 +375,7 @@ fn pick_one(
         let s = exact(u.row(j), q);
         rescored += 1;
         for (c, &t) in counts.iter_mut().zip(&targets) {
-            if !(l > t) && !(h < t) {
+            if open(l, h, t) {
                 c.0 += usize::from(s > t);
                 c.1 += usize::from(s < t);
             }
@@ -425,6 +427,10 @@ mod tests {
                 "k {k}: only {rescored} exact scores"
             );
         }
+        let mut bad_e = e.clone();
+        bad_e[5 * d + 1] = f32::INFINITY;
+        let err = Unembedding::new(&bad_e, vocab, d).unwrap_err().to_string();
+        assert!(err.contains("unembedding row 5"), "{err}");
         let bad = [f32::NAN; 40];
         assert!(pick_rows(&u, &bad, &[1.0], 3, &[0]).is_err());
         assert!(pick_rows(&u, &queries, &[1.0], 3, &[3000]).is_err());
