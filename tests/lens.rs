@@ -454,6 +454,58 @@ fn every_projection_equals_the_brute_force_smollm2() {
     assert!(identical * 100 >= lists * 99, "{identical}/{lists}");
 }
 
+/// The int8 pre-screen on SmolLM2 and the Messi prompt: for x1 and −δ of every layer and
+/// position, read with both signs (so +δ too), the top/bottom-10 and the ranks of the target and
+/// the model's answer equal the brute force that scores every token exactly, id for id and bit for
+/// bit; those exact scores are the f32 matmul's to rounding, and the screen decides most tokens.
+#[test]
+fn screened_projections_equal_the_exact_brute_force_smollm2() {
+    use backlens::lens::{project, screen};
+    let common::Loaded { tok, model, .. } = common::smollm2_loaded();
+    let ids = tok.encode_prompt("Lionel Messi plays for").unwrap();
+    let target = tok.encode_target("Paris").unwrap();
+    let bp = backward_pass(model, &ids, &target, false).unwrap();
+    let n = ids.len();
+    let last: Vec<f32> = bp.logits.get(n - 1).unwrap().to_vec1().unwrap();
+    let pair = [target[0], backlens::numeric::argmax(&last) as u32];
+    let mut parts = Vec::new();
+    for l in 0..model.hp.n_layer {
+        parts.push(bp.trace.ff1_in[l].clone());
+        parts.push(bp.d2[l].neg().unwrap());
+    }
+    let v = Tensor::cat(&parts, 0).unwrap();
+    let signs = [1.0, -1.0];
+    let (fast, rescored) = project::screen_and_pick(model, &v, true, &signs, 10, &pair).unwrap();
+    let x = project::normed(model, &v, true).unwrap();
+    let want = project::with_unembedding(model, |u| screen::brute_force(u, &x, &signs, 10, &pair))
+        .unwrap();
+    let rows = 2 * model.hp.n_layer * n;
+    assert_eq!((fast.len(), want.len()), (rows, rows));
+    for (i, (f, w)) in fast.iter().zip(&want).enumerate() {
+        let what = if (i / n) % 2 == 0 { "x1" } else { "-d" };
+        assert_eq!(f, w, "{what} at layer {} pos {}", i / (2 * n), i % n);
+        assert_eq!(f[0].top.len(), 10);
+    }
+    let matmul = lens::project_rows(model, &v, true).unwrap();
+    for (p, m) in fast.iter().zip(&matmul) {
+        let scale = m.iter().fold(0f32, |a, x| a.max(x.abs()));
+        for &(id, s) in p[0].top.iter().chain(&p[0].bottom) {
+            assert!(
+                (s - m[id as usize]).abs() <= 1e-5 * scale,
+                "token {id}: {s} vs {}",
+                m[id as usize]
+            );
+        }
+    }
+    let vocab = model.hp.n_vocab;
+    println!(
+        "{rows} rows: {rescored} exact scores of {} ({:.2}%)",
+        rows * vocab,
+        100.0 * rescored as f64 / (rows * vocab) as f64
+    );
+    assert!(rescored * 20 < rows * vocab, "{rescored} exact scores");
+}
+
 /// Lemma 4.1: each layer's FF2 gradient has rank = tokens with δ ≠ 0; the last layer's δ is
 /// nonzero only at the scored positions.
 #[test]

@@ -4,7 +4,7 @@ use super::{open, print_json, require_gguf};
 use anyhow::Result;
 use backlens::edit::{EditRequest, EditSettings, Method};
 use backlens::eval::{self, EvalConfig, LayerChoice, LrChoice};
-use backlens::lens::{self, LensOptions};
+use backlens::lens::{self, project, LensOptions};
 use backlens::model::Transformer;
 use backlens::patch::{self, Format, Forward, Job, WhitenSetup};
 use backlens::runtime::LlamaRuntime;
@@ -159,6 +159,40 @@ pub fn run(args: Args) -> Result<()> {
     figures.push(("lens (all layers and positions)", lens_time));
     let odd = model.out_norm.b.is_none();
     let tokens = lens_report.tokens.len();
+    // The lens's two parts timed alone: the pass, then the projections of x1 and −δ of every
+    // layer and position, through the f32 matmul and through the exact int8 pre-screen.
+    let prompt_ids = tok.encode_prompt(prompt)?;
+    let target_ids = tok.encode_target("Paris")?;
+    let (bp, pass) = time(|| {
+        Ok(lens::backward_pass(
+            &model,
+            &prompt_ids,
+            &target_ids,
+            false,
+        )?)
+    })?;
+    figures.push(("lens: forward + backward", pass));
+    let mut parts = Vec::new();
+    for l in 0..model.hp.n_layer {
+        parts.push(bp.trace.ff1_in[l].clone());
+        parts.push(bp.d2[l].neg()?);
+    }
+    drop(bp);
+    let vectors = Tensor::cat(&parts, 0)?;
+    let signs: &[f32] = if odd { &[1.0, -1.0] } else { &[1.0] };
+    let pair = [target_ids[0], lens_report.answer_id];
+    let (_, f32_projections) = time(|| {
+        Ok(project::project_and_pick(
+            &model, &vectors, true, signs, 10, &pair,
+        )?)
+    })?;
+    figures.push(("lens: projections, f32 matmul", f32_projections));
+    let ((_, rescored), screened) = time(|| {
+        Ok(project::screen_and_pick(
+            &model, &vectors, true, signs, 10, &pair,
+        )?)
+    })?;
+    figures.push(("lens: projections, int8 pre-screen", screened));
     let lens_rows = model.hp.n_layer * tokens * if odd { 2 } else { 3 };
     let flops = lens_flops(&model, tokens, lens_rows);
     figures.push((
@@ -278,6 +312,10 @@ pub fn run(args: Args) -> Result<()> {
         flops / 1e9,
         lens_rss.map_or("unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6)),
         (weight_elems(&model) * 4) as f64 / 1e6
+    );
+    println!(
+        "  lens pre-screen: {rescored} of {} scores computed exactly",
+        vectors.dim(0)? * model.hp.n_vocab
     );
     for (forward, rate) in &records_per_second {
         println!("  eval throughput, {forward} forward: {rate:.2} records/s");

@@ -1,7 +1,9 @@
 //! Many vectors projected into the vocabulary at once: the final norm and the unembedding as a
 //! few large matmuls (chunks of rows), then the top/bottom tokens and chosen ranks of every score
-//! row in one pass each, without sorting the vocabulary, on every core.
+//! row in one pass each, without sorting the vocabulary, on every core; or the same picks
+//! through the exact int8 pre-screen (`screen`).
 
+use super::screen;
 use crate::model::Transformer;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -87,12 +89,6 @@ pub fn pick(scores: &[f32], sign: f32, k: usize, ids: &[u32]) -> Result<Picked> 
 /// A non-finite score is an error (it would be first or last under `total_cmp`, so checking
 /// the ends suffices).
 pub fn pick_signs(scores: &[f32], signs: &[f32], k: usize, ids: &[u32]) -> Result<Vec<Picked>> {
-    if let Some(s) = signs.iter().find(|s| s.abs() != 1.0) {
-        return Err(Error::Invalid(format!(
-            "projection sign {s}: +1 or −1 expected"
-        )));
-    }
-    let k = k.min(scores.len());
     let at = |id: u32| -> Result<f32> {
         scores
             .get(id as usize)
@@ -109,14 +105,33 @@ pub fn pick_signs(scores: &[f32], signs: &[f32], k: usize, ids: &[u32]) -> Resul
             }))
         })
         .collect::<Result<Vec<_>>>()?;
+    let k = k.min(scores.len());
+    let entries = scores.iter().enumerate().map(|(i, &x)| (i as u32, x));
+    pick_entries(entries, signs, k, &counts)
+}
+
+/// The lists of [`pick_signs`] from `entries` (id, score) in increasing id order: the whole row,
+/// or a subset holding every token that can reach a list; `counts` holds each asked id's
+/// (tokens above, tokens below) over the whole row.
+pub fn pick_entries(
+    entries: impl IntoIterator<Item = (u32, f32)>,
+    signs: &[f32],
+    k: usize,
+    counts: &[(usize, usize)],
+) -> Result<Vec<Picked>> {
+    if let Some(s) = signs.iter().find(|s| s.abs() != 1.0) {
+        return Err(Error::Invalid(format!(
+            "projection sign {s}: +1 or −1 expected"
+        )));
+    }
     let mut lists: Vec<Lists> = signs.iter().map(|_| Lists::new(k)).collect();
     if k > 0 {
-        for (i, &x) in scores.iter().enumerate() {
+        for (i, x) in entries {
             if lists.iter().zip(signs).all(|(l, &s)| l.skips(s * x)) {
                 continue;
             }
             for (l, &s) in lists.iter_mut().zip(signs) {
-                l.offer(s * x, i as u32);
+                l.offer(s * x, i);
             }
         }
     }
@@ -153,6 +168,88 @@ pub fn project_and_pick(
     k: usize,
     ids: &[u32],
 ) -> Result<Vec<Vec<Picked>>> {
+    let mut out = chunked(model, vectors, use_norm, signs, k, ids)?;
+    softcap(model, &mut out);
+    Ok(out)
+}
+
+/// [`project_and_pick`] for an f32 model through the int8 pre-screen: the picks of
+/// [`screen::brute_force`] (every score exact), with the number of scores computed exactly.
+pub fn screen_and_pick(
+    model: &Transformer,
+    vectors: &Tensor,
+    use_norm: bool,
+    signs: &[f32],
+    k: usize,
+    ids: &[u32],
+) -> Result<(Vec<Vec<Picked>>, usize)> {
+    let x = normed(model, vectors, use_norm)?;
+    let (mut out, rescored) = with_unembedding(model, |u| screen::pick_rows(u, &x, signs, k, ids))?;
+    softcap(model, &mut out);
+    Ok((out, rescored))
+}
+
+/// A final logit softcap (Gemma) is odd and increasing: the picks and ranks of the capped
+/// scores are those of the raw ones, and only the reported scores change.
+fn softcap(model: &Transformer, out: &mut [Vec<Picked>]) {
+    let cap = model.hp.logit_softcap as f32;
+    if cap > 0.0 {
+        for picked in out.iter_mut().flatten() {
+            for (_, s) in picked.top.iter_mut().chain(picked.bottom.iter_mut()) {
+                *s = cap * (*s / cap).tanh();
+            }
+        }
+    }
+}
+
+/// The rows of `vectors` through the final norm (when `use_norm`), flattened f32.
+pub fn normed(model: &Transformer, vectors: &Tensor, use_norm: bool) -> Result<Vec<f32>> {
+    let x = vectors.to_dtype(DType::F32)?;
+    let x = match use_norm {
+        true => model.out_norm.forward(&x)?,
+        false => x,
+    };
+    Ok(x.flatten_all()?.to_vec1()?)
+}
+
+/// Runs `f` on an f32 model's unembedding quantized for the pre-screen (read in place; another
+/// float type is an error).
+pub fn with_unembedding<R>(
+    model: &Transformer,
+    f: impl FnOnce(&screen::Unembedding) -> Result<R>,
+) -> Result<R> {
+    let (vocab, d) = model.output.dims2()?;
+    if model.output.dtype() != DType::F32 {
+        return Err(Error::Invalid(format!(
+            "the int8 pre-screen needs an f32 unembedding, not {:?}",
+            model.output.dtype()
+        )));
+    }
+    let w = model.output.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let data = match &*storage {
+        candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
+        _ => {
+            return Err(Error::Invalid(
+                "the unembedding is not in CPU memory".into(),
+            ))
+        }
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Invalid("the unembedding is not contiguous".into()))?;
+    f(&screen::Unembedding::new(&data[start..end], vocab, d)?)
+}
+
+/// The projections and picks of [`project_and_pick`], before any softcap.
+fn chunked(
+    model: &Transformer,
+    vectors: &Tensor,
+    use_norm: bool,
+    signs: &[f32],
+    k: usize,
+    ids: &[u32],
+) -> Result<Vec<Vec<Picked>>> {
     let rows = vectors.dim(0)?;
     let vocab = model.output.dim(0)?;
     let mut out = Vec::with_capacity(rows);
@@ -171,16 +268,6 @@ pub fn project_and_pick(
             .to_vec1()?;
         out.extend(pick_rows(&scores, vocab, signs, k, ids)?);
         start += n;
-    }
-    // A final logit softcap (Gemma) is odd and increasing: the picks and ranks of the capped
-    // scores are those of the raw ones, and only the reported scores change.
-    let cap = model.hp.logit_softcap as f32;
-    if cap > 0.0 {
-        for picked in out.iter_mut().flatten() {
-            for (_, s) in picked.top.iter_mut().chain(picked.bottom.iter_mut()) {
-                *s = cap * (*s / cap).tanh();
-            }
-        }
     }
     Ok(out)
 }
