@@ -432,16 +432,14 @@ pub fn check(
     Ok(Check { before, after })
 }
 
-/// [`check`] with the tracer the edit was computed on as the base model, so that llama.cpp
-/// loads the base once per run: the base probes on it (earlier edits removed), then the staged
-/// adapter applied to it (after [`crate::lora::validate`]), or, once the tracer is freed, the
-/// staged GGUF loaded.
-pub fn check_on(
+/// [`check`] of a staged LoRA adapter with the tracer the edit was computed on as the base
+/// model, so that llama.cpp loads the base once per run: the base probes on it (earlier edits
+/// removed), then again with the adapter applied (after [`crate::lora::validate`]).
+pub fn check_adapter_on(
     mut tracer: Tracer,
     source: &ModelSource,
     tok: &Tokenizer,
     staged: &Staged,
-    format: Format,
     reqs: &[EditRequest],
 ) -> Result<Check> {
     let ModelSource::Gguf(g) = source else {
@@ -451,18 +449,8 @@ pub fn check_on(
     };
     tracer.apply_deltas(&[])?;
     let before = probes(&mut tracer, tok, reqs)?;
-    let after = match format {
-        Format::Lora => {
-            tracer.apply_adapter_file(g, staged.path())?;
-            probes(&mut tracer, tok, reqs)?
-        }
-        _ => {
-            drop(tracer);
-            let patched = LlamaRuntime::load(staged.path())?;
-            let after = probes(&mut patched.session()?, tok, reqs)?;
-            after
-        }
-    };
+    tracer.apply_adapter_file(g, staged.path())?;
+    let after = probes(&mut tracer, tok, reqs)?;
     Ok(Check { before, after })
 }
 
@@ -570,6 +558,12 @@ pub fn run(
         (outcomes, hash)
     });
     let outcomes = outcomes?;
+    // The tracer checks a LoRA output (whose check needs the base loaded anyway); before a
+    // patched GGUF is written it is freed, so that the write and the patched file's load never
+    // hold the base's pages as well.
+    if !(job.check && job.format == Format::Lora) {
+        tracer = None;
+    }
     let deltas: Vec<Delta> = outcomes.iter().flat_map(|o| o.deltas().cloned()).collect();
     if deltas.is_empty() {
         return Err(Error::Invalid(
@@ -591,15 +585,10 @@ pub fn run(
         claim,
     )?;
     let check = match (job.check, job.format, tracer.take()) {
-        (true, Format::Gguf | Format::Lora, Some(t)) => Some(check_on(
-            t,
-            source,
-            tok,
-            &staged,
-            job.format,
-            &job.requests,
-        )?),
-        (true, Format::Gguf | Format::Lora, None) => {
+        (true, Format::Lora, Some(t)) => {
+            Some(check_adapter_on(t, source, tok, &staged, &job.requests)?)
+        }
+        (true, Format::Gguf | Format::Lora, _) => {
             Some(check(source, tok, &staged, job.format, &job.requests)?)
         }
         _ => None,

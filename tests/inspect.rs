@@ -112,7 +112,10 @@ fn inspect_reports_capabilities_of_a_supported_model() {
             "shift-whitened",
             "grad",
             "batch",
-            "shift-protected"
+            "shift-protected",
+            "rome",
+            "ft",
+            "memit"
         ]
     );
 }
@@ -292,8 +295,10 @@ fn an_architecture_without_a_candle_forward_edits_through_llama_cpp() {
 /// Issue 14: `eval` of the tiny StarCoder2 (no candle forward) runs through llama.cpp alone
 /// (`--forward llama` by default: one tracer takes each record's key and scores it). The
 /// unedited baseline's efficacy magnitude of each record is p(new) − p(truth) as a separate
-/// llama.cpp session scores it, every edited record's magnitude rises, and the fluency score
-/// comes from a greedy generation through the tracer.
+/// llama.cpp session scores it (to 1e-4 relative: the random model gives multi-token targets
+/// tiny probabilities), every edited record's target becomes the top-1 next token (the paper's
+/// efficacy accuracy, false before the edit), and the fluency score comes from a greedy
+/// generation through the tracer.
 #[test]
 fn an_architecture_without_a_candle_forward_evaluates_through_llama_cpp() {
     use backlens::runtime::LlamaRuntime;
@@ -325,16 +330,16 @@ fn an_architecture_without_a_candle_forward_evaluates_through_llama_cpp() {
         };
         let want = p_of(&mut s, &r.target_new) - p_of(&mut s, r.ground_truth.as_deref().unwrap());
         let base = none["records"][i]["efficacy_magnitude"].as_f64().unwrap();
-        worst = worst.max((base - want).abs());
+        worst = worst.max((base - want).abs() / want.abs().max(f64::MIN_POSITIVE));
         let rec = &shift["records"][i];
         assert!(rec["fluency"].as_f64().unwrap().is_finite(), "{rec}");
         if rec["skipped"] == false {
             edited += 1;
-            let em = rec["efficacy_magnitude"].as_f64().unwrap();
-            assert!(em > base, "record {i}: {em} <= {base}");
+            assert_eq!(none["records"][i]["efficacy_acc"], false, "record {i}");
+            assert_eq!(rec["efficacy_acc"], true, "record {i}: {rec}");
         }
     }
-    println!("starcoder2 eval: {edited}/{n} edited, baseline EM vs a separate session {worst:.2e}");
-    assert!(worst < 1e-6, "{worst}");
+    println!("starcoder2 eval: {edited}/{n} edited, baseline EM vs a separate session: {worst:.2e} relative");
+    assert!(worst < 1e-4, "{worst}");
     assert!(edited >= 2, "only {edited} of {n} records edited");
 }
