@@ -385,7 +385,7 @@ fn spawn_serve(model: &Path, adapter: &Path, dir: &Path) -> (Server, String) {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let mut s = Server {
+    let s = Server {
         child,
         port,
         log,
