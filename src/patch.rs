@@ -11,9 +11,11 @@ use crate::lora;
 use crate::model::Transformer;
 use crate::numeric::{argmax, log_probs, rank_of};
 use crate::provenance::{EditRecord, Provenance};
-use crate::runtime::{LlamaRuntime, Session};
+use crate::runtime::{Decoder, LlamaRuntime};
 use crate::source::ModelSource;
 use crate::tokenizer::Tokenizer;
+use crate::trace::Tracer;
+use crate::weights::gguf::GgufFile;
 use crate::write::gguf::{patch_plan, Ff2Type};
 use crate::write::{safetensors, OutputClaim, OutputKind, Staged};
 use crate::{Error, Result};
@@ -205,14 +207,8 @@ pub fn compute(
 ) -> Result<Vec<EditOutcome>> {
     match (source, settings.method, forward) {
         (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => {
-            let shape = Shape::from_gguf(g)?;
-            settings.check(shape.n_layer)?;
-            shape.ff2_width(settings.layer).map_err(|e| e.in_file(g.path()))?;
-            let mut tracer = crate::trace::Tracer::load(g.path())?;
-            let (layer, lr) = (settings.layer, settings.lr);
-            edit::apply_in_order(requests, |req, prior| {
-                edit::shift::compute_traced(&mut tracer, source, tok, req, layer, lr, prior)
-            })
+            let mut tracer = traced_for(g, settings)?;
+            compute_on(&mut tracer, source, tok, requests, settings)
         }
         (ModelSource::Hf(_), _, Forward::Llama) => Err(Error::Invalid(
             "--forward llama needs a GGUF input (llama.cpp reads GGUF only); use --forward candle"
@@ -233,6 +229,30 @@ pub fn compute(
             edit::apply_sequence_with(&mut model, tok, requests, settings, &ctx)
         }
     }
+}
+
+/// A tracer on `g` once `settings` is checked against its shape (layer range, a dense FF2).
+fn traced_for(g: &GgufFile, settings: &EditSettings) -> Result<Tracer> {
+    let shape = Shape::from_gguf(g)?;
+    settings.check(shape.n_layer)?;
+    shape
+        .ff2_width(settings.layer)
+        .map_err(|e| e.in_file(g.path()))?;
+    Tracer::load(g.path())
+}
+
+/// [`compute`]'s shift edits through llama.cpp's forward on `tracer` (a tracer on `source`).
+fn compute_on(
+    tracer: &mut Tracer,
+    source: &ModelSource,
+    tok: &Tokenizer,
+    requests: &[EditRequest],
+    settings: &EditSettings,
+) -> Result<Vec<EditOutcome>> {
+    let (layer, lr) = (settings.layer, settings.lr);
+    edit::apply_in_order(requests, |req, prior| {
+        edit::shift::compute_traced(tracer, source, tok, req, layer, lr, prior)
+    })
 }
 
 /// The provenance of a run: its settings, requests and the sha256 of its base file.
@@ -323,10 +343,15 @@ pub struct Check {
 /// destroyed (near uniform).
 const DESTROYED_ENTROPY: f64 = 0.9;
 
-fn probe(s: &mut Session, tok: &Tokenizer, prompt: &str, target: &str) -> Result<Probe> {
+fn probe(
+    s: &mut (impl Decoder + ?Sized),
+    tok: &Tokenizer,
+    prompt: &str,
+    target: &str,
+) -> Result<Probe> {
     let ids = tok.encode_prompt(prompt)?;
     let t = first_token(tok, target)?;
-    let logits = s.logits_last(&ids)?;
+    let logits = crate::runtime::logits_last(s, &ids)?;
     if logits.iter().any(|v| !v.is_finite()) {
         return Err(Error::Numeric(format!(
             "llama.cpp gives non-finite logits after {prompt:?}"
@@ -355,7 +380,11 @@ fn first_token(tok: &Tokenizer, target: &str) -> Result<u32> {
         .ok_or_else(|| Error::BadRequest(format!("the target {target:?} tokenizes to nothing")))
 }
 
-fn probes(s: &mut Session, tok: &Tokenizer, reqs: &[EditRequest]) -> Result<Vec<Probe>> {
+fn probes(
+    s: &mut (impl Decoder + ?Sized),
+    tok: &Tokenizer,
+    reqs: &[EditRequest],
+) -> Result<Vec<Probe>> {
     let mut out = Vec::new();
     for r in reqs {
         out.push(probe(s, tok, &r.prompt, &r.target_new)?);
@@ -400,6 +429,28 @@ pub fn check(
             after
         }
     };
+    Ok(Check { before, after })
+}
+
+/// [`check`] of a staged LoRA adapter with the tracer the edit was computed on as the base
+/// model, so that llama.cpp loads the base once per run: the base probes on it (earlier edits
+/// removed), then again with the adapter applied (after [`crate::lora::validate`]).
+pub fn check_adapter_on(
+    mut tracer: Tracer,
+    source: &ModelSource,
+    tok: &Tokenizer,
+    staged: &Staged,
+    reqs: &[EditRequest],
+) -> Result<Check> {
+    let ModelSource::Gguf(g) = source else {
+        return Err(Error::Invalid(
+            "the llama.cpp check needs a GGUF input".into(),
+        ));
+    };
+    tracer.apply_deltas(&[])?;
+    let before = probes(&mut tracer, tok, reqs)?;
+    tracer.apply_adapter_file(g, staged.path())?;
+    let after = probes(&mut tracer, tok, reqs)?;
     Ok(Check { before, after })
 }
 
@@ -481,23 +532,38 @@ pub fn run(
     }
     // The base's hash (provenance of a GGUF output) reads the whole file: it runs on a second
     // thread beside the forward.
+    // A llama.cpp forward keeps its tracer for the check: one load of the base per run.
+    let mut tracer = None;
     let (outcomes, base_sha256) = std::thread::scope(|s| {
         let hash = match source {
             ModelSource::Gguf(g) => Some(s.spawn(|| g.sha256_hex())),
             ModelSource::Hf(_) => None,
         };
-        let outcomes = compute(
-            source,
-            tok,
-            &job.requests,
-            &job.settings,
-            &job.whiten,
-            job.forward,
-        );
+        let outcomes = match (source, job.settings.method, job.forward) {
+            (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => traced_for(g, &job.settings)
+                .and_then(|t| {
+                    let t = tracer.insert(t);
+                    compute_on(t, source, tok, &job.requests, &job.settings)
+                }),
+            _ => compute(
+                source,
+                tok,
+                &job.requests,
+                &job.settings,
+                &job.whiten,
+                job.forward,
+            ),
+        };
         let hash = hash.map(|h| h.join().expect("hashing a mapped file does not panic"));
         (outcomes, hash)
     });
     let outcomes = outcomes?;
+    // The tracer checks a LoRA output (whose check needs the base loaded anyway); before a
+    // patched GGUF is written it is freed, so that the write and the patched file's load never
+    // hold the base's pages as well.
+    if !(job.check && job.format == Format::Lora) {
+        tracer = None;
+    }
     let deltas: Vec<Delta> = outcomes.iter().flat_map(|o| o.deltas().cloned()).collect();
     if deltas.is_empty() {
         return Err(Error::Invalid(
@@ -518,8 +584,11 @@ pub fn run(
         prov.as_ref(),
         claim,
     )?;
-    let check = match (job.check, job.format) {
-        (true, Format::Gguf | Format::Lora) => {
+    let check = match (job.check, job.format, tracer.take()) {
+        (true, Format::Lora, Some(t)) => {
+            Some(check_adapter_on(t, source, tok, &staged, &job.requests)?)
+        }
+        (true, Format::Gguf | Format::Lora, _) => {
             Some(check(source, tok, &staged, job.format, &job.requests)?)
         }
         _ => None,

@@ -22,6 +22,144 @@ use std::sync::OnceLock;
 /// Context window of the sessions backlens opens.
 pub const SESSION_CTX: u32 = 512;
 
+/// One token of a single-sequence batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    /// Token id.
+    pub token: u32,
+    /// Its position.
+    pub pos: usize,
+    /// Whether the logits after it are wanted.
+    pub logits: bool,
+}
+
+/// A llama.cpp context that decodes one sequence at a time: a [`Session`], or
+/// [`crate::trace::Tracer`]'s context, so that scoring and generation are written once and one
+/// loaded model can both trace and score.
+pub trait Decoder {
+    /// Empties the KV cache.
+    fn clear(&mut self);
+    /// Decodes `batch` (1 to [`SESSION_CTX`] entries) on top of the cache.
+    fn decode(&mut self, batch: &[Entry]) -> Result<()>;
+    /// Logits after entry `i` of the last decode (one that asked for them); non-finite refused.
+    fn row(&mut self, i: usize) -> Result<Vec<f32>>;
+    /// Most positions the sequence may hold.
+    fn max_tokens(&self) -> usize;
+    /// The end-of-sequence token, if the vocabulary has one.
+    fn eos(&self) -> Option<u32>;
+}
+
+/// The error for a sequence of `n` tokens where `path`'s sessions take at most `max`.
+pub(crate) fn too_long(path: &Path, n: usize, max: usize) -> Error {
+    Error::BadRequest(format!(
+        "{n} tokens: llama.cpp sessions of {} take 1 to {max} (its training context, at most {SESSION_CTX})",
+        path.display()
+    ))
+}
+
+/// Decodes `tokens` from an empty cache with logits after each position from `from` on.
+fn decode_from(
+    d: &mut (impl Decoder + ?Sized),
+    tokens: &[u32],
+    from: usize,
+) -> Result<Vec<Vec<f32>>> {
+    d.clear();
+    let batch: Vec<Entry> = tokens
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| Entry {
+            token,
+            pos,
+            logits: pos >= from,
+        })
+        .collect();
+    d.decode(&batch)?;
+    (from..tokens.len()).map(|i| d.row(i)).collect()
+}
+
+/// Next-token logits after the whole of `tokens` (one decode from an empty cache).
+pub fn logits_last(d: &mut (impl Decoder + ?Sized), tokens: &[u32]) -> Result<Vec<f32>> {
+    if tokens.is_empty() {
+        return Err(Error::Invalid("the prompt tokenizes to nothing".into()));
+    }
+    Ok(decode_from(d, tokens, tokens.len() - 1)?.remove(0))
+}
+
+/// Scores prompts and their continuations with as few decodes as one sequence allows:
+/// single-token continuations are read off the prompt's last position, the first longer
+/// continuation extends the prompt's decode, and each further longer one takes a decode of its
+/// own. (Several sequences packed into one decode of this llama.cpp changed a prompt's next-token
+/// logits by up to 0.69 against decoding it alone, with a unified KV cache, on SmolLM2: every
+/// decode holds one sequence.)
+pub fn score(
+    d: &mut (impl Decoder + ?Sized),
+    queries: &[PromptQuery],
+) -> Result<Vec<PromptScores>> {
+    let mut out = Vec::with_capacity(queries.len());
+    for q in queries {
+        if q.prompt.is_empty() || q.continuations.iter().any(|c| c.is_empty()) {
+            return Err(Error::Invalid("empty prompt or continuation".into()));
+        }
+        let with_tail = |c: Option<&[u32]>| -> Vec<u32> {
+            let tail = c.map_or(&[][..], |c| &c[..c.len() - 1]);
+            q.prompt.iter().chain(tail).copied().collect()
+        };
+        let from = q.prompt.len() - 1;
+        let mut logprobs = vec![0f64; q.continuations.len()];
+        let mut long = (0..q.continuations.len()).filter(|&i| q.continuations[i].len() > 1);
+        let first_long = long.next();
+        let rows = decode_from(d, &with_tail(first_long.map(|i| q.continuations[i])), from)?;
+        for (i, c) in q.continuations.iter().enumerate() {
+            if c.len() == 1 {
+                logprobs[i] = log_probs(&rows[0])[c[0] as usize];
+            } else if Some(i) == first_long {
+                logprobs[i] = continuation_logprob(&rows, c);
+            }
+        }
+        for i in long {
+            let c = q.continuations[i];
+            logprobs[i] = continuation_logprob(&decode_from(d, &with_tail(Some(c)), from)?, c);
+        }
+        out.push(PromptScores {
+            next_logits: rows.into_iter().next().expect("prompt row"),
+            logprobs,
+        });
+    }
+    Ok(out)
+}
+
+/// log p(continuation) from the logits rows before each of its tokens.
+fn continuation_logprob(rows: &[Vec<f32>], cont: &[u32]) -> f64 {
+    rows.iter()
+        .zip(cont)
+        .map(|(row, &t)| log_probs(row)[t as usize])
+        .sum()
+}
+
+/// Greedy continuation of `tokens` by up to `n` tokens (stops at end-of-sequence or at the
+/// session's last position).
+pub fn generate(d: &mut (impl Decoder + ?Sized), tokens: &[u32], n: usize) -> Result<Vec<u32>> {
+    if tokens.is_empty() {
+        return Err(Error::Invalid("generating needs a prompt".into()));
+    }
+    let mut logits = decode_from(d, tokens, tokens.len() - 1)?.remove(0);
+    let mut out = Vec::with_capacity(n);
+    for pos in tokens.len()..tokens.len() + n {
+        let next = argmax(&logits) as u32;
+        if Some(next) == d.eos() || pos + 1 >= d.max_tokens() {
+            break;
+        }
+        out.push(next);
+        d.decode(&[Entry {
+            token: next,
+            pos,
+            logits: true,
+        }])?;
+        logits = d.row(0)?;
+    }
+    Ok(out)
+}
+
 /// llama.cpp's backend, initialized once per process with its logs off.
 pub(crate) fn backend() -> Result<&'static LlamaBackend> {
     static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
@@ -133,7 +271,7 @@ impl LlamaRuntime {
             .map_err(|e| rt_err("creating a context", e))?;
         Ok(Session {
             ctx,
-            eos: self.model.vocab().eos().0,
+            eos: u32::try_from(self.model.vocab().eos().0).ok(),
             max_tokens: (SESSION_CTX as usize).min(self.model.n_ctx_train().max(1) as usize),
             path: self.path.clone(),
         })
@@ -156,7 +294,7 @@ pub(crate) fn decode_threads() -> i32 {
 /// A llama.cpp context for repeated evaluations; each call starts from an empty KV cache.
 pub struct Session<'m> {
     ctx: LlamaContext<'m>,
-    eos: i32,
+    eos: Option<u32>,
     /// Most tokens one evaluation may hold: the session's context, and no more than the model
     /// was trained on (past that, models with learned positions make ggml abort).
     max_tokens: usize,
@@ -190,12 +328,7 @@ impl Session<'_> {
     /// Decodes `tokens` from an empty KV cache, with logits at the positions `keep` selects.
     fn decode_fresh(&mut self, tokens: &[u32], keep: impl Fn(usize) -> bool) -> Result<()> {
         if tokens.is_empty() || tokens.len() > self.max_tokens {
-            return Err(Error::BadRequest(format!(
-                "{} tokens: llama.cpp sessions of {} take 1 to {} (its training context, at most {SESSION_CTX})",
-                tokens.len(),
-                self.path.display(),
-                self.max_tokens
-            )));
+            return Err(too_long(&self.path, tokens.len(), self.max_tokens));
         }
         self.ctx.clear_kv_cache();
         let mut batch = LlamaBatch::new(tokens.len(), 1);
@@ -238,52 +371,9 @@ impl Session<'_> {
             .collect()
     }
 
-    /// Scores prompts and their continuations with as few decodes as one sequence allows:
-    /// single-token continuations are read off the prompt's last position, the first longer
-    /// continuation extends the prompt's decode, and each further longer one takes a decode of
-    /// its own. (Packing several sequences into one llama.cpp batch changed multi-token
-    /// log-probabilities by up to 0.6 nats against scoring alone, so every decode holds one.)
+    /// Scores prompts and their continuations ([`score`]).
     pub fn score(&mut self, queries: &[PromptQuery]) -> Result<Vec<PromptScores>> {
-        let mut out = Vec::with_capacity(queries.len());
-        for q in queries {
-            if q.prompt.is_empty() || q.continuations.iter().any(|c| c.is_empty()) {
-                return Err(Error::Invalid("empty prompt or continuation".into()));
-            }
-            let mut logprobs = vec![0f64; q.continuations.len()];
-            let mut long = (0..q.continuations.len()).filter(|&i| q.continuations[i].len() > 1);
-            let first_long = long.next();
-            let rows =
-                self.decode_continuation(q.prompt, first_long.map(|i| q.continuations[i]))?;
-            for (i, c) in q.continuations.iter().enumerate() {
-                if c.len() == 1 {
-                    logprobs[i] = log_probs(&rows[0])[c[0] as usize];
-                } else if Some(i) == first_long {
-                    logprobs[i] = continuation_logprob(&rows, c);
-                }
-            }
-            for i in long {
-                let c = q.continuations[i];
-                logprobs[i] =
-                    continuation_logprob(&self.decode_continuation(q.prompt, Some(c))?, c);
-            }
-            out.push(PromptScores {
-                next_logits: rows.into_iter().next().expect("prompt row"),
-                logprobs,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Logits after the prompt's last token and after each continuation token but the last.
-    fn decode_continuation(
-        &mut self,
-        prompt: &[u32],
-        cont: Option<&[u32]>,
-    ) -> Result<Vec<Vec<f32>>> {
-        let tail = cont.map_or(&[][..], |c| &c[..c.len() - 1]);
-        let tokens: Vec<u32> = prompt.iter().chain(tail).copied().collect();
-        let want: Vec<usize> = (prompt.len() - 1..tokens.len()).collect();
-        self.logits_at(&tokens, &want)
+        score(self, queries)
     }
 
     /// Next-token logits after the whole of `tokens`.
@@ -305,26 +395,46 @@ impl Session<'_> {
             .sum())
     }
 
-    /// Greedy continuation of `tokens` by up to `n` tokens (stops at end-of-sequence).
+    /// Greedy continuation of `tokens` by up to `n` tokens ([`generate`]).
     pub fn generate(&mut self, tokens: &[u32], n: usize) -> Result<Vec<u32>> {
-        let mut logits = self.logits_last(tokens)?;
-        let mut out = Vec::with_capacity(n);
-        for pos in tokens.len()..tokens.len() + n {
-            let next = argmax(&logits) as u32;
-            if next as i32 == self.eos || pos + 1 >= self.max_tokens {
-                break;
-            }
-            out.push(next);
-            let mut batch = LlamaBatch::new(1, 1);
-            batch
-                .add(LlamaToken(next as i32), pos as i32, &[0], true)
-                .map_err(|e| rt_err("batch", e))?;
-            self.ctx
-                .decode(&mut batch)
-                .map_err(|e| rt_err("decode", e))?;
-            logits = self.ctx.get_logits_ith(0).to_vec();
+        if tokens.is_empty() || tokens.len() > self.max_tokens {
+            return Err(too_long(&self.path, tokens.len(), self.max_tokens));
         }
-        Ok(out)
+        generate(self, tokens, n)
+    }
+}
+
+impl Decoder for Session<'_> {
+    fn clear(&mut self) {
+        self.ctx.clear_kv_cache();
+    }
+
+    fn decode(&mut self, batch: &[Entry]) -> Result<()> {
+        if batch.is_empty() || batch.len() > SESSION_CTX as usize {
+            return Err(too_long(&self.path, batch.len(), SESSION_CTX as usize));
+        }
+        let end = batch.iter().map(|e| e.pos + 1).max().unwrap_or(0);
+        if end > self.max_tokens {
+            return Err(too_long(&self.path, end, self.max_tokens));
+        }
+        let mut b = LlamaBatch::new(batch.len(), 1);
+        for e in batch {
+            b.add(LlamaToken(e.token as i32), e.pos as i32, &[0], e.logits)
+                .map_err(|e| rt_err("batch", e))?;
+        }
+        self.ctx.decode(&mut b).map_err(|e| rt_err("decode", e))
+    }
+
+    fn row(&mut self, i: usize) -> Result<Vec<f32>> {
+        self.finite_row(i).map(<[f32]>::to_vec)
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    fn eos(&self) -> Option<u32> {
+        self.eos
     }
 }
 
@@ -344,12 +454,4 @@ pub struct PromptScores {
     pub next_logits: Vec<f32>,
     /// log p(continuation | prompt), teacher-forced, per continuation.
     pub logprobs: Vec<f64>,
-}
-
-/// log p(continuation) from the logits rows before each of its tokens.
-fn continuation_logprob(rows: &[Vec<f32>], cont: &[u32]) -> f64 {
-    rows.iter()
-        .zip(cont)
-        .map(|(row, &t)| log_probs(row)[t as usize])
-        .sum()
 }

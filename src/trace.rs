@@ -15,7 +15,7 @@
 use crate::arch::generic::Shape;
 use crate::delta::Delta;
 use crate::lora;
-use crate::runtime::{backend, decode_threads, SESSION_CTX};
+use crate::runtime::{backend, decode_threads, Decoder, Entry, SESSION_CTX};
 use crate::weights::gguf::GgufFile;
 use crate::write::{OutputClaim, OutputKind};
 use crate::{Error, Result};
@@ -215,22 +215,22 @@ unsafe extern "C" fn on_node(t: *mut sys::ggml_tensor, ask: bool, user_data: *mu
 struct Batch(sys::llama_batch);
 
 impl Batch {
-    /// One sequence of `tokens` at positions 0.., with outputs where `outputs` says.
-    fn new(tokens: &[u32], outputs: &[usize]) -> Batch {
-        let n = tokens.len();
+    /// The tokens of `entries`, of sequence 0 (callers check that there is at least one).
+    fn new(entries: &[Entry]) -> Batch {
+        let n = entries.len();
         // SAFETY: plain allocation; n ≥ 1 (callers check) and one sequence per token.
         let raw = unsafe { sys::llama_batch_init(n as i32, 0, 1) };
         let mut batch = Batch(raw);
         let b = &mut batch.0;
-        for (i, &tok) in tokens.iter().enumerate() {
+        for (i, e) in entries.iter().enumerate() {
             // SAFETY: llama_batch_init(n, 0, 1) allocated `token`, `pos`, `n_seq_id`, `logits`
             // with n entries and `seq_id` with n pointers to one id each; i < n.
             unsafe {
-                *b.token.add(i) = tok as sys::llama_token;
-                *b.pos.add(i) = i as sys::llama_pos;
+                *b.token.add(i) = e.token as sys::llama_token;
+                *b.pos.add(i) = e.pos as sys::llama_pos;
                 *b.n_seq_id.add(i) = 1;
                 *(*b.seq_id.add(i)) = 0;
-                *b.logits.add(i) = i8::from(outputs.binary_search(&i).is_ok());
+                *b.logits.add(i) = i8::from(e.logits);
             }
         }
         b.n_tokens = n as i32;
@@ -405,8 +405,16 @@ impl Tracer {
         self.set_adapter(Some(staged.path()))
     }
 
+    /// Applies the LoRA adapter GGUF at `path` to every later decode at scale 1, replacing the
+    /// one applied before, once [`lora::validate`] has checked it against `base` (this model's
+    /// file): llama.cpp aborts on some malformed adapters instead of failing.
+    pub fn apply_adapter_file(&mut self, base: &GgufFile, path: &Path) -> Result<()> {
+        lora::validate(base, &GgufFile::open(path)?)?;
+        self.set_adapter(Some(path))
+    }
+
     /// Applies the LoRA adapter GGUF at `path` at scale 1 (None: no adapter). Private: only
-    /// adapters backlens wrote itself are handed to llama.cpp (it aborts on some malformed ones).
+    /// adapters backlens wrote itself or validated are handed to llama.cpp.
     fn set_adapter(&mut self, path: Option<&Path>) -> Result<()> {
         let new = match path {
             None => None,
@@ -499,21 +507,19 @@ impl Tracer {
                 error: None,
             };
         }
-        let batch = Batch::new(tokens, &outputs);
-        // SAFETY: the context is live and its memory belongs to it.
-        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
-        // SAFETY: the context and the batch are live; the batch holds `tokens.len()` ≤ n_batch
-        // tokens of sequence 0 with valid ids (checked). No reference to the Capture is alive
-        // during the call, so the callback's exclusive access to it is sound.
-        let rc = unsafe { sys::llama_decode(self.ctx.as_ptr(), batch.0) };
-        drop(batch);
+        let entries: Vec<Entry> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| Entry {
+                token,
+                pos: i,
+                logits: outputs.binary_search(&i).is_ok(),
+            })
+            .collect();
+        self.clear();
+        let rc = self.decode_raw(&entries);
         let cap = std::mem::take(self.capture_mut());
-        if rc != 0 {
-            return Err(Error::Runtime(format!(
-                "{}: decode failed ({rc})",
-                self.path.display()
-            )));
-        }
+        rc?;
         if let Some(e) = cap.error {
             return Err(Error::Runtime(format!(
                 "{}: tracing FF2's input: {e}",
@@ -614,11 +620,75 @@ impl Tracer {
         Ok(row)
     }
 
+    /// One `llama_decode` of `entries` (1 to SESSION_CTX of them, checked by the callers) on top
+    /// of the cache; the callback captures whatever the Capture is armed for.
+    fn decode_raw(&mut self, entries: &[Entry]) -> Result<()> {
+        let batch = Batch::new(entries);
+        // SAFETY: the context and the batch are live; the batch holds entries.len() ≤ n_batch
+        // tokens of sequence 0 with ids below n_vocab and positions below the session's context
+        // (checked by the callers). No reference to the Capture is alive during
+        // the call, so the callback's exclusive access to it is sound.
+        let rc = unsafe { sys::llama_decode(self.ctx.as_ptr(), batch.0) };
+        match rc {
+            0 => Ok(()),
+            rc => Err(Error::Runtime(format!(
+                "{}: decode failed ({rc})",
+                self.path.display()
+            ))),
+        }
+    }
+
     fn capture_mut(&mut self) -> &mut Capture {
         // SAFETY: the pointer comes from Box::into_raw and lives until drop. llama.cpp touches
         // it only inside llama_decode, which runs only inside `&mut self` methods while no
         // reference from here is alive; `&mut self` makes this reference the only one.
         unsafe { self.capture.as_mut() }
+    }
+}
+
+/// The tracer's context scores and generates like a [`crate::runtime::Session`] (the callback
+/// declines every node outside [`Tracer::trace`]), so one loaded model serves both.
+impl Decoder for Tracer {
+    fn clear(&mut self) {
+        // SAFETY: the context is live and its memory belongs to it.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
+    }
+
+    fn decode(&mut self, batch: &[Entry]) -> Result<()> {
+        if batch.is_empty() || batch.len() > SESSION_CTX as usize {
+            return Err(crate::runtime::too_long(
+                &self.path,
+                batch.len(),
+                SESSION_CTX as usize,
+            ));
+        }
+        let end = batch.iter().map(|e| e.pos + 1).max().unwrap_or(0);
+        if end > self.max_tokens {
+            return Err(crate::runtime::too_long(&self.path, end, self.max_tokens));
+        }
+        if let Some(e) = batch.iter().find(|e| e.token as usize >= self.n_vocab) {
+            return Err(Error::BadRequest(format!(
+                "token id {} is past the model's vocabulary of {}",
+                e.token, self.n_vocab
+            ))
+            .in_file(&self.path));
+        }
+        self.capture_mut().armed = false;
+        self.decode_raw(batch)
+    }
+
+    fn row(&mut self, i: usize) -> Result<Vec<f32>> {
+        self.logits(i)
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    fn eos(&self) -> Option<u32> {
+        // SAFETY: the model is live; the vocabulary belongs to it.
+        let eos = unsafe { sys::llama_vocab_eos(sys::llama_model_get_vocab(self.model.as_ptr())) };
+        u32::try_from(eos).ok()
     }
 }
 

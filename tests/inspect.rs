@@ -291,3 +291,55 @@ fn an_architecture_without_a_candle_forward_edits_through_llama_cpp() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Issue 14: `eval` of the tiny StarCoder2 (no candle forward) runs through llama.cpp alone
+/// (`--forward llama` by default: one tracer takes each record's key and scores it). The
+/// unedited baseline's efficacy magnitude of each record is p(new) − p(truth) as a separate
+/// llama.cpp session scores it (to 1e-4 relative: the random model gives multi-token targets
+/// tiny probabilities), every edited record's target becomes the top-1 next token (the paper's
+/// efficacy accuracy, false before the edit), and the fluency score comes from a greedy
+/// generation through the tracer.
+#[test]
+fn an_architecture_without_a_candle_forward_evaluates_through_llama_cpp() {
+    use backlens::runtime::LlamaRuntime;
+    let path = common::tiny_starcoder2();
+    let p = path.to_str().unwrap();
+    let data = common::counterfact("counterfact-val.json");
+    let d = data.to_str().unwrap();
+    let n = 4;
+    let args = |extra: &[&'static str]| {
+        let mut a = vec!["eval", p, "--data", d, "--n", "4", "--json"];
+        a.extend_from_slice(extra);
+        a
+    };
+    let none = json_of(&args(&["--method", "none", "--no-fluency"]));
+    let shift = json_of(&args(&[]));
+    assert_eq!(shift["config"]["forward"], "llama");
+    assert_eq!(shift["config"]["layer"], 2);
+    let source = ModelSource::open(path).unwrap();
+    let tok = Tokenizer::from_source(&source).unwrap();
+    let records = backlens::eval::load_records(&data, 0, Some(n)).unwrap();
+    let rt = LlamaRuntime::load(path).unwrap();
+    let mut s = rt.session().unwrap();
+    let (mut worst, mut edited) = (f64::NAN, 0);
+    for (i, r) in records.iter().enumerate() {
+        let prompt = tok.encode_prompt(&r.prompt).unwrap();
+        let p_of = |s: &mut backlens::runtime::Session, t: &str| {
+            let ids = tok.encode_target(t).unwrap();
+            s.sequence_logprob(&prompt, &ids).unwrap().exp()
+        };
+        let want = p_of(&mut s, &r.target_new) - p_of(&mut s, r.ground_truth.as_deref().unwrap());
+        let base = none["records"][i]["efficacy_magnitude"].as_f64().unwrap();
+        worst = worst.max((base - want).abs() / want.abs().max(f64::MIN_POSITIVE));
+        let rec = &shift["records"][i];
+        assert!(rec["fluency"].as_f64().unwrap().is_finite(), "{rec}");
+        if rec["skipped"] == false {
+            edited += 1;
+            assert_eq!(none["records"][i]["efficacy_acc"], false, "record {i}");
+            assert_eq!(rec["efficacy_acc"], true, "record {i}: {rec}");
+        }
+    }
+    println!("starcoder2 eval: {edited}/{n} edited, baseline EM vs a separate session: {worst:.2e} relative");
+    assert!(worst < 1e-4, "{worst}");
+    assert!(edited >= 2, "only {edited} of {n} records edited");
+}

@@ -368,6 +368,55 @@ fn tiny_gpt2_edit_loads_and_generates() {
     eprintln!("tiny GPT-2 test: {:.1} s", t.elapsed().as_secs_f64());
 }
 
+/// Starts `backlens-patch serve MODEL --lora ADAPTER` on a free port and waits until it prints
+/// its ready message; returns the server and everything it printed.
+fn spawn_serve(model: &Path, adapter: &Path, dir: &Path) -> (Server, String) {
+    let port = free_port();
+    let log = dir.join("serve.log");
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .arg(model)
+        .arg("--lora")
+        .arg(adapter)
+        .args(["--port", &port.to_string(), "-c", "64"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let s = Server {
+        child,
+        port,
+        log,
+        started: Instant::now(),
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut printed = Vec::new();
+    while !printed.iter().any(|l: &String| l.contains("Ctrl-C")) {
+        let left = READY_TIMEOUT.saturating_sub(s.started.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(line) => printed.push(line),
+            Err(e) => panic!(
+                "serve printed no ready message ({e}); stdout {printed:?}; log:\n{}",
+                s.log_tail()
+            ),
+        }
+    }
+    eprintln!(
+        "  serve ready after {:.1} s",
+        s.started.elapsed().as_secs_f64()
+    );
+    (s, printed.join("\n"))
+}
+
 /// `backlens-patch serve` starts llama-server on 127.0.0.1 with the adapter switched off,
 /// prints the URL, hot-swaps work, and SIGTERM stops both processes.
 #[test]
@@ -389,51 +438,8 @@ fn serve_command_runs_llama_server() {
             "lora",
         ],
     );
-    let port = free_port();
-    let log = dir.join("serve.log");
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .arg(tiny)
-        .arg("--lora")
-        .arg(&adapter)
-        .args(["--port", &port.to_string(), "-c", "64"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut s = Server {
-        child,
-        port,
-        log,
-        started: Instant::now(),
-    };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut printed = Vec::new();
-    let url = format!("http://127.0.0.1:{port}");
-    while !printed.iter().any(|l: &String| l.contains("Ctrl-C")) {
-        let left = READY_TIMEOUT.saturating_sub(s.started.elapsed());
-        match rx.recv_timeout(left) {
-            Ok(line) => printed.push(line),
-            Err(e) => panic!(
-                "serve printed no ready message ({e}); stdout {printed:?}; log:\n{}",
-                s.log_tail()
-            ),
-        }
-    }
-    let text = printed.join("\n");
-    eprintln!(
-        "  serve ready after {:.1} s",
-        s.started.elapsed().as_secs_f64()
-    );
+    let (mut s, text) = spawn_serve(tiny, &adapter, &dir);
+    let (port, url) = (s.port, format!("http://127.0.0.1:{}", s.port));
     assert!(text.contains(&format!("ready at {url}")), "{text}");
     assert!(
         text.contains(&format!("curl -s {url}/completion")),
@@ -547,4 +553,36 @@ fn serve_rejects_bad_setup_before_starting() {
     let port = busy.local_addr().unwrap().port().to_string();
     let e = serve_error(&[&tiny, "--port", &port, "--server", server]);
     assert!(e.contains(&format!("port {port}")), "{e}");
+}
+
+/// Issue 14: `serve` runs a model of an architecture backlens has no candle forward for (the
+/// tiny StarCoder2) with an adapter `edit` wrote through llama.cpp's trace, and stock
+/// llama-server predicts what backlens's in-process llama.cpp check reported: the base top-1
+/// with the adapter off, the edit's target with it on.
+#[test]
+fn serve_runs_an_architecture_without_a_candle_forward() {
+    let dir = common::temp_dir("server-starcoder2");
+    let model = common::tiny_starcoder2();
+    let adapter = dir.join("starcoder2-lora.gguf");
+    let report = edit(
+        model,
+        &adapter,
+        &[
+            "--prompt", LOCALITY, "--target", "Tokyo", "--format", "lora",
+        ],
+    );
+    let (before, after) = (&report["check"]["before"][0], &report["check"]["after"][0]);
+    assert_eq!(after["rank"], 0, "the edit does not flip: {report}");
+    let (s, _) = spawn_serve(model, &adapter, &dir);
+    assert_eq!(http(s.port, "GET", "/health", None)["status"], "ok");
+    let (off, off_lp) = s.next_token(LOCALITY, json!({"cache_prompt": false}));
+    assert_eq!(off, before["top1"].as_str().unwrap(), "{report}");
+    s.set_scale(1.0);
+    let (on, on_lp) = s.next_token(LOCALITY, json!({"cache_prompt": false}));
+    assert_eq!(on, after["top1"].as_str().unwrap(), "{report}");
+    assert_eq!(on, after["target"].as_str().unwrap(), "{report}");
+    let p = after["prob"].as_f64().unwrap();
+    println!("starcoder2 via llama-server: off {off:?} ({off_lp:.4}), on {on:?} (logprob {on_lp:.4}; in-process check p {p:.4})");
+    assert!((on_lp.exp() - p).abs() < 1e-2, "{on_lp} vs {p}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -40,6 +40,10 @@ struct Figure {
     name: &'static str,
     seconds: f64,
     ratio_to_copy: f64,
+    /// User + system CPU seconds of the whole process (every thread) during this operation (per
+    /// record for the eval rows; none for the sgemm row, a best of three).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_seconds: Option<f64>,
     /// Peak resident memory during this operation alone (the lens row).
     #[serde(skip_serializing_if = "Option::is_none")]
     peak_rss_bytes: Option<u64>,
@@ -99,10 +103,38 @@ fn sgemm_seconds(model: &Transformer, flops: f64) -> Result<f64> {
     Ok(best)
 }
 
-fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
-    let start = Instant::now();
+/// User + system CPU seconds this process (all its threads) has used so far.
+fn cpu_now() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given and reads nothing else.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// The machine's 1-minute load average (other jobs inflate wall times; see docs/results.md).
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Runs `f` and records its wall and CPU seconds under `name`.
+fn timed<T>(
+    figures: &mut Vec<(&'static str, f64, Option<f64>)>,
+    name: &'static str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let (start, cpu) = (Instant::now(), cpu_now());
     let out = f()?;
-    Ok((out, start.elapsed().as_secs_f64()))
+    figures.push((name, start.elapsed().as_secs_f64(), Some(cpu_now() - cpu)));
+    Ok(out)
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -114,36 +146,55 @@ pub fn run(args: Args) -> Result<()> {
     let tmp = |name: &str| scratch.join(format!(".bench-{}-{name}", std::process::id()));
     let prompt = "Lionel Messi plays for";
     let req = EditRequest::new(prompt, "Paris", None)?;
-    let mut figures: Vec<(&'static str, f64)> = Vec::new();
+    let mut figures: Vec<(&'static str, f64, Option<f64>)> = Vec::new();
+    let load_before = load_average();
 
-    let (_, copy) = time(|| Ok(std::fs::copy(&gguf, tmp("copy.gguf"))?))?;
+    timed(&mut figures, "copy model file", || {
+        Ok(std::fs::copy(&gguf, tmp("copy.gguf"))?)
+    })?;
     std::fs::remove_file(tmp("copy.gguf"))?;
-    figures.push(("copy model file", copy));
+    let copy = figures[0].1;
 
-    let ((src, tok, model), load) = time(|| {
+    let (src, tok, model) = timed(&mut figures, "load + dequantize (candle)", || {
         let m = open(&gguf)?;
         let model = Transformer::load(&m.source, DType::F32)?;
         Ok((m.source, m.tok, model))
     })?;
-    figures.push(("load + dequantize (candle)", load));
-    let (_, llama_load) = time(|| Ok(LlamaRuntime::load(&gguf)?))?;
-    figures.push(("load (llama.cpp)", llama_load));
+    timed(&mut figures, "tokenizer (backlens, from the GGUF)", || {
+        Ok(backlens::tokenizer::Tokenizer::from_source(&src)?)
+    })?;
+    timed(&mut figures, "load (llama.cpp)", || {
+        Ok(LlamaRuntime::load(&gguf)?)
+    })?;
     // Where an edit through llama.cpp spends its time besides the write: the base's hash for
-    // provenance, the tracer's load, and one traced forward.
+    // provenance, the tracer's load, and one traced forward (the first decode of a context
+    // also touches the mapped weights and its buffers; the second shows the forward alone).
     if let backlens::source::ModelSource::Gguf(g) = &src {
-        let (_, hash) = time(|| Ok(g.sha256_hex()))?;
-        figures.push(("sha256 of the base (provenance)", hash));
+        timed(&mut figures, "sha256 of the base (provenance)", || {
+            Ok(g.sha256_hex())
+        })?;
     }
-    let (mut tracer, tracer_load) = time(|| Ok(Tracer::load(&gguf)?))?;
-    figures.push(("load tracer (llama.cpp)", tracer_load));
+    let mut tracer = timed(&mut figures, "load tracer (llama.cpp)", || {
+        Ok(Tracer::load(&gguf)?)
+    })?;
 
     let ids = tok.encode_prompt("The Eiffel Tower is located in the city of")?;
-    let (_, predict) = time(|| Ok(model.forward(&ids, None)?))?;
-    figures.push(("predict forward (candle, 10 tokens)", predict));
+    timed(&mut figures, "predict forward (candle, 10 tokens)", || {
+        Ok(model.forward(&ids, None)?)
+    })?;
     let layer = EditSettings::default_layer(model.hp.n_layer);
-    let (_, traced) = time(|| Ok(tracer.last_position(&ids, &[layer])?))?;
-    figures.push(("traced forward (llama.cpp, 10 tokens)", traced));
-    drop(tracer);
+    for name in [
+        "traced forward (llama.cpp, 10 tokens)",
+        "traced forward again (warm context)",
+    ] {
+        timed(&mut figures, name, || {
+            Ok(tracer.last_position(&ids, &[layer])?)
+        })?;
+    }
+    timed(&mut figures, "free the tracer (llama.cpp)", || {
+        drop(tracer);
+        Ok(())
+    })?;
     let opts = LensOptions {
         layers: 0..model.hp.n_layer,
         k: 10,
@@ -153,17 +204,17 @@ pub fn run(args: Args) -> Result<()> {
         unit: false,
     };
     let rss_reset = reset_peak_rss();
-    let (lens_report, lens_time) =
-        time(|| Ok(lens::run(&model, &tok, prompt, "Paris", None, &opts)?))?;
+    let lens_report = timed(&mut figures, "lens (all layers and positions)", || {
+        Ok(lens::run(&model, &tok, prompt, "Paris", None, &opts)?)
+    })?;
     let lens_rss = peak_rss().filter(|_| rss_reset);
-    figures.push(("lens (all layers and positions)", lens_time));
     let odd = model.out_norm.b.is_none();
     let tokens = lens_report.tokens.len();
     // The lens's two parts timed alone: the pass, then the projections of x1 and −δ of every
     // layer and position, through the f32 matmul and through the exact int8 pre-screen.
     let prompt_ids = tok.encode_prompt(prompt)?;
     let target_ids = tok.encode_target("Paris")?;
-    let (bp, pass) = time(|| {
+    let bp = timed(&mut figures, "lens: forward + backward", || {
         Ok(lens::backward_pass(
             &model,
             &prompt_ids,
@@ -171,7 +222,6 @@ pub fn run(args: Args) -> Result<()> {
             false,
         )?)
     })?;
-    figures.push(("lens: forward + backward", pass));
     let mut parts = Vec::new();
     for l in 0..model.hp.n_layer {
         parts.push(bp.trace.ff1_in[l].clone());
@@ -181,23 +231,22 @@ pub fn run(args: Args) -> Result<()> {
     let vectors = Tensor::cat(&parts, 0)?;
     let signs: &[f32] = if odd { &[1.0, -1.0] } else { &[1.0] };
     let pair = [target_ids[0], lens_report.answer_id];
-    let (_, f32_projections) = time(|| {
+    timed(&mut figures, "lens: projections, f32 matmul", || {
         Ok(project::project_and_pick(
             &model, &vectors, true, signs, 10, &pair,
         )?)
     })?;
-    figures.push(("lens: projections, f32 matmul", f32_projections));
-    let ((_, rescored), screened) = time(|| {
+    let (_, rescored) = timed(&mut figures, "lens: projections, int8 pre-screen", || {
         Ok(project::screen_and_pick(
             &model, &vectors, true, signs, 10, &pair,
         )?)
     })?;
-    figures.push(("lens: projections, int8 pre-screen", screened));
     let lens_rows = model.hp.n_layer * tokens * if odd { 2 } else { 3 };
     let flops = lens_flops(&model, tokens, lens_rows);
     figures.push((
         "f32 sgemm of the lens's FLOPs",
         sgemm_seconds(&model, flops)?,
+        None,
     ));
 
     let settings = EditSettings {
@@ -250,12 +299,11 @@ pub fn run(args: Args) -> Result<()> {
             forward,
         };
         let out = tmp("edit.gguf");
-        let (_, t) = time(|| {
+        timed(&mut figures, name, || {
             let claim = OutputClaim::new(&out, OutputKind::File, &[&gguf], false)?;
             Ok(patch::run(&src, &tok, &job, claim)?)
         })?;
         std::fs::remove_file(&out)?;
-        figures.push((name, t));
     }
 
     let mut records_per_second: Vec<(Forward, f64)> = Vec::new();
@@ -275,18 +323,21 @@ pub fn run(args: Args) -> Result<()> {
                 forward,
             };
             let mut m2 = model.clone();
+            let cpu = cpu_now();
             let report = eval::evaluate(&gguf, &mut m2, &tok, &records, &config, &scratch, |_| {})?;
-            figures.push((name, 1.0 / report.records_per_second));
+            let per_record_cpu = (cpu_now() - cpu) / records.len() as f64;
+            figures.push((name, 1.0 / report.records_per_second, Some(per_record_cpu)));
             records_per_second.push((forward, report.records_per_second));
         }
     }
 
     let rows: Vec<Figure> = figures
         .iter()
-        .map(|&(name, seconds)| Figure {
+        .map(|&(name, seconds, cpu_seconds)| Figure {
             name,
             seconds,
             ratio_to_copy: seconds / copy,
+            cpu_seconds,
             peak_rss_bytes: lens_rss.filter(|_| name.starts_with("lens")),
         })
         .collect();
@@ -296,14 +347,19 @@ pub fn run(args: Args) -> Result<()> {
         }
         return print_json(&rows);
     }
+    let show = |l: Option<f64>| l.map_or("unknown".into(), |l| format!("{l:.2}"));
     println!(
-        "{} ({} bytes)",
+        "{} ({} bytes); load average {} before, {} after",
         gguf.display(),
-        std::fs::metadata(&gguf)?.len()
+        std::fs::metadata(&gguf)?.len(),
+        show(load_before),
+        show(load_average())
     );
+    println!("  {:<40} {:>9} {:>10} {:>9}", "", "wall", "", "CPU");
     for r in &rows {
+        let cpu = r.cpu_seconds.map_or("-".into(), |c| format!("{c:.4} s"));
         println!(
-            "  {:<40} {:>9.4} s   {:>7.2}× copy",
+            "  {:<40} {:>9.4} s {:>7.2}× copy {cpu:>9}",
             r.name, r.seconds, r.ratio_to_copy
         );
     }

@@ -71,9 +71,11 @@ pub struct Args {
     #[arg(long, default_value = "f32")]
     ff2_type: Ff2Type,
     /// Engine of each record's shift key and skip rule: candle (exact f32) or llama (llama.cpp's
-    /// own graph, the activations the scored model computes; shift with a fixed --layer and --lr).
-    #[arg(long, default_value = "candle")]
-    forward: Forward,
+    /// own graph, the activations the scored model computes, one llama.cpp model for keys and
+    /// scores and no candle model; shift with a fixed --layer and --lr) [default: llama where
+    /// candle lacks the architecture, else candle].
+    #[arg(long)]
+    forward: Option<Forward>,
     /// Sweep layers A..B (end exclusive) and write an SVG plot of the scores.
     #[arg(long)]
     sweep_layers: Option<String>,
@@ -134,6 +136,13 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
+    let forward = match args.forward {
+        Some(f) => f,
+        None => Forward::default_for(&backlens::source::ModelSource::open(&args.model)?),
+    };
+    if forward == Forward::Llama && plot_claim.is_none() && table_claims.is_none() {
+        return run_traced(&args);
+    }
     let m = open(&args.model)?;
     let gguf = require_gguf(&m.source)?;
     let records = eval::load_records(&args.data, args.offset, args.n)?;
@@ -190,7 +199,7 @@ pub fn run(args: Args) -> Result<()> {
                 sequential: args.sequential,
                 fluency: !args.no_fluency,
                 ff2_type: args.ff2_type,
-                forward: args.forward,
+                forward,
             };
             let name = method.map_or("none", Method::name);
             eprintln!("table1: {name}");
@@ -252,17 +261,11 @@ pub fn run(args: Args) -> Result<()> {
         sequential: args.sequential,
         fluency: !args.no_fluency,
         ff2_type: args.ff2_type,
-        forward: args.forward,
+        forward,
     };
     let scratch = std::env::temp_dir();
     let run_one = |config: &EvalConfig, label: &str| -> Result<EvalReport> {
-        let bar = ProgressBar::new(records.len() as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_message(label.to_string());
+        let bar = progress_bar(records.len(), label);
         let mut fresh = model.clone();
         let report = eval::evaluate_with(
             &gguf,
@@ -347,15 +350,58 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let report = run_one(&base, "eval")?;
+    print_report(&args, records.len(), &report)
+}
+
+/// `eval --forward llama` of one configuration: keys and scores from one llama.cpp model, no
+/// candle model, so any architecture llama.cpp loads with a dense `ffn_down` is evaluated.
+fn run_traced(args: &Args) -> Result<()> {
+    let m = super::open_any(&args.model)?;
+    let gguf = require_gguf(&m.source)?;
+    let records = eval::load_records(&args.data, args.offset, args.n)?;
+    let n_layer = backlens::patch::n_layer(&m.source)?;
+    let config = EvalConfig {
+        method: args.method.0,
+        layer: args
+            .layer
+            .unwrap_or(LayerChoice::Fixed(EditSettings::default_layer(n_layer))),
+        lr: args.lr,
+        sequential: args.sequential,
+        fluency: !args.no_fluency,
+        ff2_type: args.ff2_type,
+        forward: Forward::Llama,
+    };
+    let bar = progress_bar(records.len(), "eval");
+    let report = eval::traced::evaluate(&gguf, &m.tok, &records, &config, |i| {
+        bar.set_position(i as u64)
+    })?;
+    bar.finish_and_clear();
+    print_report(args, records.len(), &report)
+}
+
+/// A progress bar over `n` records.
+fn progress_bar(n: usize, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(label.to_string());
+    bar
+}
+
+/// Prints one evaluation's summary (or its JSON).
+fn print_report(args: &Args, n_records: usize, report: &EvalReport) -> Result<()> {
     if args.json {
-        return print_json(&report);
+        return print_json(report);
     }
     let s = &report.summary;
     println!(
         "{} records of {} ({}):",
-        records.len(),
+        n_records,
         args.data.display(),
-        method.map_or("none", Method::name)
+        args.method.0.map_or("none", Method::name)
     );
     let row = |name: &str, st: &eval::Stat| {
         println!(

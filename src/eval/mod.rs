@@ -8,15 +8,15 @@ pub mod min_step;
 
 pub mod paper;
 
+pub mod traced;
+
 use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};
 use crate::lens::backward_pass;
 use crate::model::Transformer;
 use crate::numeric::{argmax, rank_of};
 use crate::patch::{self, Forward};
-use crate::runtime::{LlamaRuntime, PromptQuery, Session};
-use crate::source::ModelSource;
+use crate::runtime::{Decoder, LlamaRuntime, PromptQuery};
 use crate::tokenizer::Tokenizer;
-use crate::trace::Tracer;
 use crate::weights::gguf::GgufFile;
 use crate::write::gguf::{stored_deltas, Ff2Type};
 use crate::write::{OutputClaim, OutputKind};
@@ -464,13 +464,11 @@ pub fn evaluate_with(
         }
     }
     config.check_forward()?;
+    if config.forward == Forward::Llama {
+        return traced::evaluate(gguf, tok, records, config, progress);
+    }
     let start = std::time::Instant::now();
     let mut rt = LlamaRuntime::load(gguf)?;
-    // The llama.cpp forward of the keys: a tracer and the file's embedding rows.
-    let mut traced = match (config.forward, config.method) {
-        (Forward::Llama, Some(_)) => Some((Tracer::load(gguf)?, ModelSource::open(gguf)?)),
-        _ => None,
-    };
     let file = GgufFile::open(gguf)?;
     let arch = model.hp.arch;
     let encoded = records
@@ -484,19 +482,12 @@ pub fn evaluate_with(
         let mut edits = Vec::with_capacity(recs.len());
         let mut adapters = Vec::with_capacity(recs.len());
         for (i, (r, enc)) in recs.iter().zip(encs).enumerate() {
-            let edit = match traced.as_mut() {
-                Some((tracer, src)) => {
-                    edit_record_traced(tracer, src, tok, r, config, &all_deltas)?
-                }
-                None => edit_record(model, tok, r, enc, config, ctx)?,
-            };
+            let edit = edit_record(model, tok, r, enc, config, ctx)?;
             let active: Vec<Delta> = match config.sequential {
                 true => {
                     for d in &edit.deltas {
                         all_deltas.push(d.clone());
-                        if traced.is_none() {
-                            model.apply_delta(d)?;
-                        }
+                        model.apply_delta(d)?;
                     }
                     all_deltas.clone()
                 }
@@ -644,36 +635,8 @@ fn edit_record(
     })
 }
 
-/// [`edit_record`] for `shift` with a fixed layer and step through llama.cpp's own graph, with
-/// the `prior` deltas (earlier records of a sequential run) applied to the tracer.
-fn edit_record_traced(
-    tracer: &mut Tracer,
-    src: &ModelSource,
-    tok: &Tokenizer,
-    r: &EditRequest,
-    config: &EvalConfig,
-    prior: &[Delta],
-) -> Result<RecordEdit> {
-    let (LayerChoice::Fixed(layer), LrChoice::Fixed(lr)) = (config.layer, config.lr) else {
-        unreachable!("checked by EvalConfig::check_forward")
-    };
-    let prior = match config.sequential {
-        true => prior,
-        false => &[],
-    };
-    let start = std::time::Instant::now();
-    let outcome = edit::shift::compute_traced(tracer, src, tok, r, layer, lr, prior)?;
-    Ok(RecordEdit {
-        layer: Some(layer),
-        lr: outcome.delta.as_ref().map(|_| lr),
-        skipped: outcome.delta.is_none(),
-        deltas: outcome.delta.into_iter().collect(),
-        seconds: start.elapsed().as_secs_f64(),
-    })
-}
-
 /// The unedited model's top-1 token after each record's locality prompt (batched decodes).
-fn locality_top1(session: &mut Session, encoded: &[Encoded]) -> Result<Vec<Option<usize>>> {
+fn locality_top1(session: &mut impl Decoder, encoded: &[Encoded]) -> Result<Vec<Option<usize>>> {
     let queries: Vec<PromptQuery> = encoded
         .iter()
         .filter_map(|e| e.locality.as_deref())
@@ -682,8 +645,7 @@ fn locality_top1(session: &mut Session, encoded: &[Encoded]) -> Result<Vec<Optio
             continuations: Vec::new(),
         })
         .collect();
-    let mut tops = session
-        .score(&queries)?
+    let mut tops = crate::runtime::score(session, &queries)?
         .into_iter()
         .map(|s| argmax(&s.next_logits));
     Ok(encoded
@@ -710,7 +672,7 @@ fn load_adapter(
 /// Scores one record on a session that has its edit applied: prompt, paraphrase and locality
 /// are scored in one batched decode; fluency adds a greedy generation.
 fn score(
-    s: &mut Session,
+    s: &mut impl Decoder,
     tok: &Tokenizer,
     e: &Encoded,
     base_locality_top1: Option<usize>,
@@ -732,7 +694,7 @@ fn score(
             continuations: vec![&e.new, &e.locality_truth],
         });
     }
-    let scored = s.score(&queries)?;
+    let scored = crate::runtime::score(s, &queries)?;
     let accuracy = paper::Accuracy::of(&paper::NextTokens {
         prompt: &scored[0].next_logits,
         paraphrase: e.rephrase.as_ref().map(|_| &scored[1].next_logits[..]),
@@ -759,9 +721,11 @@ fn score(
         None => (None, None),
     };
     let fluency = match fluency {
-        true => Some(ngram_entropy(
-            &tok.decode(&s.generate(&e.prompt, FLUENCY_TOKENS)?),
-        )),
+        true => Some(ngram_entropy(&tok.decode(&crate::runtime::generate(
+            s,
+            &e.prompt,
+            FLUENCY_TOKENS,
+        )?))),
         false => None,
     };
     Ok(RecordScores {

@@ -1,0 +1,133 @@
+//! `eval --forward llama`: the whole evaluation on one llama.cpp model and context, a
+//! [`Tracer`]. Each record's key and skip rule come from a traced decode of its prompt (earlier
+//! edits of a sequential run applied as an adapter), its edit is applied to the same context as
+//! an adapter, and the same context scores it. No candle model is loaded, so this runs on every
+//! architecture llama.cpp loads that has a dense `ffn_down` (shift, fixed layer and step).
+
+use super::{
+    encode, locality_top1, score, summarize, EvalConfig, EvalReport, LayerChoice, LrChoice,
+    RecordEdit, Stat,
+};
+use crate::edit::{self, Delta, EditRequest};
+use crate::runtime::PromptQuery;
+use crate::source::ModelSource;
+use crate::tokenizer::Tokenizer;
+use crate::trace::Tracer;
+use crate::write::gguf::stored_deltas;
+use crate::{Error, Result};
+use std::path::Path;
+
+/// Evaluates `records` on the GGUF at `gguf` through llama.cpp alone (`config.forward` is
+/// llama; its method is none or shift with a fixed layer and step).
+pub fn evaluate(
+    gguf: &Path,
+    tok: &Tokenizer,
+    records: &[EditRequest],
+    config: &EvalConfig,
+    mut progress: impl FnMut(usize),
+) -> Result<EvalReport> {
+    if records.is_empty() {
+        return Err(Error::Invalid("no records to evaluate".into()));
+    }
+    config.check_forward()?;
+    let start = std::time::Instant::now();
+    let src = ModelSource::open(gguf)?;
+    let ModelSource::Gguf(file) = &src else {
+        return Err(Error::Invalid(format!(
+            "{}: --forward llama needs a GGUF file",
+            gguf.display()
+        )));
+    };
+    let mut tracer = Tracer::load(gguf)?;
+    if let (Some(_), LayerChoice::Fixed(l)) = (config.method, config.layer) {
+        tracer.shape().ff2_width(l).map_err(|e| e.in_file(gguf))?;
+    }
+    let encoded = records
+        .iter()
+        .map(|r| encode(tok, r))
+        .collect::<Result<Vec<_>>>()?;
+    let base_top1 = locality_top1(&mut tracer, &encoded)?;
+    let mut all_deltas: Vec<Delta> = Vec::new();
+    let mut scores = Vec::with_capacity(records.len());
+    for (index, (r, enc)) in records.iter().zip(&encoded).enumerate() {
+        let edit = edit_record(&mut tracer, &src, tok, r, config, &all_deltas)?;
+        let active: Vec<Delta> = match config.sequential {
+            true => {
+                all_deltas.extend(edit.deltas.iter().cloned());
+                all_deltas.clone()
+            }
+            false => edit.deltas.clone(),
+        };
+        tracer.apply_deltas(&stored_deltas(file, &active, config.ff2_type)?)?;
+        let mut record = score(&mut tracer, tok, enc, base_top1[index], config.fluency)?;
+        record.case_id = r.case_id;
+        record.layer = edit.layer;
+        record.lr = edit.lr;
+        record.skipped = edit.skipped;
+        record.edit_seconds = edit.seconds;
+        scores.push(record);
+        progress(index + 1);
+    }
+    let retained = match (config.sequential, all_deltas.is_empty()) {
+        (true, false) => {
+            tracer.apply_deltas(&stored_deltas(file, &all_deltas, config.ff2_type)?)?;
+            let queries: Vec<PromptQuery> = encoded
+                .iter()
+                .map(|e| PromptQuery {
+                    prompt: &e.prompt,
+                    continuations: vec![&e.new, &e.truth],
+                })
+                .collect();
+            let held: Vec<f64> = crate::runtime::score(&mut tracer, &queries)?
+                .iter()
+                .map(|s| f64::from(u8::from(s.logprobs[0] > s.logprobs[1])))
+                .collect();
+            Some(Stat::of(&held))
+        }
+        _ => None,
+    };
+    let summary = summarize(&scores);
+    Ok(EvalReport {
+        config: config.clone(),
+        records_per_second: records.len() as f64 / start.elapsed().as_secs_f64(),
+        records: scores,
+        summary,
+        retained,
+    })
+}
+
+/// The record's shift edit from a traced decode of its prompt, with the `prior` deltas (earlier
+/// records of a sequential run) applied to the tracer; no edit for the unedited baseline.
+fn edit_record(
+    tracer: &mut Tracer,
+    src: &ModelSource,
+    tok: &Tokenizer,
+    r: &EditRequest,
+    config: &EvalConfig,
+    prior: &[Delta],
+) -> Result<RecordEdit> {
+    let (Some(_), LayerChoice::Fixed(layer), LrChoice::Fixed(lr)) =
+        (config.method, config.layer, config.lr)
+    else {
+        return Ok(RecordEdit {
+            layer: None,
+            lr: None,
+            deltas: Vec::new(),
+            skipped: false,
+            seconds: 0.0,
+        });
+    };
+    let prior = match config.sequential {
+        true => prior,
+        false => &[],
+    };
+    let start = std::time::Instant::now();
+    let outcome = edit::shift::compute_traced(tracer, src, tok, r, layer, lr, prior)?;
+    Ok(RecordEdit {
+        layer: Some(layer),
+        lr: outcome.delta.as_ref().map(|_| lr),
+        skipped: outcome.delta.is_none(),
+        deltas: outcome.delta.into_iter().collect(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
