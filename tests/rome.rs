@@ -324,3 +324,86 @@ fn memit_writes_the_optimised_residual_across_its_layers_on_a_tiny_model() {
     );
     assert!(err / opt.delta_norm <= 1e-3, "{}", err / opt.delta_norm);
 }
+
+/// The split forward of the value optimisation (the rows before each prompt's subject row
+/// computed once, as keys and values the later rows attend to) gives the full packed forward's
+/// logits, and the packed statistics trace gives each prompt's own FF2 inputs, on every
+/// family's tiny model (Gemma 3's sliding window of 4 included).
+#[test]
+fn split_and_packed_forwards_equal_the_full_ones_on_every_family() {
+    use backlens::arch::Arch;
+    use candle_core::Tensor;
+    let max_rel = |a: &Tensor, b: &Tensor| -> f64 {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        assert!(scale > 0.0);
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() as f64)
+            .fold(0.0, f64::max)
+            / scale
+    };
+    for arch in Arch::ALL {
+        let fx = common::tiny(arch);
+        let common::Loaded { model, .. } = common::load(&fx.gguf);
+        let seqs: Vec<Vec<u32>> = vec![(1..8).collect(), (3..14).collect(), (5..9).collect()];
+        let past = [2usize, 5, 0];
+        let segments: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let hs: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| model.resid_after(s, 0).unwrap().0)
+            .collect();
+        let full = Tensor::cat(&hs, 0).unwrap();
+        // Score the last two rows of every sequence.
+        let mut rows_full = Vec::new();
+        let mut rows_split = Vec::new();
+        let (mut at, mut at_split) = (0, 0);
+        for (&len, &p) in segments.iter().zip(&past) {
+            rows_full.extend([at + len - 2, at + len - 1]);
+            rows_split.extend([at_split + len - p - 2, at_split + len - p - 1]);
+            at += len;
+            at_split += len - p;
+        }
+        let want = model
+            .forward_packed(&full, 1, &segments, &rows_full)
+            .unwrap();
+        let past_h: Vec<Tensor> = hs
+            .iter()
+            .zip(&past)
+            .map(|(h, &p)| h.narrow(0, 0, p).unwrap())
+            .collect();
+        let later: Vec<Tensor> = hs
+            .iter()
+            .zip(&past)
+            .map(|(h, &p)| h.narrow(0, p, h.dim(0).unwrap() - p).unwrap())
+            .collect();
+        let kv = model
+            .past_rows(&Tensor::cat(&past_h, 0).unwrap(), 1, &past)
+            .unwrap();
+        let counts: Vec<usize> = segments.iter().zip(&past).map(|(l, p)| l - p).collect();
+        let got = model
+            .forward_after(&Tensor::cat(&later, 0).unwrap(), &kv, &counts, &rows_split)
+            .unwrap();
+        let e = max_rel(&got, &want);
+        println!(
+            "{}: split forward vs full, max |Δlogit| / max |logit| = {e:.2e}",
+            arch.name()
+        );
+        assert!(e <= 1e-5, "{}: {e:.3e}", arch.name());
+
+        let tokens: Vec<u32> = seqs.concat();
+        let packed = model.ff2_in_packed(&tokens, &segments, 1).unwrap();
+        let alone: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| model.trace_through(s, 1).unwrap().ff2_in[1].clone())
+            .collect();
+        let e = max_rel(&packed, &Tensor::cat(&alone, 0).unwrap());
+        println!(
+            "{}: packed FF2 inputs vs one prompt at a time: {e:.2e}",
+            arch.name()
+        );
+        assert!(e <= 1e-5, "{}: {e:.3e}", arch.name());
+    }
+}

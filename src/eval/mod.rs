@@ -7,6 +7,8 @@ pub mod many;
 
 pub mod paper;
 
+pub mod table1;
+
 use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};
 use crate::lens::backward_pass;
 use crate::model::Transformer;
