@@ -613,7 +613,107 @@ impl Transformer {
             PositionTables::packed(&self.hp, segments, self.dtype(), self.rope_freqs.as_deref())?;
         let mut h = h.clone();
         for block in &self.blocks[start..] {
-            h = block.step(&self.hp, &h, &tables, None)?.resid_out;
+            h = block.step(&self.hp, &h, &tables, None, None)?.resid_out;
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let picked = h.index_select(&Tensor::new(idx.as_slice(), h.device())?, 0)?;
+        self.unembed(&picked)
+    }
+
+    /// [`Self::trace_through`] over several token sequences packed one after another (lengths
+    /// `segments`), each attending only within itself from position 0: the FF2 input of
+    /// `layer` at every row, as each sequence alone would give it.
+    pub fn ff2_in_packed(
+        &self,
+        tokens: &[u32],
+        segments: &[usize],
+        layer: usize,
+    ) -> Result<Tensor> {
+        if layer >= self.blocks.len()
+            || segments.iter().sum::<usize>() != tokens.len()
+            || segments.iter().any(|&s| s == 0 || s > self.hp.n_ctx)
+        {
+            return Err(Error::Invalid(format!(
+                "packed trace through layer {layer} of {} tokens in segments {segments:?}: the \
+                 segments or the layer are out of range",
+                tokens.len()
+            )));
+        }
+        let mut trace = self.run_packed(tokens, segments, None, layer + 1)?.1;
+        Ok(trace.ff2_in.swap_remove(layer))
+    }
+
+    /// Blocks `start..` over the first `past[i]` rows of each of several packed sequences (`h`:
+    /// those rows, one sequence after another): their keys and values, which rows after them
+    /// attend to in [`Self::forward_after`]. Nothing computed for later rows changes them.
+    pub fn past_rows(&self, h: &Tensor, start: usize, past: &[usize]) -> Result<PastRows> {
+        let n = h.dim(0)?;
+        if past.iter().sum::<usize>() != n || start > self.blocks.len() {
+            return Err(Error::Invalid(format!(
+                "past rows from block {start}: {n} rows, not the sum of {past:?}"
+            )));
+        }
+        if n == 0 {
+            return Ok(PastRows {
+                start,
+                past: past.to_vec(),
+                blocks: None,
+            });
+        }
+        let layout: Vec<(usize, usize)> = past.iter().map(|&p| (0, p)).collect();
+        let tables =
+            PositionTables::split(&self.hp, &layout, self.dtype(), self.rope_freqs.as_deref())?;
+        let mut h = h.detach();
+        let mut blocks = Vec::with_capacity(self.blocks.len() - start);
+        for block in &self.blocks[start..] {
+            let step = block.step(&self.hp, &h, &tables, None, None)?;
+            h = step.resid_out;
+            blocks.push(step.kv);
+        }
+        Ok(PastRows {
+            start,
+            past: past.to_vec(),
+            blocks: Some(blocks),
+        })
+    }
+
+    /// [`Self::forward_packed`] for the rows that follow `past` in each sequence (`h`: `counts[i]`
+    /// rows of sequence i, one sequence after another): blocks `past.start..` attending over the
+    /// past keys and values and the rows themselves, then the logits of `rows` (indices into
+    /// `h`). Equals the full packed forward's logits at those rows. Differentiable in `h`.
+    pub fn forward_after(
+        &self,
+        h: &Tensor,
+        past: &PastRows,
+        counts: &[usize],
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let n = h.dim(0)?;
+        if counts.len() != past.past.len()
+            || counts.iter().sum::<usize>() != n
+            || counts
+                .iter()
+                .zip(&past.past)
+                .any(|(c, p)| c + p > self.hp.n_ctx)
+            || rows.iter().any(|&r| r >= n)
+        {
+            return Err(Error::Invalid(format!(
+                "forward after past rows {:?}: {n} rows in {counts:?}, rows {rows:?} out of range",
+                past.past
+            )));
+        }
+        let layout: Vec<(usize, usize)> = past
+            .past
+            .iter()
+            .copied()
+            .zip(counts.iter().copied())
+            .collect();
+        let tables =
+            PositionTables::split(&self.hp, &layout, self.dtype(), self.rope_freqs.as_deref())?;
+        let mut h = h.clone();
+        for (i, block) in self.blocks[past.start..].iter().enumerate() {
+            let kv = past.blocks.as_ref().map(|b| &b[i]);
+            h = block.step(&self.hp, &h, &tables, None, kv)?.resid_out;
         }
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let picked = h.index_select(&Tensor::new(idx.as_slice(), h.device())?, 0)?;
@@ -628,20 +728,36 @@ impl Transformer {
         probes: Option<&Probes>,
         n_blocks: usize,
     ) -> Result<(Tensor, Trace)> {
-        let n = tokens.len();
-        check_tokens(&self.hp, tokens)?;
+        self.run_packed(tokens, &[tokens.len()], probes, n_blocks)
+    }
+
+    /// [`Self::run_blocks`] over sequences packed one after another (lengths `segments`).
+    fn run_packed(
+        &self,
+        tokens: &[u32],
+        segments: &[usize],
+        probes: Option<&Probes>,
+        n_blocks: usize,
+    ) -> Result<(Tensor, Trace)> {
+        let mut at = 0;
+        for &s in segments {
+            check_tokens(&self.hp, &tokens[at..(at + s).min(tokens.len())])?;
+            at += s;
+        }
         let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let positions: Vec<u32> = segments.iter().flat_map(|&s| 0..s as u32).collect();
         let pos = self
             .pos_embd
             .as_ref()
-            .map(|p| p.narrow(0, 0, n))
+            .map(|p| p.index_select(&Tensor::new(positions.as_slice(), &Device::Cpu)?, 0))
             .transpose()?;
         let mut h = embed(&self.hp, self.tok_embd.index_select(&ids, 0)?, pos)?;
-        let tables = PositionTables::new(&self.hp, n, self.dtype(), self.rope_freqs.as_deref())?;
+        let tables =
+            PositionTables::packed(&self.hp, segments, self.dtype(), self.rope_freqs.as_deref())?;
         let mut trace = Trace::default();
         for (l, block) in self.blocks.iter().take(n_blocks).enumerate() {
             trace.resid_in.push(h.clone());
-            let step = block.step(&self.hp, &h, &tables, probes.map(|p| (p, l)))?;
+            let step = block.step(&self.hp, &h, &tables, probes.map(|p| (p, l)), None)?;
             h = step.resid_out;
             trace.ff1_in.push(step.ff1_in);
             trace.ff2_in.push(step.ff2_in);
@@ -665,6 +781,15 @@ impl Transformer {
             _ => Ok(logits),
         }
     }
+}
+
+/// Keys and values of the first rows of packed sequences at every block from `start`
+/// ([`Transformer::past_rows`]).
+#[derive(Debug, Clone)]
+pub struct PastRows {
+    start: usize,
+    past: Vec<usize>,
+    blocks: Option<Vec<KvRows>>,
 }
 
 /// The last position of a forward pass: what an FPS edit needs.
@@ -704,7 +829,7 @@ pub fn streamed_last_position(
         for d in deltas.iter().filter(|d| d.layer == l) {
             block.add_delta(d)?;
         }
-        let step = block.step(&hp, &h, &tables, None)?;
+        let step = block.step(&hp, &h, &tables, None, None)?;
         for (slot, _) in layers.iter().enumerate().filter(|(_, &want)| want == l) {
             ff2_in[slot] = step.ff2_in.narrow(0, n - 1, 1)?.flatten_all()?.to_vec1()?;
         }
@@ -803,7 +928,9 @@ impl<'a> BlockStream<'a> {
 
     /// Block `layer` applied to `h`: the residual stream after it.
     pub fn forward(&self, layer: usize, h: &Tensor) -> Result<Tensor> {
-        let step = self.block(layer)?.step(&self.hp, h, &self.tables, None)?;
+        let step = self
+            .block(layer)?
+            .step(&self.hp, h, &self.tables, None, None)?;
         Ok(step.resid_out)
     }
 
@@ -811,9 +938,9 @@ impl<'a> BlockStream<'a> {
     /// through it (the gradient of ⟨output, grad_out⟩; weight gradients are never formed).
     pub fn vjp(&self, layer: usize, h: &Tensor, grad_out: &Tensor) -> Result<BlockVjp> {
         let input = Var::from_tensor(h)?;
-        let step = self
-            .block(layer)?
-            .step(&self.hp, input.as_tensor(), &self.tables, None)?;
+        let step =
+            self.block(layer)?
+                .step(&self.hp, input.as_tensor(), &self.tables, None, None)?;
         let grads = (step.resid_out * grad_out)?.sum_all()?.backward()?;
         let grad_in = grads
             .get(input.as_tensor())
@@ -837,6 +964,16 @@ struct BlockStep {
     ff2_in: Tensor,
     /// FF2 output.
     ff2_out: Tensor,
+    /// Keys and values of the block's rows (for [`PastRows`]).
+    kv: KvRows,
+}
+
+/// Keys and values of one block's attention over some rows, after the q/k norm and RoPE and
+/// before grouped heads are repeated: each (n_head_kv, rows, head width).
+#[derive(Debug, Clone)]
+struct KvRows {
+    k: Tensor,
+    v: Tensor,
 }
 
 impl Block {
@@ -850,16 +987,19 @@ impl Block {
     }
 
     /// Runs the block on residual stream `h`; `probes` (with this block's layer) are added to
-    /// the FF1/FF2 outputs.
+    /// the FF1/FF2 outputs; `past` are earlier rows' keys and values the rows also attend to
+    /// (`tables` laid out for them).
     fn step(
         &self,
         hp: &HParams,
         h: &Tensor,
         tables: &PositionTables,
         probes: Option<(&Probes, usize)>,
+        past: Option<&KvRows>,
     ) -> Result<BlockStep> {
         let x = self.attn_norm.forward(h)?;
-        let mut attn = self.attn_out.forward(&self.attention(hp, &x, tables)?)?;
+        let (out, kv) = self.attention(hp, &x, tables, past)?;
+        let mut attn = self.attn_out.forward(&out)?;
         if let Some(norm) = &self.attn_post_norm {
             attn = norm.forward(&attn)?;
         }
@@ -875,12 +1015,20 @@ impl Block {
             ff1_in: x1,
             ff2_in: a,
             ff2_out: out,
+            kv,
         })
     }
 
-    /// Multi-head attention of the normed residual `x` (tokens, n_embd), before the output
-    /// projection: (tokens, n_head · head width).
-    fn attention(&self, hp: &HParams, x: &Tensor, tables: &PositionTables) -> Result<Tensor> {
+    /// Multi-head attention of the normed residual `x` (tokens, n_embd) over `past` and its own
+    /// rows, before the output projection: (tokens, n_head · head width), and the rows' keys
+    /// and values.
+    fn attention(
+        &self,
+        hp: &HParams,
+        x: &Tensor,
+        tables: &PositionTables,
+        past: Option<&KvRows>,
+    ) -> Result<(Tensor, KvRows)> {
         let (n, hd) = (x.dim(0)?, hp.head_dim());
         let heads = |t: Tensor, h: usize| -> Result<Tensor> {
             Ok(t.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?)
@@ -900,12 +1048,21 @@ impl Block {
             q = r.apply(&q)?;
             k = r.apply(&k)?;
         }
+        let kv = KvRows {
+            k: k.clone(),
+            v: v.clone(),
+        };
+        if let Some(p) = past {
+            k = Tensor::cat(&[&p.k, &k], 1)?;
+            v = Tensor::cat(&[&p.v, &v], 1)?;
+        }
         let rep = hp.n_head / hp.n_head_kv;
+        let m = k.dim(1)?;
         if rep > 1 {
             let expand = |t: Tensor| -> Result<Tensor> {
                 Ok(t.unsqueeze(1)?
-                    .broadcast_as((hp.n_head_kv, rep, n, hd))?
-                    .reshape((hp.n_head, n, hd))?)
+                    .broadcast_as((hp.n_head_kv, rep, m, hd))?
+                    .reshape((hp.n_head, m, hd))?)
             };
             k = expand(k)?;
             v = expand(v)?;
@@ -916,7 +1073,7 @@ impl Block {
             .matmul(&v)?
             .transpose(0, 1)?
             .reshape((n, hp.n_head * hd))?;
-        Ok(out)
+        Ok((out, kv))
     }
 }
 
@@ -1008,7 +1165,20 @@ impl PositionTables {
         dtype: DType,
         freqs: Option<&[f64]>,
     ) -> Result<PositionTables> {
-        let positions: Vec<usize> = segments.iter().flat_map(|&s| 0..s).collect();
+        let layout: Vec<(usize, usize)> = segments.iter().map(|&s| (0, s)).collect();
+        Self::split(hp, &layout, dtype, freqs)
+    }
+
+    /// Tables for rows packed as `layout` = (past, rows) per sequence: each sequence's `rows`
+    /// come after its `past` earlier positions, whose keys are held apart (all pasts first,
+    /// then all rows, in the key order of [`Block::attention`] with a past).
+    fn split(
+        hp: &HParams,
+        layout: &[(usize, usize)],
+        dtype: DType,
+        freqs: Option<&[f64]>,
+    ) -> Result<PositionTables> {
+        let positions: Vec<usize> = layout.iter().flat_map(|&(p, r)| p..p + r).collect();
         let rope = |base: f64, scale: f64| -> Result<Option<RopeTables>> {
             match hp.arch.family().positions {
                 Positions::Rope(style) => Some(RopeTables::at(
@@ -1028,12 +1198,12 @@ impl PositionTables {
             }
         };
         Ok(PositionTables {
-            mask: packed_mask(segments, None, dtype)?,
+            mask: split_mask(layout, None, dtype)?,
             rope: rope(hp.rope_base, hp.rope_freq_scale)?,
             swa: match hp.n_swa {
                 0 => None,
                 w => Some((
-                    packed_mask(segments, Some(w), dtype)?,
+                    split_mask(layout, Some(w), dtype)?,
                     rope(hp.rope_base_swa, 1.0)?,
                 )),
             },
@@ -1064,23 +1234,32 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
-/// The block-diagonal causal mask of sequences of lengths `segments` packed in one: position i
-/// of a sequence sees its positions j ≤ i, and with a window w only those with i − j < w
-/// (llama.cpp's standard sliding window).
-fn packed_mask(segments: &[usize], window: Option<usize>, dtype: DType) -> Result<Tensor> {
+/// The causal mask of sequences packed as `layout` = (past, rows) (columns: every past, then
+/// every row): position i of a sequence sees its positions j ≤ i, and with a window w only
+/// those with i − j < w (llama.cpp's standard sliding window).
+fn split_mask(layout: &[(usize, usize)], window: Option<usize>, dtype: DType) -> Result<Tensor> {
     let w = window.unwrap_or(usize::MAX);
-    let n: usize = segments.iter().sum();
-    let mut values = vec![f32::NEG_INFINITY; n * n];
-    let mut at = 0;
-    for &s in segments {
-        for i in 0..s {
-            for j in i.saturating_sub(w - 1)..=i {
-                values[(at + i) * n + at + j] = 0.0;
+    let n_past: usize = layout.iter().map(|l| l.0).sum();
+    let n: usize = layout.iter().map(|l| l.1).sum();
+    let cols = n_past + n;
+    let mut values = vec![f32::NEG_INFINITY; n * cols];
+    let (mut past_at, mut at) = (0, 0);
+    for &(p, r) in layout {
+        for i in 0..r {
+            let pos = p + i;
+            let row = &mut values[(at + i) * cols..(at + i + 1) * cols];
+            for j in pos.saturating_sub(w - 1)..=pos {
+                let col = match j < p {
+                    true => past_at + j,
+                    false => n_past + at + j - p,
+                };
+                row[col] = 0.0;
             }
         }
-        at += s;
+        past_at += p;
+        at += r;
     }
-    Ok(Tensor::from_vec(values, (n, n), &Device::Cpu)?.to_dtype(dtype)?)
+    Ok(Tensor::from_vec(values, (n, cols), &Device::Cpu)?.to_dtype(dtype)?)
 }
 
 /// What a RoPE table depends on (ggml's `rope_ext` without YaRN).

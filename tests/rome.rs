@@ -188,10 +188,12 @@ fn rome_adapter_holds_the_rank_one_formula_and_its_loss_goes_down() {
     assert_eq!(check.after[0].rank, 0, "{:?}", check.after[0]);
 }
 
+/// Cold, as CI starts: `--no-stats-cache` computes layer 6's statistics inside the run.
 #[test]
 fn rome_flips_at_least_9_of_10_val_records_in_llama_cpp() {
     let model = common::smollm2();
     let data = common::counterfact("counterfact-val.json");
+    let start = std::time::Instant::now();
     let out = Command::new(BIN)
         .args([
             "eval",
@@ -200,8 +202,13 @@ fn rome_flips_at_least_9_of_10_val_records_in_llama_cpp() {
             data.to_str().unwrap(),
         ])
         .args(["--n", "10", "--method", "rome", "--no-fluency", "--json"])
+        .arg("--no-stats-cache")
         .output()
         .unwrap();
+    println!(
+        "eval --method rome on 10 val records, statistics computed: {:.0} s wall",
+        start.elapsed().as_secs_f64()
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -323,4 +330,162 @@ fn memit_writes_the_optimised_residual_across_its_layers_on_a_tiny_model() {
         opt.delta_norm
     );
     assert!(err / opt.delta_norm <= 1e-3, "{}", err / opt.delta_norm);
+}
+
+/// The split forward of the value optimisation (the rows before each prompt's subject row
+/// computed once, as keys and values the later rows attend to) gives the full packed forward's
+/// logits, and the packed statistics trace gives each prompt's own FF2 inputs, on every
+/// family's tiny model (Gemma 3's sliding window of 4 included).
+#[test]
+fn split_and_packed_forwards_equal_the_full_ones_on_every_family() {
+    use backlens::arch::Arch;
+    use candle_core::Tensor;
+    let max_rel = |a: &Tensor, b: &Tensor| -> f64 {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        assert!(scale > 0.0);
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() as f64)
+            .fold(0.0, f64::max)
+            / scale
+    };
+    for arch in Arch::ALL {
+        let fx = common::tiny(arch);
+        let common::Loaded { model, .. } = common::load(&fx.gguf);
+        let seqs: Vec<Vec<u32>> = vec![(1..8).collect(), (3..14).collect(), (5..9).collect()];
+        let past = [2usize, 5, 0];
+        let segments: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let hs: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| model.resid_after(s, 0).unwrap().0)
+            .collect();
+        let full = Tensor::cat(&hs, 0).unwrap();
+        // Score the last two rows of every sequence.
+        let mut rows_full = Vec::new();
+        let mut rows_split = Vec::new();
+        let (mut at, mut at_split) = (0, 0);
+        for (&len, &p) in segments.iter().zip(&past) {
+            rows_full.extend([at + len - 2, at + len - 1]);
+            rows_split.extend([at_split + len - p - 2, at_split + len - p - 1]);
+            at += len;
+            at_split += len - p;
+        }
+        let want = model
+            .forward_packed(&full, 1, &segments, &rows_full)
+            .unwrap();
+        let past_h: Vec<Tensor> = hs
+            .iter()
+            .zip(&past)
+            .map(|(h, &p)| h.narrow(0, 0, p).unwrap())
+            .collect();
+        let later: Vec<Tensor> = hs
+            .iter()
+            .zip(&past)
+            .map(|(h, &p)| h.narrow(0, p, h.dim(0).unwrap() - p).unwrap())
+            .collect();
+        let kv = model
+            .past_rows(&Tensor::cat(&past_h, 0).unwrap(), 1, &past)
+            .unwrap();
+        let counts: Vec<usize> = segments.iter().zip(&past).map(|(l, p)| l - p).collect();
+        let got = model
+            .forward_after(&Tensor::cat(&later, 0).unwrap(), &kv, &counts, &rows_split)
+            .unwrap();
+        let e = max_rel(&got, &want);
+        println!(
+            "{}: split forward vs full, max |Δlogit| / max |logit| = {e:.2e}",
+            arch.name()
+        );
+        assert!(e <= 1e-5, "{}: {e:.3e}", arch.name());
+
+        let tokens: Vec<u32> = seqs.concat();
+        let packed = model.ff2_in_packed(&tokens, &segments, 1).unwrap();
+        let alone: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| model.trace_through(s, 1).unwrap().ff2_in[1].clone())
+            .collect();
+        let e = max_rel(&packed, &Tensor::cat(&alone, 0).unwrap());
+        println!(
+            "{}: packed FF2 inputs vs one prompt at a time: {e:.2e}",
+            arch.name()
+        );
+        assert!(e <= 1e-5, "{}: {e:.3e}", arch.name());
+    }
+}
+
+/// `eval::table1::run` on the tiny Llama: one row per method in order, each row's records equal
+/// an evaluation of that method alone (the rows share nothing), and the ROME row edits at its
+/// default layer with statistics computed (no cache).
+#[test]
+fn table1_rows_equal_each_method_evaluated_alone_on_a_tiny_model() {
+    use backlens::eval::{self, table1, EvalConfig, LayerChoice, LrChoice};
+    let f = common::tiny(backlens::arch::Arch::Llama);
+    let l = common::load(&f.gguf);
+    let records =
+        eval::load_records(&common::counterfact("counterfact-val.json"), 0, Some(4)).unwrap();
+    let dir = common::temp_dir("table1");
+    let config = table1::Table1Config {
+        methods: vec![None, Some(Method::Shift), Some(Method::Rome)],
+        layer: None,
+        lr: LrChoice::Fixed(0.24),
+        fluency: false,
+        ff2_type: Ff2Type::F32,
+        forward: Forward::Candle,
+        whiten: WhitenSetup::default(),
+    };
+    let mut names = Vec::new();
+    let rows = table1::run(&f.gguf, &l.model, &l.tok, &records, &config, &dir, |n| {
+        names.push(n.to_string())
+    })
+    .unwrap();
+    assert_eq!(names, ["none", "shift", "rome"]);
+    let got: Vec<(&str, Option<usize>)> =
+        rows.iter().map(|r| (r.method.as_str(), r.layer)).collect();
+    let n_layer = l.model.hp.n_layer;
+    let rome_layer = Method::Rome.default_layer(&l.model.hp).unwrap();
+    assert_eq!(
+        got,
+        [
+            ("none", None),
+            ("shift", Some(EditSettings::default_layer(n_layer))),
+            ("rome", Some(rome_layer))
+        ]
+    );
+    for (row, method) in rows.iter().zip([None, Some(Method::Shift)]) {
+        let alone = EvalConfig {
+            method,
+            layer: LayerChoice::Fixed(EditSettings::default_layer(n_layer)),
+            lr: LrChoice::Fixed(0.24),
+            sequential: false,
+            fluency: false,
+            ff2_type: Ff2Type::F32,
+            forward: Forward::Candle,
+        };
+        let mut model = l.model.clone();
+        let want =
+            eval::evaluate(&f.gguf, &mut model, &l.tok, &records, &alone, &dir, |_| {}).unwrap();
+        let key = |r: &eval::RecordScores| {
+            (
+                r.case_id,
+                r.skipped,
+                r.efficacy,
+                r.paraphrase,
+                r.neighborhood,
+                r.efficacy_magnitude.to_bits(),
+            )
+        };
+        let a: Vec<_> = row.report.records.iter().map(key).collect();
+        let b: Vec<_> = want.records.iter().map(key).collect();
+        assert_eq!(a, b, "{}", row.method);
+    }
+    let rome = &rows[2].report;
+    let edited = rome.records.iter().filter(|r| !r.skipped).count();
+    println!(
+        "tiny Llama table1: rome edited {edited}/4, efficacy {:.2}",
+        rome.summary.efficacy.mean
+    );
+    assert_eq!(rome.records.len(), 4);
+    assert!(edited >= 1, "rome edited none of the 4 records");
 }

@@ -25,17 +25,6 @@ impl std::str::FromStr for EvalMethod {
     }
 }
 
-/// The methods of `--table1` unless `--methods` names others.
-const TABLE1_METHODS: [&str; 7] = [
-    "none",
-    "grad",
-    "ft",
-    "shift",
-    "shift-whitened",
-    "rome",
-    "memit",
-];
-
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// GGUF model.
@@ -61,7 +50,7 @@ pub struct Args {
     #[command(flatten)]
     whiten: super::edit::WhitenArgs,
     /// Keep edits cumulative and report how many still hold at the end.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "table1")]
     sequential: bool,
     /// Skip the generation-entropy fluency score (faster).
     #[arg(long)]
@@ -170,70 +159,39 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     if let Some((md, json)) = table_claims {
-        let mut reports = Vec::new();
         let methods = match args.methods.is_empty() {
-            true => TABLE1_METHODS
+            true => eval::table1::METHODS
                 .iter()
-                .map(|m| m.parse())
-                .collect::<std::result::Result<Vec<EvalMethod>, String>>()
+                .map(|m| eval::parse_method(m))
+                .collect::<std::result::Result<Vec<_>, String>>()
                 .map_err(anyhow::Error::msg)?,
-            false => args.methods.clone(),
+            false => args.methods.iter().map(|m| m.0).collect(),
         };
-        for &EvalMethod(method) in &methods {
-            let layer = match (args.layer, method) {
-                (Some(l), _) => l,
-                (None, Some(m)) => LayerChoice::Fixed(m.default_layer(&model.hp)?),
-                (None, None) => LayerChoice::Fixed(EditSettings::default_layer(n_layer)),
-            };
-            let store = match method {
-                Some(method) => args.whiten.setup().store(method, &model, &m.tok, &gguf)?,
-                None => None,
-            };
-            let ctx = backlens::edit::EditContext {
-                stats: store.as_ref(),
-            };
-            let config = EvalConfig {
-                method,
-                layer,
-                lr,
-                sequential: args.sequential,
-                fluency: !args.no_fluency,
-                ff2_type: args.ff2_type,
-                forward,
-            };
-            let name = method.map_or("none", Method::name);
-            eprintln!("table1: {name}");
-            let mut fresh = model.clone();
-            let report = eval::evaluate_with(
-                &gguf,
-                &mut fresh,
-                &m.tok,
-                &records,
-                &config,
-                &ctx,
-                &std::env::temp_dir(),
-                |_| {},
-            )?;
-            let layer = match (method, layer) {
-                (Some(_), LayerChoice::Fixed(l)) => Some(l),
-                _ => None,
-            };
-            reports.push((name.to_string(), layer, report));
-        }
-        let table = super::table1::Table {
+        let config = eval::table1::Table1Config {
+            methods,
+            layer: args.layer,
+            lr,
+            fluency: !args.no_fluency,
+            ff2_type: args.ff2_type,
+            forward,
+            whiten: args.whiten.setup(),
+        };
+        let rows = eval::table1::run(
+            &gguf,
+            &model,
+            &m.tok,
+            &records,
+            &config,
+            &std::env::temp_dir(),
+            |name| eprintln!("table1: {name}"),
+        )?;
+        let table = eval::table1::Table {
             command: std::env::args().collect::<Vec<_>>().join(" "),
             records: records.len(),
-            rows: reports
-                .iter()
-                .map(|(method, layer, report)| super::table1::Row {
-                    method: method.clone(),
-                    layer: *layer,
-                    report,
-                })
-                .collect(),
+            rows,
         };
         super::table1::write(&table, md, json)?;
-        print!("{}", super::table1::markdown(&table));
+        print!("{}", eval::table1::markdown(&table));
         return Ok(());
     }
     let t_stats = std::time::Instant::now();

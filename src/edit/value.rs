@@ -10,12 +10,14 @@
 //!
 //! over the prompt and the prompt behind each context prefix, with ‖δ‖ ≤ clamp · ‖v₀‖ after
 //! every step (v₀ = the original vector at the subject's last token of the bare prompt). The
-//! blocks up to `layer` do not depend on δ: they run once per prompt, and each step runs only
-//! the blocks after it and the logits of the scored rows.
+//! blocks up to `layer` do not depend on δ: they run once per prompt. Nor do the rows before
+//! the subject's last token at any block: their keys and values are computed once, and each
+//! step runs only the later rows through the blocks after `layer`, and the logits of the
+//! scored rows.
 
 use super::hparams::RomeParams;
 use super::EditRequest;
-use crate::model::{log_softmax_last, Transformer};
+use crate::model::{log_softmax_last, PastRows, Transformer};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -135,46 +137,59 @@ fn prepare(
     Ok((Prepared { h, at, scored }, trace))
 }
 
-/// Every prompt packed into one sequence for [`Transformer::forward_packed`].
+/// Every prompt packed into one sequence, split at each prompt's subject row: the rows before
+/// it do not depend on δ at any block after `layer`, so their keys and values are computed once
+/// ([`Transformer::past_rows`]) and each step runs only the rows from the subject row on.
 struct Packed {
-    /// The residual streams after block `layer`, one after another.
+    /// The residual streams after block `layer` from each prompt's subject row on, one prompt
+    /// after another.
     h: Tensor,
-    /// (rows, 1): 1 at each prompt's subject row, where δ is added.
+    /// (rows, 1): 1 at each prompt's subject row (its first row in `h`), where δ is added.
     hot: Tensor,
-    /// Length of each prompt.
-    segments: Vec<usize>,
-    /// Scored rows of the rewriting prompts, then the KL prompt's row.
+    /// Keys and values of the rows before each prompt's subject row.
+    past: PastRows,
+    /// Rows of each prompt in `h`.
+    counts: Vec<usize>,
+    /// Scored rows (in `h`) of the rewriting prompts, then the KL prompt's row.
     rows: Vec<usize>,
     /// The token each rewriting row should predict.
     targets: Vec<u32>,
 }
 
-fn pack(rewriting: &[Prepared], kl: &Prepared) -> Result<Packed> {
+fn pack(
+    model: &Transformer,
+    layer: usize,
+    rewriting: &[Prepared],
+    kl: &Prepared,
+) -> Result<Packed> {
     let all: Vec<&Prepared> = rewriting.iter().chain(std::iter::once(kl)).collect();
-    let segments: Vec<usize> = all
-        .iter()
-        .map(|p| p.h.dim(0))
-        .collect::<candle_core::Result<_>>()?;
-    let n: usize = segments.iter().sum();
-    let mut hot = vec![0f32; n];
-    let (mut rows, mut targets) = (Vec::new(), Vec::new());
-    let mut offset = 0;
-    for (i, (p, &len)) in all.iter().zip(&segments).enumerate() {
-        hot[offset + p.at] = 1.0;
+    let (mut past_h, mut h, mut past, mut counts) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut hot, mut rows, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, p) in all.iter().enumerate() {
+        let len = p.h.dim(0)?;
+        past_h.push(p.h.narrow(0, 0, p.at)?);
+        h.push(p.h.narrow(0, p.at, len - p.at)?);
+        let offset = hot.len();
+        hot.push(1f32);
+        hot.extend(std::iter::repeat_n(0f32, len - p.at - 1));
         for &(row, t) in &p.scored {
-            rows.push(offset + row);
+            rows.push(offset + row - p.at);
             if i < rewriting.len() {
                 targets.push(t);
             }
         }
-        offset += len;
+        past.push(p.at);
+        counts.push(len - p.at);
     }
-    let hs: Vec<&Tensor> = all.iter().map(|p| &p.h).collect();
-    let h = Tensor::cat(&hs, 0)?;
+    let h = Tensor::cat(&h, 0)?;
+    let past = model.past_rows(&Tensor::cat(&past_h, 0)?, layer + 1, &past)?;
+    let n = hot.len();
     Ok(Packed {
         hot: Tensor::from_vec(hot, (n, 1), &Device::Cpu)?.to_dtype(h.dtype())?,
         h,
-        segments,
+        past,
+        counts,
         rows,
         targets,
     })
@@ -226,7 +241,7 @@ pub fn optimise(
         )));
     }
     let n_embd = model.hp.n_embd;
-    let packed = pack(&rewriting, &kl)?;
+    let packed = pack(model, layer, &rewriting, &kl)?;
     let n_scored = packed.targets.len();
     let mut delta = vec![0f64; n_embd];
     let mut adam = Adam::new(n_embd, p.v_lr);
@@ -242,10 +257,10 @@ pub fn optimise(
             .to_dtype(model.dtype())?,
         )?;
         let h = (&packed.h + packed.hot.matmul(dv.as_tensor())?)?;
-        let logp = log_softmax_last(&model.forward_packed(
+        let logp = log_softmax_last(&model.forward_after(
             &h,
-            layer + 1,
-            &packed.segments,
+            &packed.past,
+            &packed.counts,
             &packed.rows,
         )?)?;
         let ids: Vec<u32> = packed.targets.clone();

@@ -8,6 +8,7 @@ pub mod min_step;
 
 pub mod paper;
 
+pub mod table1;
 pub mod traced;
 
 use crate::edit::{self, Delta, EditContext, EditRequest, EditSettings, Method};

@@ -23,8 +23,32 @@ pub struct Moments {
     pub last: Vec<f64>,
 }
 
+/// Tokens of statistics prompts run in one packed forward pass (a prompt longer than this
+/// runs alone).
+const PACK_TOKENS: usize = 256;
+
+/// Consecutive runs of `prompts` of at most [`PACK_TOKENS`] tokens together.
+fn packs<'a>(prompts: &[&'a [u32]]) -> Vec<Vec<&'a [u32]>> {
+    let mut out: Vec<Vec<&[u32]>> = Vec::new();
+    let mut tokens = 0;
+    for &p in prompts {
+        match out.last_mut() {
+            Some(last) if tokens + p.len() <= PACK_TOKENS => {
+                last.push(p);
+                tokens += p.len();
+            }
+            _ => {
+                out.push(vec![p]);
+                tokens = p.len();
+            }
+        }
+    }
+    out
+}
+
 /// Accumulates the [`Moments`] of the FF2 inputs at `layer` over `prompts` (each cut to the
-/// model's context), running only the blocks up to `layer`.
+/// model's context), running only the blocks up to `layer`, prompts packed
+/// [`PACK_TOKENS`] tokens at a time.
 pub fn accumulate(model: &Transformer, prompts: &[Vec<u32>], layer: usize) -> Result<Moments> {
     if layer >= model.blocks.len() {
         return Err(Error::Invalid(format!(
@@ -51,31 +75,39 @@ pub fn accumulate(model: &Transformer, prompts: &[Vec<u32>], layer: usize) -> Re
         rows.clear();
         Ok(())
     };
-    for ids in prompts {
-        let ids = &ids[..ids.len().min(model.hp.n_ctx)];
-        if ids.len() < 2 {
-            continue;
-        }
-        let trace = model.trace_through(ids, layer)?;
-        let a = trace.ff2_in[layer]
-            .narrow(0, 1, ids.len() - 1)?
+    let prompts: Vec<&[u32]> = prompts
+        .iter()
+        .map(|ids| &ids[..ids.len().min(model.hp.n_ctx)])
+        .filter(|ids| ids.len() >= 2)
+        .collect();
+    for batch in packs(&prompts) {
+        let segments: Vec<usize> = batch.iter().map(|p| p.len()).collect();
+        let tokens: Vec<u32> = batch.concat();
+        let packed = model
+            .ff2_in_packed(&tokens, &segments, layer)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        for row in a.chunks_exact(n) {
-            for (s, &v) in sum.iter_mut().zip(row) {
-                *s += v as f64;
+        let mut start = 0;
+        for len in segments {
+            // Every position but the first of the prompt.
+            let a = &packed[(start + 1) * n..(start + len) * n];
+            start += len;
+            for row in a.chunks_exact(n) {
+                for (s, &v) in sum.iter_mut().zip(row) {
+                    *s += v as f64;
+                }
             }
-        }
-        count += a.len() / n;
-        count_last += 1;
-        rows.extend_from_slice(&a);
-        last_rows.extend_from_slice(&a[a.len() - n..]);
-        if rows.len() >= CHUNK_ROWS * n {
-            flush(&mut rows, &mut all)?;
-        }
-        if last_rows.len() >= CHUNK_ROWS * n {
-            flush(&mut last_rows, &mut last)?;
+            count += a.len() / n;
+            count_last += 1;
+            rows.extend_from_slice(a);
+            last_rows.extend_from_slice(&a[a.len() - n..]);
+            if rows.len() >= CHUNK_ROWS * n {
+                flush(&mut rows, &mut all)?;
+            }
+            if last_rows.len() >= CHUNK_ROWS * n {
+                flush(&mut last_rows, &mut last)?;
+            }
         }
     }
     flush(&mut rows, &mut all)?;
