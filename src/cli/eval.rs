@@ -2,6 +2,7 @@
 
 use super::{open, print_json, require_gguf};
 use anyhow::{bail, Result};
+use backlens::edit::minimal::ValueRule;
 use backlens::edit::{EditSettings, Method};
 use backlens::eval::{self, EvalConfig, EvalReport, LayerChoice, LrChoice};
 use backlens::model::Transformer;
@@ -104,9 +105,29 @@ pub struct Args {
     /// shift, shift-whitened, rome, memit], comma-separated.
     #[arg(long, value_delimiter = ',')]
     methods: Vec<EvalMethod>,
+    /// The value batch and shift-protected write at each key: minimal (the smallest multiple
+    /// of the target embedding that makes it top-1 by --margin, at most 4× FPS's) or fps
+    /// (lr·‖x‖²·e).
+    #[arg(long, default_value = "minimal", value_parser = ["minimal", "fps"])]
+    value: String,
+    /// Logits by which a minimal value makes the target lead every other token.
+    #[arg(long, default_value_t = backlens::edit::minimal::DEFAULT_MARGIN)]
+    margin: f64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+impl Args {
+    /// The value rule of --value and --margin.
+    fn value_rule(&self) -> ValueRule {
+        match self.value.as_str() {
+            "fps" => ValueRule::Fps,
+            _ => ValueRule::Minimal {
+                margin: self.margin,
+            },
+        }
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -182,6 +203,7 @@ pub fn run(args: Args) -> Result<()> {
             };
             let ctx = backlens::edit::EditContext {
                 stats: store.as_ref(),
+                value: args.value_rule(),
             };
             let config = EvalConfig {
                 method,
@@ -244,6 +266,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let ctx = backlens::edit::EditContext {
         stats: store.as_ref(),
+        value: args.value_rule(),
     };
     let base = EvalConfig {
         method,
