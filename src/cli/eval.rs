@@ -105,10 +105,10 @@ pub struct Args {
     /// shift, shift-whitened, rome, memit], comma-separated.
     #[arg(long, value_delimiter = ',')]
     methods: Vec<EvalMethod>,
-    /// The value batch and shift-protected write at each key: minimal (the smallest multiple
-    /// of the target embedding that makes it top-1 by --margin, at most 4× FPS's) or fps
-    /// (lr·‖x‖²·e).
-    #[arg(long, default_value = "minimal", value_parser = ["minimal", "fps"])]
+    /// The value batch and shift-protected write at each key: steepest (the smallest step along
+    /// the gradient of the target's lead that makes it top-1 by --margin), minimal (the smallest
+    /// multiple of the target embedding that does, at most FPS's) or fps (lr·‖x‖²·e).
+    #[arg(long, default_value = "steepest", value_parser = ["steepest", "minimal", "fps"])]
     value: String,
     /// Logits by which a minimal value makes the target lead every other token.
     #[arg(long, default_value_t = backlens::edit::minimal::DEFAULT_MARGIN)]
@@ -123,7 +123,10 @@ impl Args {
     fn value_rule(&self) -> ValueRule {
         match self.value.as_str() {
             "fps" => ValueRule::Fps,
-            _ => ValueRule::Minimal {
+            "minimal" => ValueRule::Minimal {
+                margin: self.margin,
+            },
+            _ => ValueRule::Steepest {
                 margin: self.margin,
             },
         }

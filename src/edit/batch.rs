@@ -1,8 +1,8 @@
 //! Many edits solved jointly (`--method batch`), MEMIT-style least squares on one layer's FF2.
 //!
 //! For the edit keys K = [x₁ … x_m] (FF2 inputs at the last token of each edit prompt, on the
-//! unedited model) and the desired output changes R = [r₁ … r_m] (by default rᵢ = sᵢ·eᵢ, the
-//! smallest multiple of the target embedding that flips request i, [`super::minimal`]; or what
+//! unedited model) and the desired output changes R = [r₁ … r_m] (by default the smallest value
+//! that makes request i's target top-1 by a margin, [`super::minimal`]; or what
 //! plain FPS writes at its own key, lr·eᵢxᵢᵀ·xᵢ = lr·‖xᵢ‖²·eᵢ), the update is the smallest change in the
 //! metric of the FF2-input second moment C (the `shift-whitened` statistics) that writes R at K:
 //!
@@ -32,8 +32,8 @@ use crate::{Error, Result};
 pub const DEFAULT_RIDGE: f64 = 1e-3;
 
 /// Computes the joint edit of `requests` at `layer` on the unedited `model` (unchanged), each
-/// key receiving the value of `rule` (FPS's with step `lr`, or the smallest that flips, at most
-/// four times FPS's): one outcome per request, skipped when the target already is the top-1,
+/// key receiving the value of `rule` (FPS's with step `lr`, or the smallest that flips): one
+/// outcome per request, skipped when the target already is the top-1,
 /// else holding its rank-one share of ΔW. Requests that edit the same prompt toward different
 /// targets are refused (a joint solve cannot satisfy both).
 #[allow(clippy::too_many_arguments)]

@@ -1,19 +1,21 @@
-//! The value each request writes in `batch` and `shift-protected`: FPS's r = lr·‖x‖²·e, or by
-//! default the smallest multiple of e that makes the target the top-1 by a margin m,
+//! The value each request writes in `batch` and `shift-protected`: FPS's r = lr·‖x‖²·e, or the
+//! smallest value along a direction d that makes the target the top-1 by a margin m,
 //!
 //! ```text
-//! r = s*·e,   s* = min { s ∈ (0, 4·lr·‖x‖²] : f(s) ≥ m },   f(s) = z_t(s) − max_{j≠t} z_j(s),
+//! r = s*·d,   s* = min { s > 0 : f(s·d) ≥ m },   f(r) = z_t(r) − max_{j≠t} z_j(r),
 //! ```
 //!
-//! with z(s) the next-token logits when the edit s·e kᵀ is applied to FF2 of the edited layer
-//! (t the target's first token, k = C⁻¹x / (xᵀC⁻¹x) the request's whitened key: s·e at the last
-//! token, s·e·(kᵀxₜ) at each earlier token t, as the written edit does). FPS's value is far larger than most records
-//! need, and every unit written at a key also lands on the generic text the key overlaps, so the
-//! smallest value that flips is what keeps many edits from breaking the model.
+//! with z(r) the next-token logits when the edit r kᵀ is applied to FF2 of the edited layer
+//! (t the target's first token, k = C⁻¹x / (xᵀC⁻¹x) the request's whitened key: r at the last
+//! token, r·(kᵀxₜ) at each earlier token t, as the written edit does) and d the unit gradient of
+//! f ([`ValueRule::Steepest`], the default) or e ([`ValueRule::Minimal`], at most FPS's scale).
+//! What a value costs unrelated text grows with its size, and along the gradient a lead takes the
+//! smallest value.
 //!
 //! Only the blocks after the edited layer run again for a trial value, many requests packed
-//! into one pass ([`Transformer::forward_packed`]): f(0) from the first pass, f at FPS's scale
-//! (doubled at most twice while below m), then a safeguarded secant search on the bracket.
+//! into one pass ([`Transformer::forward_packed`]): f(0) from the first pass, a first trial (FPS's
+//! scale along e, 1.5 × the linear estimate along the gradient, doubled at most three times while
+//! below m), then a safeguarded secant search on the bracket.
 
 use super::whiten::KeyStats;
 use super::EditRequest;
@@ -25,10 +27,11 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 /// Default margin m, in logits (nats of log-probability).
-pub const DEFAULT_MARGIN: f64 = 1.0;
+pub const DEFAULT_MARGIN: f64 = 0.25;
 
-/// Times the upper end of the bracket may double past FPS's scale.
-const MAX_DOUBLINGS: usize = 2;
+/// Times the upper end of the bracket may double past its first trial along the logit
+/// gradient (along e the first trial, FPS's scale, is also the largest).
+const MAX_DOUBLINGS: usize = 3;
 
 /// Secant steps on the bracket at most.
 const MAX_STEPS: usize = 4;
@@ -50,11 +53,16 @@ pub enum ValueRule {
         /// m.
         margin: f64,
     },
+    /// The smallest s·d that does, d the unit gradient of the lead with respect to the value.
+    Steepest {
+        /// m.
+        margin: f64,
+    },
 }
 
 impl Default for ValueRule {
     fn default() -> ValueRule {
-        ValueRule::Minimal {
+        ValueRule::Steepest {
             margin: DEFAULT_MARGIN,
         }
     }
@@ -118,7 +126,10 @@ pub fn keyed(
                 }
             }
             ValueRule::Minimal { margin } => {
-                out.extend(search(model, tok, chunk, layer, lr, margin, stats)?);
+                out.extend(search(model, tok, chunk, layer, lr, margin, false, stats)?);
+            }
+            ValueRule::Steepest { margin } => {
+                out.extend(search(model, tok, chunk, layer, lr, margin, true, stats)?);
             }
         }
     }
@@ -143,7 +154,7 @@ struct Trial {
     out: Tensor,
     /// kᵀxₜ per token (tokens, 1), 1 at the last.
     weights: Tensor,
-    /// e as a (1, n_embd) row of the model's dtype.
+    /// The value's direction as a (1, n_embd) row of the model's dtype: e, or the unit gradient.
     e: Tensor,
     target_id: u32,
     top1: u32,
@@ -154,7 +165,9 @@ struct Trial {
     hi: (f64, f64),
 }
 
-/// The minimal values of up to [`PACK`] requests, searched together.
+/// The minimal values of up to [`PACK`] requests, searched together (along the logit gradient
+/// when `steepest`).
+#[allow(clippy::too_many_arguments)]
 fn search(
     model: &Transformer,
     tok: &Tokenizer,
@@ -162,6 +175,7 @@ fn search(
     layer: usize,
     lr: f64,
     margin: f64,
+    steepest: bool,
     stats: &KeyStats,
 ) -> Result<Vec<Keyed>> {
     let mut trials = Vec::with_capacity(requests.len());
@@ -199,29 +213,36 @@ fn search(
     }
     let all: Vec<usize> = (0..trials.len()).collect();
     let zero = vec![0.0; trials.len()];
-    for (i, (top1, f)) in evaluate(model, layer, &trials, &all, &zero)?
-        .into_iter()
-        .enumerate()
-    {
-        trials[i].top1 = top1;
-        trials[i].lo.1 = f;
+    let base = evaluate(model, layer, &trials, &all, &zero)?;
+    let mut open = Vec::new();
+    for (i, (top1, f, rival)) in base.into_iter().enumerate() {
+        let t = &mut trials[i];
+        t.top1 = top1;
+        t.lo.1 = f;
+        if top1 == t.target_id {
+            continue;
+        }
+        open.push(i);
+        if steepest {
+            let (d, slope) = gradient(model, layer, t, rival)?;
+            t.e = d;
+            t.hi.0 = 1.5 * (margin - f).max(0.0) / slope;
+        }
     }
-    let mut open: Vec<usize> = all
-        .into_iter()
-        .filter(|&i| trials[i].top1 != trials[i].target_id)
-        .collect();
-    // The upper end: FPS's scale, doubled while f stays below the margin.
+    // The upper end: the first trial (FPS's scale along e, the linear estimate × 1.5 along the
+    // gradient), doubled while f stays below the margin.
+    let doublings = if steepest { MAX_DOUBLINGS } else { 0 };
     let mut rising = open.clone();
-    for round in 0..=MAX_DOUBLINGS {
+    for round in 0..=doublings {
         if rising.is_empty() {
             break;
         }
         let scales: Vec<f64> = rising.iter().map(|&i| trials[i].hi.0).collect();
         let fs = evaluate(model, layer, &trials, &rising, &scales)?;
         let mut next = Vec::new();
-        for (&i, (_, f)) in rising.iter().zip(fs) {
+        for (&i, (_, f, _)) in rising.iter().zip(fs) {
             trials[i].hi.1 = f;
-            if f < margin && round < MAX_DOUBLINGS {
+            if f < margin && round < doublings {
                 trials[i].lo = trials[i].hi;
                 trials[i].hi.0 *= 2.0;
                 next.push(i);
@@ -241,7 +262,7 @@ fn search(
             .map(|&i| secant(trials[i].lo, trials[i].hi, margin))
             .collect();
         let fs = evaluate(model, layer, &trials, &open, &scales)?;
-        for ((&i, &s), (_, f)) in open.iter().zip(&scales).zip(fs) {
+        for ((&i, &s), (_, f, _)) in open.iter().zip(&scales).zip(fs) {
             match f >= margin {
                 true => trials[i].hi = (s, f),
                 false => trials[i].lo = (s, f),
@@ -279,7 +300,47 @@ fn secant(lo: (f64, f64), hi: (f64, f64), margin: f64) -> f64 {
     lo.0 + w * t.clamp(0.1, 0.9)
 }
 
-/// Top-1 and f(s) of the requests `which` with `scales[k]`·e·(kᵀxₜ) added to FF2's output at
+/// The unit gradient d of f at s = 0 with respect to the value (the lead over `rival`, the best
+/// other token there), as a (1, n_embd) row, and the slope ‖∂f/∂r‖.
+fn gradient(model: &Transformer, layer: usize, t: &Trial, rival: u32) -> Result<(Tensor, f64)> {
+    let r = candle_core::Var::zeros((1, t.e.dim(1)?), t.e.dtype(), t.e.device())?;
+    let h = shifted(model, layer, t, &t.weights.broadcast_mul(r.as_tensor())?)?;
+    let n = h.dim(0)?;
+    let logits = model.forward_from(&h, layer + 1, &[n - 1])?;
+    let lead = (logits.narrow(1, t.target_id as usize, 1)?
+        - logits.narrow(1, rival as usize, 1)?)?
+    .sum_all()?;
+    let g = lead
+        .backward()?
+        .get(r.as_tensor())
+        .ok_or_else(|| Error::Invalid("no gradient reached the value".into()))?
+        .clone();
+    let slope = g
+        .to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_scalar::<f64>()?;
+    if !(slope.is_finite() && slope > 0.0) {
+        return Err(Error::Numeric(format!(
+            "minimal value at layer {layer}: the lead's gradient has norm {slope}"
+        )));
+    }
+    Ok(((g / slope)?, slope))
+}
+
+/// The residual after block `layer` of trial `t` with `added` (tokens, n_embd) added to FF2's
+/// output: the residual is that output (normed, where the family norms it) plus a part the
+/// value does not change.
+fn shifted(model: &Transformer, layer: usize, t: &Trial, added: &Tensor) -> Result<Tensor> {
+    let shift = match model.blocks[layer].ffn_post_norm.as_ref() {
+        None => added.clone(),
+        Some(norm) => (norm.forward(&(&t.out + added)?)? - norm.forward(&t.out)?)?,
+    };
+    Ok((&t.h + shift)?)
+}
+
+/// Top-1, f(s) and the best token other than the target, of the requests `which` with `scales[k]`·e·(kᵀxₜ) added to FF2's output at
 /// each token t of request `which[k]`, in one packed pass through the blocks after `layer`.
 fn evaluate(
     model: &Transformer,
@@ -287,8 +348,7 @@ fn evaluate(
     trials: &[Trial],
     which: &[usize],
     scales: &[f64],
-) -> Result<Vec<(u32, f64)>> {
-    let post_norm = model.blocks[layer].ffn_post_norm.as_ref();
+) -> Result<Vec<(u32, f64, u32)>> {
     let mut pieces = Vec::with_capacity(which.len());
     let (mut segments, mut rows) = (Vec::new(), Vec::new());
     let mut start = 0;
@@ -296,13 +356,7 @@ fn evaluate(
         let t = &trials[i];
         let n = t.h.dim(0)?;
         let added = (&t.weights * s)?.broadcast_mul(&t.e)?;
-        // The residual after the block is the FF2 output (normed, where the family norms it)
-        // plus a part the value does not change.
-        let shift = match post_norm {
-            None => added,
-            Some(norm) => (norm.forward(&(&t.out + added)?)? - norm.forward(&t.out)?)?,
-        };
-        pieces.push((&t.h + shift)?);
+        pieces.push(shifted(model, layer, t, &added)?);
         segments.push(n);
         rows.push(start + n - 1);
         start += n;
@@ -318,13 +372,14 @@ fn evaluate(
         .map(|(&i, row)| {
             let top1 = finite_argmax(&row)? as u32;
             let t = trials[i].target_id as usize;
-            let best_other = row
-                .iter()
-                .enumerate()
-                .filter(|&(j, _)| j != t)
-                .map(|(_, &v)| v)
-                .fold(f32::NEG_INFINITY, f32::max);
-            Ok((top1, (row[t] - best_other) as f64))
+            let (rival, best_other) = row.iter().enumerate().filter(|&(j, _)| j != t).fold(
+                (0, f32::NEG_INFINITY),
+                |b, (j, &v)| match v > b.1 {
+                    true => (j, v),
+                    false => b,
+                },
+            );
+            Ok((top1, (row[t] - best_other) as f64, rival as u32))
         })
         .collect()
 }

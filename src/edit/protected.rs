@@ -18,7 +18,7 @@
 //! factor grows by one row per edit. λ = ρ·x₁ᵀC⁻¹x₁ of the first edited key (the batch solve
 //! takes ρ times the mean over all keys, unknown to a sequence).
 //!
-//! The value is FPS's r = lr·‖x‖²·e, or by default r = ΔW_m x + s·e with s·e the smallest
+//! The value is FPS's r = lr·‖x‖²·e, or by default r = ΔW_m x + s·d with s·d the smallest
 //! change that flips the request on the model carrying the earlier edits ([`super::minimal`]),
 //! so that the new key receives exactly that change on top of what it already gets.
 
