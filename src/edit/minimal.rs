@@ -72,7 +72,9 @@ impl ValueRule {
     /// Refuses a margin that is negative or not finite.
     pub fn check(self) -> Result<()> {
         match self {
-            ValueRule::Minimal { margin } if !(margin.is_finite() && margin >= 0.0) => {
+            ValueRule::Minimal { margin } | ValueRule::Steepest { margin }
+                if !(margin.is_finite() && margin >= 0.0) =>
+            {
                 Err(Error::Invalid(format!(
                     "--margin must be a finite number ≥ 0, got {margin}"
                 )))
