@@ -225,6 +225,7 @@ pub fn compute(
             let store = whiten.store(settings.method, &model, tok, source.path())?;
             let ctx = EditContext {
                 stats: store.as_ref(),
+                ..EditContext::default()
             };
             edit::apply_sequence_with(&mut model, tok, requests, settings, &ctx)
         }

@@ -1,15 +1,17 @@
-//! `--method batch`: many requests solved jointly into one file. Each key receives the write plain
-//! FPS would give it; one request alone is `shift-whitened` without contrast; 50 CounterFact val
-//! records in one adapter flip through llama.cpp (the perplexity on general text is measured
-//! and bounded).
+//! `--method batch`: many requests solved jointly into one file. With FPS's values each key
+//! receives the write plain FPS would give it and one request alone is `shift-whitened` without
+//! contrast; with minimal values (the default) each key receives the smallest value that makes its
+//! target top-1 by the margin; 50 CounterFact val records in one adapter flip through llama.cpp
+//! while the perplexity on general text stays within 5%.
 
 mod common;
 
 use common::ff2_in_last;
 
 use backlens::arch::Arch;
+use backlens::edit::minimal::ValueRule;
 use backlens::edit::whiten::{StatsCorpus, WhitenOptions};
-use backlens::edit::{EditRequest, EditSettings, Method};
+use backlens::edit::{self, EditContext, EditOutcome, EditRequest, EditSettings, Method};
 use backlens::model::Transformer;
 use backlens::patch::{self, Format, Forward, Job, WhitenSetup};
 use backlens::perplexity::{self, DEFAULT_TOKENS, GENERAL_TEXT};
@@ -32,6 +34,39 @@ fn no_contrast() -> WhitenSetup {
     }
 }
 
+/// The batch edit of `reqs` on `model` with values by `rule` (statistics without contrast).
+fn batch_with(
+    src: &ModelSource,
+    model: &Transformer,
+    tok: &Tokenizer,
+    reqs: &[EditRequest],
+    settings: &EditSettings,
+    rule: ValueRule,
+) -> Vec<EditOutcome> {
+    let store = no_contrast()
+        .store(Method::Batch, model, tok, src.path())
+        .unwrap();
+    let ctx = EditContext {
+        stats: store.as_ref(),
+        value: rule,
+    };
+    edit::apply_sequence_with(&mut model.clone(), tok, reqs, settings, &ctx).unwrap()
+}
+
+/// Target logit minus the best other logit at the last token of `prompt`.
+fn lead(model: &Transformer, tok: &Tokenizer, prompt: &str, target: u32) -> f64 {
+    let ids = tok.encode_prompt(prompt).unwrap();
+    let (logits, _) = model.forward(&ids, None).unwrap();
+    let row: Vec<f32> = logits.to_vec2::<f32>().unwrap().pop().unwrap();
+    let best = row
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != target as usize)
+        .map(|(_, &v)| v)
+        .fold(f32::NEG_INFINITY, f32::max);
+    (row[target as usize] - best) as f64
+}
+
 #[test]
 fn batch_writes_each_key_its_fps_value_and_one_request_equals_whitened() {
     let fx = common::tiny(Arch::Llama);
@@ -52,15 +87,7 @@ fn batch_writes_each_key_its_fps_value_and_one_request_equals_whitened() {
         layer,
         lr,
     };
-    let outcomes = patch::compute(
-        &src,
-        &tok,
-        &reqs,
-        &settings,
-        &no_contrast(),
-        Forward::Candle,
-    )
-    .unwrap();
+    let outcomes = batch_with(&src, &model, &tok, &reqs, &settings, ValueRule::Fps);
     assert_eq!(outcomes.len(), 3);
     let deltas: Vec<_> = outcomes.iter().filter_map(|o| o.delta.clone()).collect();
     assert_eq!(deltas.len(), 3, "every request edited");
@@ -93,7 +120,7 @@ fn batch_writes_each_key_its_fps_value_and_one_request_equals_whitened() {
 
     // One request alone: the whitened key k = C⁻¹x/(xᵀC⁻¹x) up to the ridge, 1/(1 + 1e-3).
     let one = &reqs[..1];
-    let b = patch::compute(&src, &tok, one, &settings, &no_contrast(), Forward::Candle).unwrap();
+    let b = batch_with(&src, &model, &tok, one, &settings, ValueRule::Fps);
     let whitened = EditSettings {
         method: Method::ShiftWhitened,
         ..settings
@@ -116,6 +143,85 @@ fn batch_writes_each_key_its_fps_value_and_one_request_equals_whitened() {
     );
     assert!((diff / size - 1e-3).abs() < 2e-4, "{}", diff / size);
 }
+
+#[test]
+fn minimal_values_flip_each_key_by_the_margin_and_no_more() {
+    let fx = common::tiny(Arch::Llama);
+    let src = ModelSource::open(&fx.gguf).unwrap();
+    let tok = Tokenizer::from_source(&src).unwrap();
+    let model = Transformer::load(&src, DType::F32).unwrap();
+    let settings = EditSettings {
+        method: Method::Batch,
+        layer: 1,
+        lr: 0.3,
+    };
+    let margin = MARGIN_TINY;
+    let reqs: Vec<EditRequest> = [
+        ("The city of", "Paris"),
+        ("The tower is", "old"),
+        ("She speaks", "football"),
+    ]
+    .iter()
+    .map(|(p, t)| EditRequest::new(p, t, None).unwrap())
+    .collect();
+    for rule in [
+        ValueRule::Minimal { margin },
+        ValueRule::Steepest { margin },
+    ] {
+        println!("{rule:?}");
+        check_minimal(&src, &model, &tok, &reqs, &settings, rule, margin);
+    }
+}
+
+/// Checks the minimal values of `rule` on `reqs`: jointly and alone.
+fn check_minimal(
+    src: &ModelSource,
+    model: &Transformer,
+    tok: &Tokenizer,
+    reqs: &[EditRequest],
+    settings: &EditSettings,
+    rule: ValueRule,
+    margin: f64,
+) {
+    let (src, model, tok, settings) = (src, model, tok, *settings);
+    // Jointly: every target is the top-1 on the model with all three shares applied (each key
+    // gets its value up to the ridge; what the other shares write at the earlier positions of
+    // the prompt moves the lead, by up to half the margin on this random model).
+    let outcomes = batch_with(src, model, tok, reqs, &settings, rule);
+    let mut edited = model.clone();
+    for d in outcomes.iter().filter_map(|o| o.delta.as_ref()) {
+        edited.apply_delta(d).unwrap();
+    }
+    for (r, o) in reqs.iter().zip(&outcomes) {
+        assert!(o.delta.is_some(), "{} edited", r.prompt);
+        let before = lead(model, tok, &r.prompt, o.target_id);
+        let after = lead(&edited, tok, &r.prompt, o.target_id);
+        println!("{:?}: lead {before:.3} before, {after:.3} after", r.prompt);
+        assert!(before < 0.0 && after >= 0.5 * margin, "{after}");
+    }
+    // Alone: the written value is the smallest that reaches the margin, within the search's
+    // bracket (0.8 of it falls short).
+    for r in reqs {
+        let o = batch_with(src, model, tok, std::slice::from_ref(r), &settings, rule);
+        let d = o[0].delta.clone().unwrap();
+        let scaled = |c: f32| {
+            let mut m = model.clone();
+            let mut part = d.clone();
+            part.out_vecs[0].iter_mut().for_each(|v| *v *= c);
+            m.apply_delta(&part).unwrap();
+            lead(&m, tok, &r.prompt, o[0].target_id)
+        };
+        let (full, short) = (scaled(1.0), scaled(0.8));
+        println!(
+            "{:?} alone: lead {full:.3} with the value, {short:.3} with 0.8 of it",
+            r.prompt
+        );
+        assert!(full >= 0.99 * margin && short < margin, "{full} {short}");
+    }
+}
+
+/// A margin the tiny random model's logits reach well below four times FPS's value.
+const MARGIN_TINY: f64 = 0.5;
 
 #[test]
 fn batch_conflicting_targets_for_one_prompt_are_refused() {
@@ -211,8 +317,6 @@ fn fifty_val_records_in_one_batch_adapter_flip_through_llama_cpp() {
     println!(
         "perplexity on the shipped text: {base_ppl:.3} unedited, {edited_ppl:.3} with the 50 edits"
     );
-    // Issue 16 asks for 5%; at lr 0.24 the 50 writes cost 61% (docs/results.md: lr 0.05 keeps
-    // 2.8% but flips only 56%). This bounds the regression until a smaller written value does
-    // both.
-    assert!(edited_ppl / base_ppl < 1.75, "{edited_ppl} vs {base_ppl}");
+    // Issue 16: within 5% of the unedited model (FPS's values cost 61%).
+    assert!(edited_ppl / base_ppl < 1.05, "{edited_ppl} vs {base_ppl}");
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use backlens::edit::minimal::ValueRule;
 use backlens::edit::{EditContext, EditRequest, EditSettings, Method};
 use backlens::eval::many::{self, ManyConfig};
 use backlens::model::Transformer;
@@ -101,6 +102,7 @@ fn eval_edits_scores_every_record_on_one_model() {
         .unwrap();
     let ctx = EditContext {
         stats: store.as_ref(),
+        ..EditContext::default()
     };
     let config = ManyConfig {
         methods: vec![Method::Shift, Method::Batch],
@@ -109,6 +111,7 @@ fn eval_edits_scores_every_record_on_one_model() {
         sizes: vec![4, 8],
         ppl_tokens: 256,
         ff2_type: Ff2Type::F32,
+        value: ValueRule::default(),
     };
     let model: &Transformer = &l.model;
     let report = many::evaluate_many(
@@ -324,4 +327,25 @@ fn row40_more_edits_than_records_is_refused() {
         &format!("{d}: --edits/--curve asks for 3 records, it has 1 (after --offset)"),
         &dir,
     );
+}
+
+// docs/errors.md row 43
+#[test]
+fn row43_a_negative_or_non_finite_margin_is_refused() {
+    let fx = common::tiny(backlens::arch::Arch::Llama);
+    let dir = common::temp_dir("row43");
+    let reqs = serde_json::json!([record("Danielle Darrieux lives in", "Paris", "London")]);
+    let data = dir.join("one.json");
+    std::fs::write(&data, reqs.to_string()).unwrap();
+    let (m, d) = (fx.gguf.to_str().unwrap(), data.to_str().unwrap());
+    for (margin, shown) in [("-1", "-1"), ("nan", "NaN")] {
+        let arg = format!("--margin={margin}");
+        expect_error(
+            &[
+                "eval", m, "--data", d, "--edits", "1", "--method", "batch", &arg,
+            ],
+            &format!("--margin must be a finite number ≥ 0, got {shown}"),
+            &dir,
+        );
+    }
 }

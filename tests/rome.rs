@@ -434,6 +434,7 @@ fn table1_rows_equal_each_method_evaluated_alone_on_a_tiny_model() {
         ff2_type: Ff2Type::F32,
         forward: Forward::Candle,
         whiten: WhitenSetup::default(),
+        value: Default::default(),
     };
     let mut names = Vec::new();
     let rows = table1::run(&f.gguf, &l.model, &l.tok, &records, &config, &dir, |n| {

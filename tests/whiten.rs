@@ -68,6 +68,7 @@ fn whitened_edit_is_exact_at_x_and_quieter_elsewhere_on_smollm2() {
     .unwrap();
     let ctx = EditContext {
         stats: Some(&store),
+        ..EditContext::default()
     };
     let records = EditRequest::load_file(&common::counterfact("counterfact-val.json")).unwrap();
     let (mut plain_loc, mut white_loc) = (0.0, 0.0);
@@ -162,7 +163,10 @@ impl Tiny {
     }
 
     fn delta(&self, store: &StatsStore) -> Delta {
-        let ctx = EditContext { stats: Some(store) };
+        let ctx = EditContext {
+            stats: Some(store),
+            ..EditContext::default()
+        };
         edit::compute_with(&self.model, &self.tok, &self.req, &self.settings, &ctx)
             .unwrap()
             .delta

@@ -2,6 +2,7 @@
 
 use super::{open, print_json, require_gguf};
 use anyhow::{bail, Result};
+use backlens::edit::minimal::ValueRule;
 use backlens::edit::{EditSettings, Method};
 use backlens::eval::{self, EvalConfig, EvalReport, LayerChoice, LrChoice};
 use backlens::model::Transformer;
@@ -95,9 +96,32 @@ pub struct Args {
     /// shift, shift-whitened, rome, memit], comma-separated.
     #[arg(long, value_delimiter = ',')]
     methods: Vec<EvalMethod>,
+    /// The value batch and shift-protected write at each key: steepest (the smallest step along
+    /// the gradient of the target's lead that makes it top-1 by --margin), minimal (the smallest
+    /// multiple of the target embedding that does, at most FPS's) or fps (lr·‖x‖²·e).
+    #[arg(long, default_value = "steepest", value_parser = ["steepest", "minimal", "fps"])]
+    value: String,
+    /// Logits by which a minimal value makes the target lead every other token.
+    #[arg(long, default_value_t = backlens::edit::minimal::DEFAULT_MARGIN)]
+    margin: f64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+impl Args {
+    /// The value rule of --value and --margin.
+    fn value_rule(&self) -> ValueRule {
+        match self.value.as_str() {
+            "fps" => ValueRule::Fps,
+            "minimal" => ValueRule::Minimal {
+                margin: self.margin,
+            },
+            _ => ValueRule::Steepest {
+                margin: self.margin,
+            },
+        }
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -175,6 +199,7 @@ pub fn run(args: Args) -> Result<()> {
             ff2_type: args.ff2_type,
             forward,
             whiten: args.whiten.setup(),
+            value: args.value_rule(),
         };
         let rows = eval::table1::run(
             &gguf,
@@ -211,6 +236,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let ctx = backlens::edit::EditContext {
         stats: store.as_ref(),
+        value: args.value_rule(),
     };
     let base = EvalConfig {
         method,

@@ -1,8 +1,9 @@
 //! Many edits solved jointly (`--method batch`), MEMIT-style least squares on one layer's FF2.
 //!
 //! For the edit keys K = [x₁ … x_m] (FF2 inputs at the last token of each edit prompt, on the
-//! unedited model) and the desired output changes R = [r₁ … r_m] with rᵢ = lr·‖xᵢ‖²·eᵢ (what
-//! plain FPS writes at its own key: lr·eᵢxᵢᵀ·xᵢ), the update is the smallest change in the
+//! unedited model) and the desired output changes R = [r₁ … r_m] (by default the smallest value
+//! that makes request i's target top-1 by a margin, [`super::minimal`]; or what
+//! plain FPS writes at its own key, lr·eᵢxᵢᵀ·xᵢ = lr·‖xᵢ‖²·eᵢ), the update is the smallest change in the
 //! metric of the FF2-input second moment C (the `shift-whitened` statistics) that writes R at K:
 //!
 //! ```text
@@ -18,6 +19,7 @@
 //! ΔW = Σᵢ r'ᵢ zᵢᵀ with zᵢ = C⁻¹xᵢ and R' = R (ρ·s·I + KᵀZ)⁻¹, so a LoRA adapter of rank m
 //! carries it exactly.
 
+use super::minimal::{self, ValueRule};
 use super::whiten::KeyStats;
 use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
@@ -25,21 +27,16 @@ use crate::model::Transformer;
 use crate::numeric::{cholesky_in_place, cholesky_solve, dot};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use candle_core::DType;
 
 /// Default ridge ρ, relative to the mean diagonal of KᵀC⁻¹K.
 pub const DEFAULT_RIDGE: f64 = 1e-3;
 
-/// One edited request's key x and target embedding e before the joint solve.
-struct Keyed {
-    x: Vec<f32>,
-    e: Vec<f32>,
-}
-
-/// Computes the joint edit of `requests` at `layer` with step `lr` on the unedited `model`
-/// (unchanged): one outcome per request, skipped when the target already is the top-1, else
-/// holding its rank-one share of ΔW. Requests that edit the same prompt toward different
+/// Computes the joint edit of `requests` at `layer` on the unedited `model` (unchanged), each
+/// key receiving the value of `rule` (FPS's with step `lr`, or the smallest that flips): one
+/// outcome per request, skipped when the target already is the top-1,
+/// else holding its rank-one share of ΔW. Requests that edit the same prompt toward different
 /// targets are refused (a joint solve cannot satisfy both).
+#[allow(clippy::too_many_arguments)]
 pub fn compute_all(
     model: &Transformer,
     tok: &Tokenizer,
@@ -48,6 +45,7 @@ pub fn compute_all(
     lr: f64,
     stats: &KeyStats,
     ridge: f64,
+    rule: ValueRule,
 ) -> Result<Vec<EditOutcome>> {
     if stats.layer != layer || stats.n != model.hp.n_ff {
         return Err(Error::Invalid(format!(
@@ -61,63 +59,31 @@ pub fn compute_all(
         )));
     }
     super::request::refuse_conflicts(requests)?;
-    // (target id, top-1, key and value when the request is edited)
-    let mut keyed: Vec<(u32, u32, Option<Keyed>)> = Vec::with_capacity(requests.len());
     for req in requests {
         req.validate()?;
-        let key = super::shift::prompt_key(model, tok, req, layer)?;
-        let edited = match key.top1 == key.target_id {
-            true => None,
-            false => Some(Keyed {
-                e: model
-                    .tok_embd
-                    .narrow(0, key.target_id as usize, 1)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?,
-                x: key.x,
-            }),
-        };
-        keyed.push((key.target_id, key.top1, edited));
     }
-    let edited: Vec<&Keyed> = keyed.iter().filter_map(|k| k.2.as_ref()).collect();
-    let mut shares = solve(&edited, lr, stats, ridge, layer)?.into_iter();
+    let keyed = minimal::keyed(model, tok, requests, layer, lr, rule, stats)?;
+    let (xs, rs): (Vec<Vec<f64>>, Vec<Vec<f64>>) = keyed
+        .iter()
+        .filter_map(|k| {
+            let x = k.x.iter().map(|&v| v as f64).collect();
+            k.value.clone().map(|r| (x, r))
+        })
+        .unzip();
+    let mut shares = joint_shares(&xs, &rs, stats, Ridge::Relative(ridge), layer)?.into_iter();
     Ok(requests
         .iter()
         .zip(&keyed)
-        .map(|(req, (target_id, top1, k))| match k {
+        .map(|(req, k)| match k.value {
             Some(_) => EditOutcome::edited(
                 req,
-                *target_id,
-                *top1,
+                k.target_id,
+                k.top1,
                 shares.next().expect("one share per edited request"),
             ),
-            None => EditOutcome::skipped(req, *target_id, *top1),
+            None => EditOutcome::skipped(req, k.target_id, k.top1),
         })
         .collect())
-}
-
-/// The rank-one shares r'ᵢ zᵢᵀ of ΔW = R (ρ·s·I + KᵀZ)⁻¹ Zᵀ, Z = C⁻¹K.
-fn solve(
-    keyed: &[&Keyed],
-    lr: f64,
-    stats: &KeyStats,
-    ridge: f64,
-    layer: usize,
-) -> Result<Vec<Delta>> {
-    let xs: Vec<Vec<f64>> = keyed
-        .iter()
-        .map(|k| k.x.iter().map(|&v| v as f64).collect())
-        .collect();
-    let rs: Vec<Vec<f64>> = keyed
-        .iter()
-        .zip(&xs)
-        .map(|(k, x)| {
-            let s = lr * dot(x, x);
-            k.e.iter().map(|&v| s * v as f64).collect()
-        })
-        .collect();
-    joint_shares(&xs, &rs, stats, Ridge::Relative(ridge), layer)
 }
 
 /// The ridge added to the diagonal of KᵀC⁻¹K.

@@ -7,6 +7,7 @@ pub mod ft;
 pub mod grad;
 pub mod hparams;
 pub mod memit;
+pub mod minimal;
 pub mod protected;
 pub mod request;
 pub mod rome;
@@ -192,6 +193,8 @@ crate::named_enum!(Method, "method", [
 pub struct EditContext<'a> {
     /// Key statistics of the unedited model (required by [`Method::needs_stats`] methods).
     pub stats: Option<&'a whiten::StatsStore>,
+    /// The value each key receives in [`Method::Batch`] and [`Method::ShiftProtected`].
+    pub value: minimal::ValueRule,
 }
 
 impl EditContext<'_> {
@@ -254,14 +257,15 @@ pub fn compute_with(
             let stats = ctx.stats_at(settings)?;
             let reqs = std::slice::from_ref(req);
             let ridge = batch::DEFAULT_RIDGE;
+            let (layer, lr) = (settings.layer, settings.lr);
             let mut one =
-                batch::compute_all(model, tok, reqs, settings.layer, settings.lr, &stats, ridge)?;
+                batch::compute_all(model, tok, reqs, layer, lr, &stats, ridge, ctx.value)?;
             Ok(one.remove(0))
         }
         Method::ShiftProtected => {
             let stats = ctx.stats_at(settings)?;
             let ridge = batch::DEFAULT_RIDGE;
-            protected::Sequence::new(stats, settings.layer, settings.lr, ridge)?
+            protected::Sequence::new(stats, settings.layer, settings.lr, ridge, ctx.value)?
                 .step(model, tok, req)
         }
         Method::Rome => {
@@ -355,6 +359,7 @@ pub fn apply_sequence_with(
             lr,
             &stats,
             batch::DEFAULT_RIDGE,
+            ctx.value,
         )?;
         for d in outcomes.iter().flat_map(EditOutcome::deltas) {
             model.apply_delta(d)?;
@@ -371,6 +376,7 @@ pub fn apply_sequence_with(
                 layer,
                 lr,
                 batch::DEFAULT_RIDGE,
+                ctx.value,
             )?)
         }
         _ => None,

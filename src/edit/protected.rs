@@ -4,7 +4,7 @@
 //!
 //! With λC the protection of generic text (C the `shift-whitened` statistics) and the keys
 //! K_m = [x₁ … x_m] of the edits so far, P_m = (λC + K_m K_mᵀ)⁻¹ and ΔW_m = R_m K_mᵀ P_m (the
-//! batch solution). Request m+1 with key x and value r = lr·‖x‖²·e adds the rank-one
+//! batch solution). Request m+1 with key x and value r adds the rank-one
 //!
 //! ```text
 //! ΔW_{m+1} − ΔW_m = (r − ΔW_m x) vᵀ,   v = P_m x / (1 + xᵀ P_m x),
@@ -17,8 +17,12 @@
 //! P_m x = (z − Z_m (λI + K_mᵀ Z_m)⁻¹ K_mᵀ z) / λ with z = C⁻¹x and Z_m = C⁻¹K_m, and the m × m
 //! factor grows by one row per edit. λ = ρ·x₁ᵀC⁻¹x₁ of the first edited key (the batch solve
 //! takes ρ times the mean over all keys, unknown to a sequence).
+//!
+//! The value is FPS's r = lr·‖x‖²·e, or by default r = ΔW_m x + s·d with s·d the smallest
+//! change that flips the request on the model carrying the earlier edits ([`super::minimal`]),
+//! so that the new key receives exactly that change on top of what it already gets.
 
-use super::shift::prompt_key;
+use super::minimal::{self, ValueRule};
 use super::whiten::KeyStats;
 use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
@@ -26,7 +30,6 @@ use crate::model::Transformer;
 use crate::numeric::{dot, GrowingCholesky};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use candle_core::DType;
 use std::sync::Arc;
 
 /// The state of a protected sequence: the keys edited so far and their written changes.
@@ -35,6 +38,7 @@ pub struct Sequence {
     layer: usize,
     lr: f64,
     ridge: f64,
+    rule: ValueRule,
     /// λ, fixed by the first edited key.
     lambda: Option<f64>,
     keys: Vec<Vec<f64>>,
@@ -47,8 +51,15 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    /// An empty sequence at `layer` with step `lr` and ridge ρ = `ridge`.
-    pub fn new(stats: Arc<KeyStats>, layer: usize, lr: f64, ridge: f64) -> Result<Sequence> {
+    /// An empty sequence at `layer` with step `lr`, ridge ρ = `ridge` and values by `rule`.
+    pub fn new(
+        stats: Arc<KeyStats>,
+        layer: usize,
+        lr: f64,
+        ridge: f64,
+        rule: ValueRule,
+    ) -> Result<Sequence> {
+        rule.check()?;
         if !(ridge.is_finite() && ridge > 0.0) {
             return Err(Error::Invalid(format!(
                 "the protection ridge must be > 0, got {ridge}"
@@ -59,6 +70,7 @@ impl Sequence {
             layer,
             lr,
             ridge,
+            rule,
             lambda: None,
             keys: Vec::new(),
             whitened: Vec::new(),
@@ -82,23 +94,21 @@ impl Sequence {
                 self.stats.layer, self.stats.n, self.layer, model.hp.n_ff
             )));
         }
-        let key = prompt_key(model, tok, req, self.layer)?;
-        if key.top1 == key.target_id {
+        let one = std::slice::from_ref(req);
+        let (layer, lr, rule) = (self.layer, self.lr, self.rule);
+        let key = minimal::keyed(model, tok, one, layer, lr, rule, &self.stats)?.remove(0);
+        let Some(value) = key.value else {
             return Ok(EditOutcome::skipped(req, key.target_id, key.top1));
-        }
-        let e: Vec<f32> = model
-            .tok_embd
-            .narrow(0, key.target_id as usize, 1)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        };
         let x: Vec<f64> = key.x.iter().map(|&v| v as f64).collect();
-        let delta = self.push(x, &e)?;
+        let on_top = matches!(self.rule, ValueRule::Minimal { .. });
+        let delta = self.push(x, value, on_top)?;
         Ok(EditOutcome::edited(req, key.target_id, key.top1, delta))
     }
 
-    /// Adds key `x` with target embedding `e`: the rank-one change (r − ΔW x) vᵀ.
-    fn push(&mut self, x: Vec<f64>, e: &[f32]) -> Result<Delta> {
+    /// Adds key `x` with value `r`: the rank-one change (r − ΔW_m x) vᵀ, or r vᵀ when `on_top`
+    /// (r is then the change on top of what the earlier edits write at x).
+    fn push(&mut self, x: Vec<f64>, r: Vec<f64>, on_top: bool) -> Result<Delta> {
         let layer = self.layer;
         let z = self.stats.solve(&x);
         let xz = dot(&x, &z);
@@ -118,10 +128,9 @@ impl Sequence {
         p.iter_mut().for_each(|v| *v /= lambda);
         let denom = 1.0 + dot(&x, &p);
         let v: Vec<f64> = p.iter().map(|a| a / denom).collect();
-        // u = r − ΔW_m x, r = lr·‖x‖²·e.
-        let scale = self.lr * dot(&x, &x);
-        let mut u: Vec<f64> = e.iter().map(|&a| scale * a as f64).collect();
-        for (uj, vj) in &self.written {
+        // u = r − ΔW_m x.
+        let mut u = r;
+        for (uj, vj) in self.written.iter().filter(|_| !on_top) {
             let c = dot(vj, &x);
             u.iter_mut().zip(uj).for_each(|(a, b)| *a -= c * b);
         }
@@ -183,10 +192,11 @@ mod tests {
         let embs: Vec<Vec<f32>> = (0..m)
             .map(|_| (0..n_out).map(|_| r() as f32).collect())
             .collect();
-        let mut seq = Sequence::new(stats.clone(), 0, lr, 1e-3).unwrap();
+        let mut seq = Sequence::new(stats.clone(), 0, lr, 1e-3, ValueRule::Fps).unwrap();
         let mut sum = vec![0f64; n_out * n];
         for (x, e) in keys.iter().zip(&embs) {
-            let d = seq.push(x.clone(), e).unwrap();
+            let r = e.iter().map(|&a| lr * dot(x, x) * a as f64).collect();
+            let d = seq.push(x.clone(), r, false).unwrap();
             for o in 0..n_out {
                 for i in 0..n {
                     sum[o * n + i] += d.out_vecs[0][o] as f64 * d.in_vecs[0][i] as f64;

@@ -9,6 +9,7 @@
 
 use super::{encode, locality_top1, ngram_entropy, score, summarize, Encoded, Stat, Summary};
 use super::{load_adapter, FLUENCY_TOKENS};
+use crate::edit::minimal::ValueRule;
 use crate::edit::{self, Delta, EditContext, EditOutcome, EditRequest, EditSettings, Method};
 use crate::model::Transformer;
 use crate::perplexity::{self, Perplexity, GENERAL_TEXT};
@@ -43,6 +44,8 @@ pub struct ManyConfig {
     pub ppl_tokens: usize,
     /// Storage of the edited FF2 the adapter reproduces.
     pub ff2_type: Ff2Type,
+    /// The value `batch` and `shift-protected` write at each key (replaces the context's).
+    pub value: ValueRule,
 }
 
 /// The unedited model's general quality.
@@ -120,6 +123,11 @@ pub fn evaluate_many(
     mut progress: impl FnMut(&str),
 ) -> Result<ManyReport> {
     check_sizes(&config.sizes, records.len(), "the records given")?;
+    config.value.check()?;
+    let ctx = &EditContext {
+        value: config.value,
+        ..*ctx
+    };
     let max = *config.sizes.last().expect("checked");
     let records = &records[..max];
     let mut rt = LlamaRuntime::load(gguf)?;

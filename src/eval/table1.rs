@@ -40,6 +40,8 @@ pub struct Table1Config {
     pub forward: Forward,
     /// The statistics of `shift-whitened`, `rome` and `memit`.
     pub whiten: WhitenSetup,
+    /// The value rule of `batch` and `shift-protected` rows.
+    pub value: crate::edit::minimal::ValueRule,
 }
 
 /// One row: a method and its evaluation.
@@ -92,6 +94,7 @@ pub fn run(
         };
         let ctx = EditContext {
             stats: store.as_ref(),
+            value: config.value,
         };
         let eval = EvalConfig {
             method,

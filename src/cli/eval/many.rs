@@ -25,6 +25,8 @@ pub fn run(args: Args) -> Result<()> {
         LrChoice::Fixed(lr) => lr,
         LrChoice::Auto => bail!("--edits/--curve take a fixed --lr, not auto"),
     };
+    let value = args.value_rule();
+    value.check()?;
     let all = eval::load_records(&args.data, args.offset, None)?;
     many::check_sizes(&sizes, all.len(), &args.data.display().to_string())?;
     if let Some(path) = &args.whiten.stats_data {
@@ -64,6 +66,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let ctx = EditContext {
         stats: store.as_ref(),
+        value,
     };
     let config = ManyConfig {
         methods,
@@ -72,6 +75,7 @@ pub fn run(args: Args) -> Result<()> {
         sizes,
         ppl_tokens: args.ppl_tokens,
         ff2_type: args.ff2_type,
+        value,
     };
     let t = std::time::Instant::now();
     let report = many::evaluate_many(
