@@ -523,11 +523,7 @@ pub fn evaluate_with(
                 (false, None) => {}
             }
             let mut record = score(&mut session, tok, enc, base_top1[index], config.fluency)?;
-            record.case_id = records[index].case_id;
-            record.layer = edit.layer;
-            record.lr = edit.lr;
-            record.skipped = edit.skipped;
-            record.edit_seconds = edit.seconds;
+            edit.stamp(&mut record, records[index].case_id);
             scores.push(record);
             progress(index + 1);
         }
@@ -538,30 +534,46 @@ pub fn evaluate_with(
             let mut adapter = load_adapter(&mut rt, arch, &stored, scratch, records.len())?;
             let mut session = rt.session()?;
             session.set_lora(&mut adapter, 1.0)?;
-            let queries: Vec<PromptQuery> = encoded
-                .iter()
-                .map(|e| PromptQuery {
-                    prompt: &e.prompt,
-                    continuations: vec![&e.new, &e.truth],
-                })
-                .collect();
-            let held: Vec<f64> = session
-                .score(&queries)?
-                .iter()
-                .map(|s| f64::from(u8::from(s.logprobs[0] > s.logprobs[1])))
-                .collect();
-            Some(Stat::of(&held))
+            Some(retention(&mut session, &encoded)?)
         }
         _ => None,
     };
-    let summary = summarize(&scores);
-    Ok(EvalReport {
-        config: config.clone(),
-        records_per_second: records.len() as f64 / start.elapsed().as_secs_f64(),
-        records: scores,
-        summary,
-        retained,
-    })
+    Ok(EvalReport::of(config, start, scores, retained))
+}
+
+/// The share of records whose new target still beats the truth after their prompt on `d`, which
+/// has every edit of a sequential run applied.
+fn retention(d: &mut impl Decoder, encoded: &[Encoded]) -> Result<Stat> {
+    let queries: Vec<PromptQuery> = encoded
+        .iter()
+        .map(|e| PromptQuery {
+            prompt: &e.prompt,
+            continuations: vec![&e.new, &e.truth],
+        })
+        .collect();
+    let held: Vec<f64> = crate::runtime::score(d, &queries)?
+        .iter()
+        .map(|s| f64::from(u8::from(s.logprobs[0] > s.logprobs[1])))
+        .collect();
+    Ok(Stat::of(&held))
+}
+
+impl EvalReport {
+    /// The report of a run that started at `start` and scored `scores`.
+    fn of(
+        config: &EvalConfig,
+        start: std::time::Instant,
+        scores: Vec<RecordScores>,
+        retained: Option<Stat>,
+    ) -> EvalReport {
+        EvalReport {
+            config: config.clone(),
+            records_per_second: scores.len() as f64 / start.elapsed().as_secs_f64(),
+            summary: summarize(&scores),
+            records: scores,
+            retained,
+        }
+    }
 }
 
 /// The edit made for one record.
@@ -572,6 +584,17 @@ struct RecordEdit {
     deltas: Vec<Delta>,
     skipped: bool,
     seconds: f64,
+}
+
+impl RecordEdit {
+    /// Writes the record's case id and this edit's layer, step, skip and time into its scores.
+    fn stamp(&self, record: &mut RecordScores, case_id: Option<u64>) {
+        record.case_id = case_id;
+        record.layer = self.layer;
+        record.lr = self.lr;
+        record.skipped = self.skipped;
+        record.edit_seconds = self.seconds;
+    }
 }
 
 /// Computes the record's edit in candle with the configured method, layer and step rules.

@@ -5,11 +5,10 @@
 //! architecture llama.cpp loads that has a dense `ffn_down` (shift, fixed layer and step).
 
 use super::{
-    encode, locality_top1, score, summarize, EvalConfig, EvalReport, LayerChoice, LrChoice,
-    RecordEdit, Stat,
+    encode, locality_top1, retention, score, EvalConfig, EvalReport, LayerChoice, LrChoice,
+    RecordEdit,
 };
 use crate::edit::{self, Delta, EditRequest};
-use crate::runtime::PromptQuery;
 use crate::source::ModelSource;
 use crate::tokenizer::Tokenizer;
 use crate::trace::Tracer;
@@ -60,40 +59,18 @@ pub fn evaluate(
         };
         tracer.apply_deltas(&stored_deltas(file, &active, config.ff2_type)?)?;
         let mut record = score(&mut tracer, tok, enc, base_top1[index], config.fluency)?;
-        record.case_id = r.case_id;
-        record.layer = edit.layer;
-        record.lr = edit.lr;
-        record.skipped = edit.skipped;
-        record.edit_seconds = edit.seconds;
+        edit.stamp(&mut record, r.case_id);
         scores.push(record);
         progress(index + 1);
     }
     let retained = match (config.sequential, all_deltas.is_empty()) {
         (true, false) => {
             tracer.apply_deltas(&stored_deltas(file, &all_deltas, config.ff2_type)?)?;
-            let queries: Vec<PromptQuery> = encoded
-                .iter()
-                .map(|e| PromptQuery {
-                    prompt: &e.prompt,
-                    continuations: vec![&e.new, &e.truth],
-                })
-                .collect();
-            let held: Vec<f64> = crate::runtime::score(&mut tracer, &queries)?
-                .iter()
-                .map(|s| f64::from(u8::from(s.logprobs[0] > s.logprobs[1])))
-                .collect();
-            Some(Stat::of(&held))
+            Some(retention(&mut tracer, &encoded)?)
         }
         _ => None,
     };
-    let summary = summarize(&scores);
-    Ok(EvalReport {
-        config: config.clone(),
-        records_per_second: records.len() as f64 / start.elapsed().as_secs_f64(),
-        records: scores,
-        summary,
-        retained,
-    })
+    Ok(EvalReport::of(config, start, scores, retained))
 }
 
 /// The record's shift edit from a traced decode of its prompt, with the `prior` deltas (earlier
