@@ -198,15 +198,19 @@ pub struct EditContext<'a> {
 }
 
 impl EditContext<'_> {
-    /// The key statistics at the settings' layer.
-    fn stats_at(&self, settings: &EditSettings) -> Result<std::sync::Arc<whiten::KeyStats>> {
-        let store = self.stats.ok_or_else(|| {
+    /// The key statistics store, which the settings' method needs.
+    fn store(&self, settings: &EditSettings) -> Result<&whiten::StatsStore> {
+        self.stats.ok_or_else(|| {
             crate::Error::Invalid(format!(
                 "{} needs key statistics (EditContext::stats)",
                 settings.method
             ))
-        })?;
-        store.get(settings.layer)
+        })
+    }
+
+    /// The key statistics at the settings' layer.
+    fn stats_at(&self, settings: &EditSettings) -> Result<std::sync::Arc<whiten::KeyStats>> {
+        self.store(settings)?.get(settings.layer)
     }
 
     /// The key statistics at the settings' layer under other key options.
@@ -215,13 +219,7 @@ impl EditContext<'_> {
         settings: &EditSettings,
         options: whiten::WhitenOptions,
     ) -> Result<std::sync::Arc<whiten::KeyStats>> {
-        let store = self.stats.ok_or_else(|| {
-            crate::Error::Invalid(format!(
-                "{} needs key statistics (EditContext::stats)",
-                settings.method
-            ))
-        })?;
-        store.get_with(settings.layer, options)
+        self.store(settings)?.get_with(settings.layer, options)
     }
 }
 
@@ -406,9 +404,7 @@ fn compute_memit(
     settings: &EditSettings,
     ctx: &EditContext,
 ) -> Result<Vec<EditOutcome>> {
-    let store = ctx.stats.ok_or_else(|| {
-        crate::Error::Invalid("memit needs key statistics (EditContext::stats)".into())
-    })?;
+    let store = ctx.store(settings)?;
     let p = hparams::MethodParams::for_arch(model.hp.arch)?;
     memit::compute_all(model, tok, requests, settings.layer, &p, store)
 }
