@@ -629,6 +629,20 @@ impl Transformer {
         segments: &[usize],
         layer: usize,
     ) -> Result<Tensor> {
+        let mut trace = self.resid_after_packed(tokens, segments, layer)?.1;
+        Ok(trace.ff2_in.swap_remove(layer))
+    }
+
+    /// [`Self::resid_after`] over several token sequences packed one after another (lengths
+    /// `segments`), each attending only within itself from position 0: the residual stream
+    /// after block `layer` and the trace of blocks 0..=`layer`, every row as its sequence alone
+    /// would give it, in one pass over the weights.
+    pub fn resid_after_packed(
+        &self,
+        tokens: &[u32],
+        segments: &[usize],
+        layer: usize,
+    ) -> Result<(Tensor, Trace)> {
         if layer >= self.blocks.len()
             || segments.iter().sum::<usize>() != tokens.len()
             || segments.iter().any(|&s| s == 0 || s > self.hp.n_ctx)
@@ -639,8 +653,7 @@ impl Transformer {
                 tokens.len()
             )));
         }
-        let mut trace = self.run_packed(tokens, segments, None, layer + 1)?.1;
-        Ok(trace.ff2_in.swap_remove(layer))
+        self.run_packed(tokens, segments, None, layer + 1)
     }
 
     /// Blocks `start..` over the first `past[i]` rows of each of several packed sequences (`h`:

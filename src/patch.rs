@@ -21,6 +21,7 @@ use crate::write::{safetensors, OutputClaim, OutputKind, Staged};
 use crate::{Error, Result};
 use candle_core::DType;
 use serde::Serialize;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 /// Output format of an edit.
@@ -152,6 +153,8 @@ pub struct Job {
     pub check: bool,
     /// The engine of the forward pass that `shift` takes its key and skip rule from.
     pub forward: Forward,
+    /// Threads of `batch`'s value searches (None: one per core); the output does not depend on it.
+    pub threads: Option<NonZeroUsize>,
 }
 
 /// Which engine runs the forward pass of a forward-only edit ([`Method::Shift`]).
@@ -196,7 +199,7 @@ pub fn n_layer(source: &ModelSource) -> Result<usize> {
 /// Plain FPS on a GGUF runs its forward through llama.cpp ([`Forward::Llama`], the earlier
 /// edits applied as an adapter) or streams the model one block at a time in candle
 /// ([`Forward::Candle`]); the other methods (and safetensors inputs) load the whole model in
-/// f32 and need [`Forward::Candle`]. The file is not changed.
+/// f32 and need [`Forward::Candle`]; `threads` as in [`Job::threads`]. The file is not changed.
 pub fn compute(
     source: &ModelSource,
     tok: &Tokenizer,
@@ -204,6 +207,7 @@ pub fn compute(
     settings: &EditSettings,
     whiten: &WhitenSetup,
     forward: Forward,
+    threads: Option<NonZeroUsize>,
 ) -> Result<Vec<EditOutcome>> {
     match (source, settings.method, forward) {
         (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => {
@@ -225,6 +229,7 @@ pub fn compute(
             let store = whiten.store(settings.method, &model, tok, source.path())?;
             let ctx = EditContext {
                 stats: store.as_ref(),
+                threads,
                 ..EditContext::default()
             };
             edit::apply_sequence_with(&mut model, tok, requests, settings, &ctx)
@@ -553,6 +558,7 @@ pub fn run(
                 &job.settings,
                 &job.whiten,
                 job.forward,
+                job.threads,
             ),
         };
         let hash = hash.map(|h| h.join().expect("hashing a mapped file does not panic"));

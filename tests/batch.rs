@@ -49,6 +49,7 @@ fn batch_with(
     let ctx = EditContext {
         stats: store.as_ref(),
         value: rule,
+        ..EditContext::default()
     };
     edit::apply_sequence_with(&mut model.clone(), tok, reqs, settings, &ctx).unwrap()
 }
@@ -125,7 +126,16 @@ fn batch_writes_each_key_its_fps_value_and_one_request_equals_whitened() {
         method: Method::ShiftWhitened,
         ..settings
     };
-    let w = patch::compute(&src, &tok, one, &whitened, &no_contrast(), Forward::Candle).unwrap();
+    let w = patch::compute(
+        &src,
+        &tok,
+        one,
+        &whitened,
+        &no_contrast(),
+        Forward::Candle,
+        None,
+    )
+    .unwrap();
     let (bd, wd) = (
         b[0].delta.as_ref().unwrap().dense(),
         w[0].delta.as_ref().unwrap().dense(),
@@ -224,6 +234,75 @@ fn check_minimal(
 const MARGIN_TINY: f64 = 0.5;
 
 #[test]
+fn batch_gives_the_same_file_on_one_two_and_three_threads() {
+    // 70 requests: three packs of the value search (32, 32, 6), so every thread count splits
+    // them differently.
+    let fx = common::tiny(Arch::Llama);
+    let dir = common::temp_dir("batch-threads");
+    let src = ModelSource::open(&fx.gguf).unwrap();
+    let tok = Tokenizer::from_source(&src).unwrap();
+    let (heads, tails) = (
+        [
+            "The city of",
+            "The tower is",
+            "She speaks",
+            "He plays",
+            "It was made in",
+            "We met",
+        ],
+        [
+            "", " the", " a", " old", " new", " red", " far", " my", " our", " two", " six", " ten",
+        ],
+    );
+    let targets = [
+        "Paris", "old", "football", "Rome", "piano", "London", "green",
+    ];
+    let requests: Vec<EditRequest> = heads
+        .iter()
+        .flat_map(|h| tails.iter().map(move |t| format!("{h}{t}")))
+        .take(70)
+        .enumerate()
+        .map(|(i, p)| EditRequest::new(&p, targets[i % targets.len()], None).unwrap())
+        .collect();
+    assert_eq!(requests.len(), 70);
+    let write = |threads: usize| {
+        let job = Job {
+            requests: requests.clone(),
+            settings: EditSettings {
+                method: Method::Batch,
+                layer: 1,
+                lr: 0.3,
+            },
+            whiten: WhitenSetup {
+                cache_dir: Some(dir.join("stats")),
+                ..no_contrast()
+            },
+            format: Format::Lora,
+            ff2_type: Ff2Type::F32,
+            check: false,
+            forward: Forward::Candle,
+            threads: std::num::NonZeroUsize::new(threads),
+        };
+        let out = dir.join(format!("threads{threads}.gguf"));
+        let claim = OutputClaim::new(&out, OutputKind::File, &[&fx.gguf], false).unwrap();
+        let report = patch::run(&src, &tok, &job, claim).unwrap();
+        let edited = report.edits.iter().filter(|e| !e.skipped).count();
+        (std::fs::read(&out).unwrap(), edited)
+    };
+    let (one, edited) = write(1);
+    println!("{edited} of 70 requests edited");
+    assert!(edited >= 40, "{edited}");
+    for threads in [2, 3] {
+        let (bytes, n) = write(threads);
+        assert_eq!(n, edited);
+        assert!(
+            bytes == one,
+            "{threads} threads wrote another file than one thread"
+        );
+    }
+}
+
+#[test]
 fn batch_conflicting_targets_for_one_prompt_are_refused() {
     let fx = common::tiny(Arch::Llama);
     let src = ModelSource::open(&fx.gguf).unwrap();
@@ -244,6 +323,7 @@ fn batch_conflicting_targets_for_one_prompt_are_refused() {
         &settings,
         &no_contrast(),
         Forward::Candle,
+        None,
     )
     .unwrap_err();
     assert!(err.to_string().contains("different targets"), "{err}");
@@ -272,6 +352,7 @@ fn fifty_val_records_in_one_batch_adapter_flip_through_llama_cpp() {
         ff2_type: Ff2Type::F32,
         check: false,
         forward: Forward::Candle,
+        threads: None,
     };
     let write = |name: &str| {
         let out = dir.join(name);

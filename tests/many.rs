@@ -69,6 +69,7 @@ fn fifty_protected_sequential_edits_keep_the_earlier_ones_through_llama_cpp() {
             ff2_type: Ff2Type::F32,
             check: false,
             forward: Forward::Candle,
+            threads: None,
         };
         let out = dir.join(name);
         let claim = OutputClaim::new(&out, OutputKind::File, &[&path], false).unwrap();

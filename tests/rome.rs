@@ -76,6 +76,7 @@ fn rome_adapter_holds_the_rank_one_formula_and_its_loss_goes_down() {
         ff2_type: Ff2Type::F32,
         check: true,
         forward: Forward::Candle,
+        threads: None,
     };
     let claim = OutputClaim::new(&out, OutputKind::File, &[&path], false).unwrap();
     let report = patch::run(source, tok, &job, claim).unwrap();

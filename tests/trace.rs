@@ -339,6 +339,7 @@ fn run_edit(
         ff2_type: Ff2Type::F32,
         check,
         forward,
+        threads: None,
     };
     let claim = OutputClaim::new(out, OutputKind::File, &[path], false).unwrap();
     patch::run(&src, &tok, &job, claim).unwrap()
@@ -473,7 +474,7 @@ fn bad_layers_and_models_get_one_clear_error() {
     let reqs = [EditRequest::new(PROMPT, "Paris", None).unwrap()];
     let ws = WhitenSetup::default();
     expect_err(
-        patch::compute(&src, &tok, &reqs, &settings, &ws, Forward::Llama),
+        patch::compute(&src, &tok, &reqs, &settings, &ws, Forward::Llama, None),
         &["layer 7"],
     );
     let grad = EditSettings {
@@ -482,7 +483,7 @@ fn bad_layers_and_models_get_one_clear_error() {
         lr: 0.24,
     };
     expect_err(
-        patch::compute(&src, &tok, &reqs, &grad, &ws, Forward::Llama),
+        patch::compute(&src, &tok, &reqs, &grad, &ws, Forward::Llama, None),
         &["--forward llama", "grad"],
     );
 

@@ -297,6 +297,7 @@ pub fn run(args: Args) -> Result<()> {
             ff2_type,
             check: false,
             forward,
+            threads: None,
         };
         let out = tmp("edit.gguf");
         timed(&mut figures, name, || {

@@ -57,6 +57,10 @@ pub struct Args {
     /// Replace an existing output (a file, or a folder backlens wrote).
     #[arg(long)]
     force: bool,
+    /// Threads for batch's value searches [default: one per core]; the output does not depend
+    /// on it.
+    #[arg(long)]
+    threads: Option<std::num::NonZeroUsize>,
     /// Skip the llama.cpp before/after check.
     #[arg(long)]
     no_check: bool,
@@ -167,6 +171,7 @@ pub fn run(args: Args) -> Result<()> {
         forward: args
             .forward
             .unwrap_or_else(|| Forward::default_for(&m.source)),
+        threads: args.threads,
     };
     let report = patch::run(&m.source, &m.tok, &job, claim)?;
     if args.json {

@@ -88,6 +88,10 @@ pub struct Args {
     /// Tokens of the general text the perplexity of --edits/--curve is taken over.
     #[arg(long, default_value_t = backlens::perplexity::DEFAULT_TOKENS)]
     ppl_tokens: usize,
+    /// Threads for batch's value searches in --edits/--curve [default: one per core]; the
+    /// scores do not depend on it.
+    #[arg(long)]
+    threads: Option<std::num::NonZeroUsize>,
     /// Write the paper's Table 1 for every method of --methods on these records: Markdown here,
     /// JSON beside it (same name, .json).
     #[arg(long)]
@@ -237,6 +241,7 @@ pub fn run(args: Args) -> Result<()> {
     let ctx = backlens::edit::EditContext {
         stats: store.as_ref(),
         value: args.value_rule(),
+        ..backlens::edit::EditContext::default()
     };
     let base = EvalConfig {
         method,

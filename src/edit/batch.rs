@@ -35,7 +35,8 @@ pub const DEFAULT_RIDGE: f64 = 1e-3;
 /// key receiving the value of `rule` (FPS's with step `lr`, or the smallest that flips): one
 /// outcome per request, skipped when the target already is the top-1,
 /// else holding its rank-one share of ΔW. Requests that edit the same prompt toward different
-/// targets are refused (a joint solve cannot satisfy both).
+/// targets are refused (a joint solve cannot satisfy both). The values are searched on up to
+/// `threads` threads (the result does not depend on how many).
 #[allow(clippy::too_many_arguments)]
 pub fn compute_all(
     model: &Transformer,
@@ -46,6 +47,7 @@ pub fn compute_all(
     stats: &KeyStats,
     ridge: f64,
     rule: ValueRule,
+    threads: usize,
 ) -> Result<Vec<EditOutcome>> {
     if stats.layer != layer || stats.n != model.hp.n_ff {
         return Err(Error::Invalid(format!(
@@ -62,7 +64,7 @@ pub fn compute_all(
     for req in requests {
         req.validate()?;
     }
-    let keyed = minimal::keyed(model, tok, requests, layer, lr, rule, stats)?;
+    let keyed = minimal::keyed(model, tok, requests, layer, lr, rule, stats, threads)?;
     let (xs, rs): (Vec<Vec<f64>>, Vec<Vec<f64>>) = keyed
         .iter()
         .filter_map(|k| {

@@ -97,7 +97,9 @@ pub struct Keyed {
 }
 
 /// Keys and values of `requests` at `layer` on `model` (unchanged) under `rule`, with the
-/// statistics `stats` of that layer giving each key's whitened direction.
+/// statistics `stats` of that layer giving each key's whitened direction; the packs of
+/// [`PACK`] requests are searched on up to `threads` threads.
+#[allow(clippy::too_many_arguments)]
 pub fn keyed(
     model: &Transformer,
     tok: &Tokenizer,
@@ -106,36 +108,88 @@ pub fn keyed(
     lr: f64,
     rule: ValueRule,
     stats: &KeyStats,
+    threads: usize,
 ) -> Result<Vec<Keyed>> {
     rule.check()?;
+    over_packs(requests, threads, |pack| match rule {
+        ValueRule::Fps => pack
+            .iter()
+            .map(|req| fps_keyed(model, tok, req, layer, lr))
+            .collect(),
+        ValueRule::Minimal { margin } => search(model, tok, pack, layer, lr, margin, false, stats),
+        ValueRule::Steepest { margin } => search(model, tok, pack, layer, lr, margin, true, stats),
+    })
+}
+
+/// `search` of each pack of [`PACK`] requests, pack p on thread p mod `threads`, joined in
+/// request order. Each pack's result depends on its own requests only, so the output is the
+/// same for every thread count; the error returned is the first failing pack's (a thread
+/// stops at its own first error, after every earlier pack of the other threads has run).
+fn over_packs(
+    requests: &[EditRequest],
+    threads: usize,
+    search: impl Fn(&[EditRequest]) -> Result<Vec<Keyed>> + Sync,
+) -> Result<Vec<Keyed>> {
+    let packs: Vec<&[EditRequest]> = requests.chunks(PACK).collect();
+    let threads = threads.clamp(1, packs.len().max(1));
+    let mut done: Vec<Option<Result<Vec<Keyed>>>> = (0..packs.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|w| {
+                let (packs, search) = (&packs, &search);
+                scope.spawn(move || {
+                    let mut results = Vec::new();
+                    for p in (w..packs.len()).step_by(threads) {
+                        let result = search(packs[p]);
+                        let failed = result.is_err();
+                        results.push((p, result));
+                        if failed {
+                            break;
+                        }
+                    }
+                    results
+                })
+            })
+            .collect();
+        for worker in workers {
+            let results = worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for (p, result) in results {
+                done[p] = Some(result);
+            }
+        }
+    });
     let mut out = Vec::with_capacity(requests.len());
-    for chunk in requests.chunks(PACK) {
-        match rule {
-            ValueRule::Fps => {
-                for req in chunk {
-                    let key = super::shift::prompt_key(model, tok, req, layer)?;
-                    let value = (key.top1 != key.target_id).then(|| {
-                        let e = embedding(model, key.target_id)?;
-                        let s = lr * key.x.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
-                        Ok::<_, Error>(e.iter().map(|&v| s * v as f64).collect())
-                    });
-                    out.push(Keyed {
-                        target_id: key.target_id,
-                        top1: key.top1,
-                        x: key.x,
-                        value: value.transpose()?,
-                    });
-                }
-            }
-            ValueRule::Minimal { margin } => {
-                out.extend(search(model, tok, chunk, layer, lr, margin, false, stats)?);
-            }
-            ValueRule::Steepest { margin } => {
-                out.extend(search(model, tok, chunk, layer, lr, margin, true, stats)?);
-            }
+    for result in done {
+        match result {
+            Some(keyed) => out.extend(keyed?),
+            None => unreachable!("a pack is skipped only after an earlier pack failed"),
         }
     }
     Ok(out)
+}
+
+/// FPS's value lr·‖x‖²·e for one request (none when the target already is the top-1).
+fn fps_keyed(
+    model: &Transformer,
+    tok: &Tokenizer,
+    req: &EditRequest,
+    layer: usize,
+    lr: f64,
+) -> Result<Keyed> {
+    let key = super::shift::prompt_key(model, tok, req, layer)?;
+    let value = (key.top1 != key.target_id).then(|| {
+        let e = embedding(model, key.target_id)?;
+        let s = lr * key.x.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+        Ok::<_, Error>(e.iter().map(|&v| s * v as f64).collect())
+    });
+    Ok(Keyed {
+        target_id: key.target_id,
+        top1: key.top1,
+        x: key.x,
+        value: value.transpose()?,
+    })
 }
 
 /// The target's input-embedding row.
@@ -180,12 +234,18 @@ fn search(
     steepest: bool,
     stats: &KeyStats,
 ) -> Result<Vec<Keyed>> {
+    let prompts = requests
+        .iter()
+        .map(|r| tok.encode_prompt(&r.prompt))
+        .collect::<Result<Vec<_>>>()?;
+    let segments: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let (h_all, trace) = model.resid_after_packed(&prompts.concat(), &segments, layer)?;
+    let keys: Vec<Vec<f64>> = trace.ff2_in[layer].to_dtype(DType::F64)?.to_vec2()?;
     let mut trials = Vec::with_capacity(requests.len());
-    for req in requests {
-        let prompt = tok.encode_prompt(&req.prompt)?;
+    let mut at = 0;
+    for (req, &n) in requests.iter().zip(&segments) {
         let target_id = super::first_target_token(tok, req)?;
-        let (h, trace) = model.resid_after(&prompt, layer)?;
-        let rows: Vec<Vec<f64>> = trace.ff2_in[layer].to_dtype(DType::F64)?.to_vec2()?;
+        let rows = &keys[at..at + n];
         let last = rows.last().expect("a prompt has a token");
         let z = stats.solve(last);
         let xz = dot(last, &z);
@@ -196,12 +256,12 @@ fn search(
             )));
         }
         let w: Vec<f64> = rows.iter().map(|r| dot(r, &z) / xz).collect();
-        let n = w.len();
         let x: Vec<f32> = last.iter().map(|&v| v as f32).collect();
+        let h = h_all.narrow(0, at, n)?;
         trials.push(Trial {
             weights: Tensor::from_vec(w, (n, 1), h.device())?.to_dtype(h.dtype())?,
+            out: trace.ff2_out[layer].narrow(0, at, n)?,
             h,
-            out: trace.ff2_out[layer].clone(),
             e: model.tok_embd.narrow(0, target_id as usize, 1)?,
             target_id,
             top1: target_id,
@@ -212,24 +272,29 @@ fn search(
             ),
             x,
         });
+        at += n;
     }
     let all: Vec<usize> = (0..trials.len()).collect();
-    let zero = vec![0.0; trials.len()];
-    let base = evaluate(model, layer, &trials, &all, &zero)?;
+    let (base, directions) = match steepest {
+        true => gradients(model, layer, &trials)?,
+        false => (
+            evaluate(model, layer, &trials, &all, &[0.0; PACK])?,
+            Vec::new(),
+        ),
+    };
     let mut open = Vec::new();
-    for (i, (top1, f, rival)) in base.into_iter().enumerate() {
+    for (i, (top1, f, _)) in base.into_iter().enumerate() {
         let t = &mut trials[i];
         t.top1 = top1;
         t.lo.1 = f;
-        if top1 == t.target_id {
-            continue;
+        if top1 != t.target_id {
+            open.push(i);
         }
-        open.push(i);
-        if steepest {
-            let (d, slope) = gradient(model, layer, t, rival)?;
-            t.e = d;
-            t.hi.0 = 1.5 * (margin - f).max(0.0) / slope;
-        }
+    }
+    for (&i, (d, slope)) in open.iter().zip(directions) {
+        let t = &mut trials[i];
+        t.e = d;
+        t.hi.0 = 1.5 * (margin - t.lo.1).max(0.0) / slope;
     }
     // The upper end: the first trial (FPS's scale along e, the linear estimate × 1.5 along the
     // gradient), doubled while f stays below the margin.
@@ -302,33 +367,89 @@ fn secant(lo: (f64, f64), hi: (f64, f64), margin: f64) -> f64 {
     lo.0 + w * t.clamp(0.1, 0.9)
 }
 
-/// The unit gradient d of f at s = 0 with respect to the value (the lead over `rival`, the best
-/// other token there), as a (1, n_embd) row, and the slope ‖∂f/∂r‖.
-fn gradient(model: &Transformer, layer: usize, t: &Trial, rival: u32) -> Result<(Tensor, f64)> {
-    let r = candle_core::Var::zeros((1, t.e.dim(1)?), t.e.dtype(), t.e.device())?;
-    let h = shifted(model, layer, t, &t.weights.broadcast_mul(r.as_tensor())?)?;
-    let n = h.dim(0)?;
-    let logits = model.forward_from(&h, layer + 1, &[n - 1])?;
-    let lead = (logits.narrow(1, t.target_id as usize, 1)?
-        - logits.narrow(1, rival as usize, 1)?)?
-    .sum_all()?;
-    let g = lead
+/// The first pass of the steepest search: top-1, f(0) and the best other token of every
+/// trial (as [`evaluate`] at s = 0), and for each trial whose target is not the top-1, in
+/// order, the unit gradient d of f at 0 with respect to its value (the lead over that best
+/// other token) as a (1, n_embd) row, with the slope ‖∂f/∂r‖: one packed pass and one
+/// backward, the packed sequences being independent.
+#[allow(clippy::type_complexity)]
+fn gradients(
+    model: &Transformer,
+    layer: usize,
+    trials: &[Trial],
+) -> Result<(Vec<(u32, f64, u32)>, Vec<(Tensor, f64)>)> {
+    let first = &trials[0].e;
+    let r = candle_core::Var::zeros((trials.len(), first.dim(1)?), first.dtype(), first.device())?;
+    let mut pieces = Vec::with_capacity(trials.len());
+    let (mut segments, mut rows) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    for (k, t) in trials.iter().enumerate() {
+        let added = t.weights.broadcast_mul(&r.as_tensor().narrow(0, k, 1)?)?;
+        pieces.push(shifted(model, layer, t, &added)?);
+        let n = t.h.dim(0)?;
+        segments.push(n);
+        rows.push(start + n - 1);
+        start += n;
+    }
+    let logits = model.forward_packed(&Tensor::cat(&pieces, 0)?, layer + 1, &segments, &rows)?;
+    let base = logits
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?
+        .iter()
+        .zip(trials)
+        .map(|(row, t)| lead(row, t.target_id))
+        .collect::<Result<Vec<_>>>()?;
+    let open: Vec<usize> = (0..trials.len())
+        .filter(|&k| base[k].0 != trials[k].target_id)
+        .collect();
+    if open.is_empty() {
+        return Ok((base, Vec::new()));
+    }
+    let at: Vec<u32> = open.iter().map(|&k| k as u32).collect();
+    let picked = logits.index_select(&Tensor::new(at.as_slice(), logits.device())?, 0)?;
+    let column = |ids: Vec<u32>| -> Result<Tensor> {
+        let n = ids.len();
+        Ok(picked.gather(&Tensor::from_vec(ids, (n, 1), logits.device())?, 1)?)
+    };
+    let targets = open.iter().map(|&k| trials[k].target_id).collect();
+    let rivals = open.iter().map(|&k| base[k].2).collect();
+    let total = (column(targets)? - column(rivals)?)?.sum_all()?;
+    let g = total
         .backward()?
         .get(r.as_tensor())
         .ok_or_else(|| Error::Invalid("no gradient reached the value".into()))?
         .clone();
-    let slope = g
-        .to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .sqrt()?
-        .to_scalar::<f64>()?;
-    if !(slope.is_finite() && slope > 0.0) {
-        return Err(Error::Numeric(format!(
-            "minimal value at layer {layer}: the lead's gradient has norm {slope}"
-        )));
+    let mut directions = Vec::with_capacity(open.len());
+    for &k in &open {
+        let row = g.narrow(0, k, 1)?;
+        let slope = row
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .sqrt()?
+            .to_scalar::<f64>()?;
+        if !(slope.is_finite() && slope > 0.0) {
+            return Err(Error::Numeric(format!(
+                "minimal value at layer {layer}: the lead's gradient has norm {slope}"
+            )));
+        }
+        directions.push(((row / slope)?, slope));
     }
-    Ok(((g / slope)?, slope))
+    Ok((base, directions))
+}
+
+/// Top-1, f = the target's lead over the best other token, and that token, of one logit row.
+fn lead(row: &[f32], target: u32) -> Result<(u32, f64, u32)> {
+    let top1 = finite_argmax(row)? as u32;
+    let t = target as usize;
+    let (rival, best_other) = row.iter().enumerate().filter(|&(j, _)| j != t).fold(
+        (0, f32::NEG_INFINITY),
+        |b, (j, &v)| match v > b.1 {
+            true => (j, v),
+            false => b,
+        },
+    );
+    Ok((top1, (row[t] - best_other) as f64, rival as u32))
 }
 
 /// The residual after block `layer` of trial `t` with `added` (tokens, n_embd) added to FF2's
@@ -371,17 +492,6 @@ fn evaluate(
     which
         .iter()
         .zip(logits)
-        .map(|(&i, row)| {
-            let top1 = finite_argmax(&row)? as u32;
-            let t = trials[i].target_id as usize;
-            let (rival, best_other) = row.iter().enumerate().filter(|&(j, _)| j != t).fold(
-                (0, f32::NEG_INFINITY),
-                |b, (j, &v)| match v > b.1 {
-                    true => (j, v),
-                    false => b,
-                },
-            );
-            Ok((top1, (row[t] - best_other) as f64, rival as u32))
-        })
+        .map(|(&i, row)| lead(&row, trials[i].target_id))
         .collect()
 }

@@ -195,9 +195,19 @@ pub struct EditContext<'a> {
     pub stats: Option<&'a whiten::StatsStore>,
     /// The value each key receives in [`Method::Batch`] and [`Method::ShiftProtected`].
     pub value: minimal::ValueRule,
+    /// Threads for [`Method::Batch`]'s value searches (None: one per core); the result does not
+    /// depend on it.
+    pub threads: Option<std::num::NonZeroUsize>,
 }
 
 impl EditContext<'_> {
+    /// The thread count: [`Self::threads`], or the machine's cores.
+    fn thread_count(&self) -> usize {
+        self.threads
+            .or_else(|| std::thread::available_parallelism().ok())
+            .map_or(1, std::num::NonZeroUsize::get)
+    }
+
     /// The key statistics store, which the settings' method needs.
     fn store(&self, settings: &EditSettings) -> Result<&whiten::StatsStore> {
         self.stats.ok_or_else(|| {
@@ -257,7 +267,7 @@ pub fn compute_with(
             let ridge = batch::DEFAULT_RIDGE;
             let (layer, lr) = (settings.layer, settings.lr);
             let mut one =
-                batch::compute_all(model, tok, reqs, layer, lr, &stats, ridge, ctx.value)?;
+                batch::compute_all(model, tok, reqs, layer, lr, &stats, ridge, ctx.value, 1)?;
             Ok(one.remove(0))
         }
         Method::ShiftProtected => {
@@ -358,6 +368,7 @@ pub fn apply_sequence_with(
             &stats,
             batch::DEFAULT_RIDGE,
             ctx.value,
+            ctx.thread_count(),
         )?;
         for d in outcomes.iter().flat_map(EditOutcome::deltas) {
             model.apply_delta(d)?;

@@ -96,7 +96,7 @@ impl Sequence {
         }
         let one = std::slice::from_ref(req);
         let (layer, lr, rule) = (self.layer, self.lr, self.rule);
-        let key = minimal::keyed(model, tok, one, layer, lr, rule, &self.stats)?.remove(0);
+        let key = minimal::keyed(model, tok, one, layer, lr, rule, &self.stats, 1)?.remove(0);
         let Some(value) = key.value else {
             return Ok(EditOutcome::skipped(req, key.target_id, key.top1));
         };

@@ -95,6 +95,7 @@ pub fn run(
         let ctx = EditContext {
             stats: store.as_ref(),
             value: config.value,
+            ..EditContext::default()
         };
         let eval = EvalConfig {
             method,

@@ -67,6 +67,7 @@ pub fn run(args: Args) -> Result<()> {
     let ctx = EditContext {
         stats: store.as_ref(),
         value,
+        threads: args.threads,
     };
     let config = ManyConfig {
         methods,
