@@ -27,6 +27,10 @@ pub struct Args {
     /// Records for the eval throughput figure.
     #[arg(long, default_value_t = 20)]
     eval_records: usize,
+    /// Records of --data solved jointly by `batch` and written as one LoRA adapter, for the
+    /// per-edit figure of many edits (0: skipped).
+    #[arg(long, default_value_t = 0)]
+    batch_edits: usize,
     /// Folder for scratch files (default: beside the model, so copies measure the same disk).
     #[arg(long)]
     scratch: Option<PathBuf>,
@@ -34,6 +38,9 @@ pub struct Args {
     #[arg(long)]
     json: bool,
 }
+
+/// The row of `--batch-edits`: seconds and CPU seconds per edited record.
+const BATCH_ROW: &str = "batch edit + write LoRA, per record";
 
 #[derive(Serialize)]
 struct Figure {
@@ -332,6 +339,36 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
 
+    let mut batch_rss = None;
+    if let (Some(data), n @ 1..) = (&args.data, args.batch_edits) {
+        let job = Job {
+            requests: eval::load_records(data, 0, Some(n))?,
+            settings: EditSettings {
+                method: Method::Batch,
+                ..settings
+            },
+            whiten: WhitenSetup::cached(),
+            format: Format::Lora,
+            ff2_type: Ff2Type::F32,
+            check: false,
+            forward: Forward::Candle,
+            threads: None,
+        };
+        let out = tmp("batch.gguf");
+        let rss_reset = reset_peak_rss();
+        let (start, cpu) = (Instant::now(), cpu_now());
+        let claim = OutputClaim::new(&out, OutputKind::File, &[&gguf], false)?;
+        patch::run(&src, &tok, &job, claim)?;
+        let per_edit = |total: f64| total / job.requests.len() as f64;
+        figures.push((
+            BATCH_ROW,
+            per_edit(start.elapsed().as_secs_f64()),
+            Some(per_edit(cpu_now() - cpu)),
+        ));
+        batch_rss = peak_rss().filter(|_| rss_reset);
+        std::fs::remove_file(&out)?;
+    }
+
     let rows: Vec<Figure> = figures
         .iter()
         .map(|&(name, seconds, cpu_seconds)| Figure {
@@ -339,7 +376,10 @@ pub fn run(args: Args) -> Result<()> {
             seconds,
             ratio_to_copy: seconds / copy,
             cpu_seconds,
-            peak_rss_bytes: lens_rss.filter(|_| name.starts_with("lens")),
+            peak_rss_bytes: match name {
+                BATCH_ROW => batch_rss,
+                _ => lens_rss.filter(|_| name.starts_with("lens")),
+            },
         })
         .collect();
     if args.json {
@@ -370,6 +410,13 @@ pub fn run(args: Args) -> Result<()> {
         lens_rss.map_or("unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6)),
         (weight_elems(&model) * 4) as f64 / 1e6
     );
+    if let Some(b) = batch_rss {
+        println!(
+            "  batch: {} records, peak RSS {:.0} MB (the bench's own model and runtime included)",
+            args.batch_edits,
+            b as f64 / 1e6
+        );
+    }
     println!(
         "  lens pre-screen: {rescored} of {} scores computed exactly",
         vectors.dim(0)? * model.hp.n_vocab
