@@ -81,21 +81,14 @@ fn quantize(x: &[f32], a: &mut [i16], level: f32) -> Option<Quantized> {
     }
     // ‖x‖², ‖x − σa‖² (a subnormal scale quantizes to zero: then the error is all of x) and
     // ‖a‖², in eight lanes.
-    let (mut norm2, mut err2, mut ints2) = ([0f64; 8], [0f64; 8], [0i64; 8]);
-    let mut lanes = |xs: &[f32], qs: &[i16]| {
-        for (t, (&v, &q)) in xs.iter().zip(qs).enumerate() {
-            let d = v as f64 - scale as f64 * q as f64;
-            norm2[t] += v as f64 * v as f64;
-            err2[t] += d * d;
-            ints2[t] += q as i64 * q as i64;
-        }
-    };
+    let mut sums = Sums::default();
     let (xc, ac) = (x.chunks_exact(8), a.chunks_exact(8));
     let (xr, ar) = (xc.remainder(), ac.remainder());
     for (xs, qs) in xc.zip(ac) {
-        lanes(xs, qs);
+        sums.add(scale, xs, qs);
     }
-    lanes(xr, ar);
+    sums.add(scale, xr, ar);
+    let Sums { norm2, err2, ints2 } = sums;
     let root_up = |l: [f64; 8]| up(l.iter().sum::<f64>().sqrt() * (1.0 + 1e-12));
     Some(Quantized {
         scale,
@@ -103,6 +96,27 @@ fn quantize(x: &[f32], a: &mut [i16], level: f32) -> Option<Quantized> {
         norm: root_up(norm2),
         ints: (ints2.iter().sum::<i64>() as f64).sqrt(),
     })
+}
+
+/// ‖x‖², ‖x − σa‖² and ‖a‖² of a row in eight lanes.
+#[derive(Default)]
+struct Sums {
+    norm2: [f64; 8],
+    err2: [f64; 8],
+    ints2: [i64; 8],
+}
+
+impl Sums {
+    /// Adds up to eight elements, one per lane.
+    #[inline(always)]
+    fn add(&mut self, scale: f32, xs: &[f32], qs: &[i16]) {
+        for (t, (&v, &q)) in xs.iter().zip(qs).enumerate() {
+            let d = v as f64 - scale as f64 * q as f64;
+            self.norm2[t] += v as f64 * v as f64;
+            self.err2[t] += d * d;
+            self.ints2[t] += q as i64 * q as i64;
+        }
+    }
 }
 
 /// The smallest f32 not below `x`.
