@@ -3,7 +3,7 @@
 //! paper's other readings of the same pass (`views`).
 
 pub mod aggregate;
-pub mod dot8;
+pub mod dot16;
 pub mod project;
 pub mod screen;
 pub mod stream;

@@ -218,7 +218,8 @@ pub fn run(args: Args) -> Result<()> {
     let odd = model.out_norm.b.is_none();
     let tokens = lens_report.tokens.len();
     // The lens's two parts timed alone: the pass, then the projections of x1 and −δ of every
-    // layer and position, through the f32 matmul and through the exact int8 pre-screen.
+    // layer and position, through the exact int16 pre-screen (what `lens` runs) and through
+    // the f32 matmul.
     let prompt_ids = tok.encode_prompt(prompt)?;
     let target_ids = tok.encode_target("Paris")?;
     let bp = timed(&mut figures, "lens: forward + backward", || {
@@ -238,16 +239,20 @@ pub fn run(args: Args) -> Result<()> {
     let vectors = Tensor::cat(&parts, 0)?;
     let signs: &[f32] = if odd { &[1.0, -1.0] } else { &[1.0] };
     let pair = [target_ids[0], lens_report.answer_id];
-    timed(&mut figures, "lens: projections, f32 matmul", || {
-        Ok(project::project_and_pick(
-            &model, &vectors, true, signs, 10, &pair,
-        )?)
-    })?;
-    let (_, rescored) = timed(&mut figures, "lens: projections, int8 pre-screen", || {
+    let (_, rescored) = timed(&mut figures, "lens: projections (int16 pre-screen)", || {
         Ok(project::screen_and_pick(
             &model, &vectors, true, signs, 10, &pair,
         )?)
     })?;
+    timed(
+        &mut figures,
+        "lens: projections, f32 matmul instead",
+        || {
+            Ok(project::matmul_and_pick(
+                &model, &vectors, true, signs, 10, &pair,
+            )?)
+        },
+    )?;
     let lens_rows = model.hp.n_layer * tokens * if odd { 2 } else { 3 };
     let flops = lens_flops(&model, tokens, lens_rows);
     figures.push((

@@ -1,7 +1,8 @@
-//! Many vectors projected into the vocabulary at once: the final norm and the unembedding as a
-//! few large matmuls (chunks of rows), then the top/bottom tokens and chosen ranks of every score
-//! row in one pass each, without sorting the vocabulary, on every core; or the same picks
-//! through the exact int8 pre-screen (`screen`).
+//! Many vectors projected into the vocabulary at once: the final norm and the unembedding, then
+//! the top/bottom tokens and chosen ranks of every score row, without sorting the vocabulary,
+//! on every core. An f32 unembedding goes through the exact int16 pre-screen (`screen`: the
+//! brute force's picks with a fraction of the exact arithmetic); another float type through
+//! chunked matmuls.
 
 use super::screen;
 use crate::model::Transformer;
@@ -158,9 +159,25 @@ pub fn pick_entries(
 }
 
 /// Projects every row of `vectors` (rows, n_embd) through the final norm (when `use_norm`) and
-/// the unembedding, `CHUNK_ROWS` rows per matmul, and picks from each score row once per entry
-/// of `signs`: result `[row][sign]`.
+/// the unembedding and picks from each score row once per entry of `signs`: result
+/// `[row][sign]`. An f32 unembedding in CPU memory goes through [`screen_and_pick`], another
+/// through [`matmul_and_pick`].
 pub fn project_and_pick(
+    model: &Transformer,
+    vectors: &Tensor,
+    use_norm: bool,
+    signs: &[f32],
+    k: usize,
+    ids: &[u32],
+) -> Result<Vec<Vec<Picked>>> {
+    if model.output.dtype() == DType::F32 && model.output.device().is_cpu() {
+        return Ok(screen_and_pick(model, vectors, use_norm, signs, k, ids)?.0);
+    }
+    matmul_and_pick(model, vectors, use_norm, signs, k, ids)
+}
+
+/// [`project_and_pick`] through f32 matmuls of `CHUNK_ROWS` rows (the model's float type).
+pub fn matmul_and_pick(
     model: &Transformer,
     vectors: &Tensor,
     use_norm: bool,
@@ -173,7 +190,7 @@ pub fn project_and_pick(
     Ok(out)
 }
 
-/// [`project_and_pick`] for an f32 model through the int8 pre-screen: the picks of
+/// [`project_and_pick`] for an f32 model through the int16 pre-screen: the picks of
 /// [`screen::brute_force`] (every score exact), with the number of scores computed exactly.
 pub fn screen_and_pick(
     model: &Transformer,
@@ -221,7 +238,7 @@ pub fn with_unembedding<R>(
     let (vocab, d) = model.output.dims2()?;
     if model.output.dtype() != DType::F32 {
         return Err(Error::Invalid(format!(
-            "the int8 pre-screen needs an f32 unembedding, not {:?}",
+            "the int16 pre-screen needs an f32 unembedding, not {:?}",
             model.output.dtype()
         )));
     }
@@ -241,7 +258,7 @@ pub fn with_unembedding<R>(
     f(&screen::Unembedding::new(&data[start..end], vocab, d)?)
 }
 
-/// The projections and picks of [`project_and_pick`], before any softcap.
+/// The projections and picks of [`matmul_and_pick`], before any softcap.
 fn chunked(
     model: &Transformer,
     vectors: &Tensor,

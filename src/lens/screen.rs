@@ -1,10 +1,11 @@
-//! Exact picks with less arithmetic: every score row first estimated from int8 copies of the
-//! unembedding and the query ([`dot8`]), each estimate with a proven error interval, then only the
-//! tokens those intervals cannot place scored exactly ([`exact`]). The top/bottom-k and ranks equal
-//! those of [`brute_force`], which scores every token exactly (docs/methods.md, "The int8
-//! pre-screen").
+//! Exact picks with less arithmetic: every score row first estimated from int16 copies of the
+//! unembedding and the query ([`dot16`]), each estimate with a proven error interval, then only
+//! the tokens those intervals cannot place scored exactly ([`exact`]). The top/bottom-k and ranks
+//! equal those of [`brute_force`], which scores every token exactly (docs/methods.md, "The int16
+//! pre-screen"). The intervals are read while the integer tiles are hot: per query, running
+//! k-th thresholds drop most tokens at once and the asked ids' ranks are counted on the way.
 
-use super::dot8::{self, Packed};
+use super::dot16::{self, exact, Packed, Wide, TILE, TILE_ROWS};
 use super::project::{pick_entries, pick_signs, Picked};
 use crate::{Error, Result};
 
@@ -18,84 +19,104 @@ const TINY: f32 = 1e-36;
 /// Beyond this an interval end is widened to ±∞ (it would be near f32 overflow).
 const HUGE: f32 = 1e37;
 
-/// Query rows per int8 matmul on each core.
-const BLOCK: usize = 64;
+/// Largest |integer| of an unembedding row.
+const ROW_LEVEL: f32 = 8191.0;
 
-/// The second level's step: a row is `scale · (a₁ + a₂/K)`.
-const K: f32 = 254.0;
+/// Largest |integer| of a query (lowered until ‖a‖·‖b‖ < 2³¹ for every row a).
+const QUERY_LEVEL: f32 = 32767.0;
 
-/// A row quantized as `scale · (a₁ + a₂/K)` (a₁, a₂ in −127..=127), with ‖x − that‖ and ‖x‖,
-/// each rounded up.
+/// The exactness limit of the integer dots, with room for the f64 rounding of the check.
+const DOT_LIMIT: f64 = 2_147_483_647.0 * (1.0 - 1e-9);
+
+/// A row quantized as `scale · a` with integers |a| ≤ level: ‖x − scale·a‖, ‖x‖ (each rounded
+/// up) and ‖a‖.
 #[derive(Debug, Clone, Copy)]
 struct Quantized {
     scale: f32,
     err: f32,
     norm: f32,
+    ints: f64,
 }
 
-/// `x` (|x| < 2²²) rounded to nearest, ties to even (the 1.5·2²³ trick), clamped to −127..=127.
-fn to_i8(x: f32) -> i8 {
-    const MAGIC: f32 = 12_582_912.0;
-    ((x + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8
-}
-
-/// Quantizes `x` into `a1`, `a2` with scale σ = max|x|/127; `None` when `x` holds NaN or Inf.
-/// The error norm is measured in f64 when `measure` (the few query rows), else bounded: each
-/// element's error is at most σ(1/2K + 2⁻¹⁵): t = fl(x/σ) is within 2⁻¹⁶ of x/σ (|t| ≤ 128,
-/// two roundings), a₁ rounds t to nearest and the exact remainder t − a₁ times K rounds to a₂
-/// (an f32 product within 2⁻¹⁷), so ‖x − σ(a₁ + a₂/K)‖ ≤ √d·σ(1/2K + 2⁻¹⁵).
-fn quantize(x: &[f32], a1: &mut [i8], a2: &mut [i8], measure: bool) -> Option<Quantized> {
-    let (mut top, mut bad) = ([0f32; 8], [false; 8]);
-    let chunks = x.chunks_exact(8);
+/// Quantizes `x` into `a` with scale σ = max|x|/`level` (a = x/σ rounded to nearest, ties to
+/// even); `None` when `x` holds NaN or Inf. The error and norms are measured in f64.
+#[inline(always)]
+fn quantize(x: &[f32], a: &mut [i16], level: f32) -> Option<Quantized> {
+    // A comparison rather than `f32::max`, so the loop vectorizes.
+    let (mut top, mut bad) = ([0f32; 16], [false; 16]);
+    let mut lane = |t: usize, v: f32| {
+        let m = v.abs();
+        top[t] = if m > top[t] { m } else { top[t] };
+        bad[t] |= !v.is_finite();
+    };
+    let chunks = x.chunks_exact(16);
     for &v in chunks.remainder() {
-        top[0] = top[0].max(v.abs());
-        bad[0] |= !v.is_finite();
+        lane(0, v);
     }
     for c in chunks {
-        for t in 0..8 {
-            top[t] = top[t].max(c[t].abs());
-            bad[t] |= !c[t].is_finite();
+        for (t, &v) in c.iter().enumerate() {
+            lane(t, v);
         }
     }
     if bad.iter().any(|&b| b) {
         return None;
     }
     let amax = top.iter().fold(0f32, |m, &v| m.max(v));
-    let scale = amax / 127.0;
+    let scale = amax / level;
     let inv = if scale.is_normal() { 1.0 / scale } else { 0.0 };
-    let n = x.len();
-    let (a1, a2) = (&mut a1[..n], &mut a2[..n]);
-    for i in 0..n {
-        let t = x[i] * inv;
-        let r1 = to_i8(t);
-        a1[i] = r1;
-        a2[i] = to_i8((t - r1 as f32) * K);
+    // x/σ clamped to ±level (< 2²²), then rounded to nearest, ties to even, by adding 1.5·2²³:
+    // the integer is then the low bits of the sum's representation.
+    const MAGIC: f32 = 12_582_912.0;
+    let a = &mut a[..x.len()];
+    for (q, &v) in a.iter_mut().zip(x) {
+        let t = v * inv;
+        let t = if t > level {
+            level
+        } else if t < -level {
+            -level
+        } else {
+            t
+        };
+        *q = ((t + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i16;
     }
-    let sq = |v: f64| v * v;
-    let norm = up(lanes_sum(x, |i| sq(x[i] as f64)).sqrt() * (1.0 + 1e-12));
-    let step = 0.5 / K as f64 + 1.0 / 32768.0;
-    // A subnormal scale quantizes to zero: then the error is all of x.
-    let err = if inv == 0.0 {
-        norm
-    } else if measure {
-        let approx = |i: usize| scale as f64 * (a1[i] as f64 + a2[i] as f64 / K as f64);
-        up(lanes_sum(x, |i| sq(x[i] as f64 - approx(i))).sqrt() * (1.0 + 1e-12))
-    } else {
-        up((n as f64).sqrt() * scale as f64 * step * (1.0 + 1e-12))
-    };
-    Some(Quantized { scale, err, norm })
+    // ‖x‖², ‖x − σa‖² (a subnormal scale quantizes to zero: then the error is all of x) and
+    // ‖a‖², in eight lanes.
+    let mut sums = Sums::default();
+    let (xc, ac) = (x.chunks_exact(8), a.chunks_exact(8));
+    let (xr, ar) = (xc.remainder(), ac.remainder());
+    for (xs, qs) in xc.zip(ac) {
+        sums.add(scale, xs, qs);
+    }
+    sums.add(scale, xr, ar);
+    let Sums { norm2, err2, ints2 } = sums;
+    let root_up = |l: [f64; 8]| up(l.iter().sum::<f64>().sqrt() * (1.0 + 1e-12));
+    Some(Quantized {
+        scale,
+        err: root_up(err2),
+        norm: root_up(norm2),
+        ints: (ints2.iter().sum::<i64>() as f64).sqrt(),
+    })
 }
 
-/// Σᵢ f(i) over the indices of `x`, in eight lanes.
-fn lanes_sum(x: &[f32], f: impl Fn(usize) -> f64) -> f64 {
-    let mut lanes = [0f64; 8];
-    let whole = x.len() / 8 * 8;
-    for i in (0..whole).step_by(8) {
-        for (t, lane) in lanes.iter_mut().enumerate() {
-            *lane += f(i + t);
+/// ‖x‖², ‖x − σa‖² and ‖a‖² of a row in eight lanes.
+#[derive(Default)]
+struct Sums {
+    norm2: [f64; 8],
+    err2: [f64; 8],
+    ints2: [i64; 8],
+}
+
+impl Sums {
+    /// Adds up to eight elements, one per lane.
+    #[inline(always)]
+    fn add(&mut self, scale: f32, xs: &[f32], qs: &[i16]) {
+        for (t, (&v, &q)) in xs.iter().zip(qs).enumerate() {
+            let d = v as f64 - scale as f64 * q as f64;
+            self.norm2[t] += v as f64 * v as f64;
+            self.err2[t] += d * d;
+            self.ints2[t] += q as i64 * q as i64;
         }
     }
-    lanes.iter().sum::<f64>() + (whole..x.len()).map(f).sum::<f64>()
 }
 
 /// The smallest f32 not below `x`.
@@ -108,27 +129,8 @@ fn up(x: f64) -> f32 {
     }
 }
 
-/// The score [`brute_force`] reports for unembedding row `e` and query `q`: f64 products
-/// summed in eight fixed lanes, rounded to f32.
-pub fn exact(e: &[f32], q: &[f32]) -> f32 {
-    let mut acc = [0f64; 8];
-    let (ec, qc) = (e.chunks_exact(8), q.chunks_exact(8));
-    let tail: f64 = ec
-        .remainder()
-        .iter()
-        .zip(qc.remainder())
-        .map(|(&a, &b)| a as f64 * b as f64)
-        .sum();
-    for (a, b) in ec.zip(qc) {
-        for t in 0..8 {
-            acc[t] += a[t] as f64 * b[t] as f64;
-        }
-    }
-    let s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-    (s + tail) as f32
-}
-
-/// The unembedding (vocab, d) in f32 with its int8 copy and per-row quantization figures.
+/// The unembedding (vocab, d) in f32 with its int16 copy and per-row quantization figures
+/// (padded with zeros to whole [`dot16::tile`] blocks).
 #[derive(Debug)]
 pub struct Unembedding<'a> {
     e: &'a [f32],
@@ -137,6 +139,8 @@ pub struct Unembedding<'a> {
     scale: Vec<f32>,
     err: Vec<f32>,
     norm: Vec<f32>,
+    /// The largest ‖a‖ over the rows.
+    ints: f64,
 }
 
 impl<'a> Unembedding<'a> {
@@ -148,17 +152,24 @@ impl<'a> Unembedding<'a> {
                 e.len()
             )));
         }
-        let (packed, rows) = Packed::new(vocab, d, |r, a1, a2| {
-            quantize(&e[r * d..(r + 1) * d], a1, a2, false)
+        let (packed, rows) = Packed::new(vocab, d, |r, a| {
+            dot16::wide(QuantizeRow(&e[r * d..(r + 1) * d], a, ROW_LEVEL))
                 .ok_or_else(|| Error::Numeric(format!("unembedding row {r} holds NaN or Inf")))
         })?;
+        let padded = packed.blocks() * TILE_ROWS;
+        let column = |f: fn(&Quantized) -> f32| -> Vec<f32> {
+            let mut v: Vec<f32> = rows.iter().map(f).collect();
+            v.resize(padded, 0.0);
+            v
+        };
         Ok(Unembedding {
             e,
             d,
+            scale: column(|r| r.scale),
+            err: column(|r| r.err),
+            norm: column(|r| r.norm),
+            ints: rows.iter().fold(0f64, |m, r| m.max(r.ints)),
             packed,
-            scale: rows.iter().map(|r| r.scale).collect(),
-            err: rows.iter().map(|r| r.err).collect(),
-            norm: rows.iter().map(|r| r.norm).collect(),
         })
     }
 
@@ -186,6 +197,30 @@ impl<'a> Unembedding<'a> {
         }
         Ok(())
     }
+
+    /// Quantizes query `q` into `b` at the highest level that keeps every dot exact.
+    fn quantize_query(&self, q: &[f32], b: &mut [i16]) -> Result<Quantized> {
+        let mut level = QUERY_LEVEL;
+        loop {
+            let st = quantize(q, b, level).ok_or_else(|| {
+                Error::Numeric(
+                    "a projected vector holds NaN or Inf: the pass produced non-finite values"
+                        .into(),
+                )
+            })?;
+            let bound = self.ints * st.ints;
+            if bound < DOT_LIMIT {
+                return Ok(st);
+            }
+            level = (level as f64 * DOT_LIMIT / bound * 0.999).floor() as f32;
+            if level < 1.0 {
+                return Err(Error::Invalid(format!(
+                    "rows of {} values are too long for the int16 pre-screen",
+                    self.d
+                )));
+            }
+        }
+    }
 }
 
 /// Every row of `queries` scored exactly against every unembedding row, then picked as
@@ -207,7 +242,9 @@ pub fn brute_force(
         .collect()
 }
 
-/// [`brute_force`]'s picks through the int8 pre-screen, on every core. Also returns how many
+/// [`brute_force`]'s picks through the int16 pre-screen, on every core: each core scans a
+/// share of the rows; the tokens the intervals leave open are then scored exactly token by
+/// token (each unembedding row read once for all the rows that need it). Also returns how many
 /// (row, token) scores were computed exactly besides the asked ids.
 pub fn pick_rows(
     u: &Unembedding,
@@ -218,173 +255,288 @@ pub fn pick_rows(
 ) -> Result<(Vec<Vec<Picked>>, usize)> {
     u.check(queries, ids)?;
     let rows = queries.len() / u.d;
-    let per = rows.div_ceil(dot8::threads()).max(1);
-    let parts: Vec<Result<(Vec<Vec<Picked>>, usize)>> = std::thread::scope(|scope| {
+    let per = rows.div_ceil(dot16::threads()).max(1);
+    let parts: Vec<Result<Vec<Scan>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = queries
             .chunks(per * u.d)
-            .map(|part| scope.spawn(move || pick_part(u, part, signs, k, ids)))
+            .map(|part| scope.spawn(move || scan_part(u, part, k, ids)))
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("a projection thread panicked"))
             .collect()
     });
-    let (mut out, mut rescored) = (Vec::with_capacity(rows), 0);
+    let mut scans = Vec::with_capacity(rows);
     for part in parts {
-        let (picked, n) = part?;
-        out.extend(picked);
-        rescored += n;
+        scans.extend(part?);
+    }
+    let scores = rescore(u, queries, &scans);
+    let mut out = Vec::with_capacity(rows);
+    let mut rescored = 0;
+    for (scan, s) in scans.into_iter().zip(scores) {
+        rescored += s.len();
+        out.push(scan.finish(&s, signs, k.min(u.vocab()))?);
     }
     Ok((out, rescored))
 }
-
-/// [`pick_rows`] on one core, [`BLOCK`] query rows per int8 matmul.
-fn pick_part(
-    u: &Unembedding,
-    queries: &[f32],
-    signs: &[f32],
-    k: usize,
-    ids: &[u32],
-) -> Result<(Vec<Vec<Picked>>, usize)> {
-    let (ql, stride, vocab) = (u.packed.query_len(), u.packed.stride(), u.vocab());
-    let mut ints = [0, 1, 2].map(|_| vec![0i32; BLOCK * stride]);
-    let (mut b1, mut b2) = (vec![0i8; BLOCK * ql], vec![0i8; BLOCK * ql]);
-    let (mut lo, mut hi) = (vec![0f32; vocab], vec![0f32; vocab]);
-    let (mut out, mut rescored) = (Vec::new(), 0);
-    for block in queries.chunks(BLOCK * u.d) {
-        let m = block.len() / u.d;
-        b1.fill(0);
-        b2.fill(0);
-        let stats = block
-            .chunks_exact(u.d)
-            .zip(b1.chunks_exact_mut(ql).zip(b2.chunks_exact_mut(ql)))
-            .map(|(q, (b1, b2))| {
-                quantize(q, &mut b1[..u.d], &mut b2[..u.d], true).ok_or_else(|| {
-                    Error::Numeric(
-                        "a projected vector holds NaN or Inf: the pass produced non-finite values"
-                            .into(),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let (nq, no) = (m * ql, m * stride);
-        let [i1, i2, i3] = &mut ints;
-        let sums = dot8::Sums {
-            high: &mut i1[..no],
-            cross: &mut i2[..no],
-            low: &mut i3[..no],
-        };
-        dot8::dots(&u.packed, &b1[..nq], &b2[..nq], m, sums)?;
-        for (i, (q, st)) in block.chunks_exact(u.d).zip(&stats).enumerate() {
-            let row = i * stride..i * stride + vocab;
-            let ints = [&i1[row.clone()], &i2[row.clone()], &i3[row]];
-            let (picked, n) = pick_one(u, q, st, ints, &mut lo, &mut hi, signs, k, ids)?;
-            out.push(picked);
-            rescored += n;
+/// The [`exact`] scores of every scan's kept tokens, per scan in kept order: the (token, row)
+/// pairs bucketed by token, the buckets split over the cores.
+fn rescore(u: &Unembedding, queries: &[f32], scans: &[Scan]) -> Vec<Vec<f32>> {
+    let mut starts = vec![0usize; u.vocab() + 1];
+    for scan in scans {
+        for &(j, _, _) in &scan.kept {
+            starts[j as usize + 1] += 1;
         }
     }
-    Ok((out, rescored))
+    for j in 0..u.vocab() {
+        starts[j + 1] += starts[j];
+    }
+    // (row, slot in that row's kept list) of each pair, by token.
+    let mut pairs = vec![(0u32, 0u32); starts[u.vocab()]];
+    let mut fill = starts.clone();
+    for (i, scan) in scans.iter().enumerate() {
+        for (slot, &(j, _, _)) in scan.kept.iter().enumerate() {
+            pairs[fill[j as usize]] = (i as u32, slot as u32);
+            fill[j as usize] += 1;
+        }
+    }
+    let per = pairs.len().div_ceil(dot16::threads()).max(1);
+    let parts: Vec<Vec<f32>> = std::thread::scope(|scope| {
+        let (starts, pairs) = (&starts, &pairs);
+        let handles: Vec<_> = (0..pairs.len().div_ceil(per))
+            .map(|c| {
+                scope.spawn(move || {
+                    let range = c * per..((c + 1) * per).min(pairs.len());
+                    let first = starts.partition_point(|&s| s <= range.start) - 1;
+                    let mut j = first;
+                    range
+                        .map(|p| {
+                            while starts[j + 1] <= p {
+                                j += 1;
+                            }
+                            let i = pairs[p].0 as usize;
+                            exact(u.row(j), &queries[i * u.d..(i + 1) * u.d])
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a scoring thread panicked"))
+            .collect()
+    });
+    let mut out: Vec<Vec<f32>> = scans.iter().map(|s| vec![0.0; s.kept.len()]).collect();
+    for (&(i, slot), s) in pairs.iter().zip(parts.into_iter().flatten()) {
+        out[i as usize][slot as usize] = s;
+    }
+    out
 }
 
-/// The interval [lo, hi] that holds each token's [`exact`] score, from its int8 dots: with
-/// ẽ = σₑ(a₁ + a₂/K) and q̃ = σ_q(b₁ + b₂/K), s̃ = σₑσ_q(a₁·b₁ + (a₁·b₂ + a₂·b₁)/K + a₂·b₂/K²)
-/// is ẽ·q̃, so |s − s̃| ≤ ‖e − ẽ‖‖q‖ + ‖ẽ‖‖q − q̃‖ (+ slack), with ‖ẽ‖ ≤ ‖e‖ + ‖e − ẽ‖. Also counts, for each of `targets`, the tokens whose interval lies
-/// wholly above it and wholly below it.
-#[allow(clippy::too_many_arguments)]
-fn bounds(
-    u: &Unembedding,
-    q: &Quantized,
-    [i1, i2, i3]: [&[i32]; 3],
-    lo: &mut [f32],
-    hi: &mut [f32],
-    targets: &[f32],
-    counts: &mut [(usize, usize)],
-) {
+/// One query's scan over the vocabulary, in id order.
+struct Scan {
+    st: Quantized,
+    /// Exact scores of the asked ids.
+    targets: Vec<f32>,
+    /// Per asked id, the tokens whose interval lies wholly above and wholly below it.
+    counts: Vec<(usize, usize)>,
+    k: usize,
+    /// The k largest lo and the k smallest hi seen so far, best first.
+    top: Vec<f32>,
+    bottom: Vec<f32>,
+    /// The k-th largest lo and the k-th smallest hi so far (−∞ and +∞ until k are seen): a
+    /// token with hi < τ or lo > ρ is out of a list for good.
+    tau: f32,
+    rho: f32,
+    /// (id, lo, hi) of every token that was a candidate or undecided when seen (after
+    /// [`Scan::settle`], those still open).
+    kept: Vec<(u32, f32, f32)>,
+}
+
+impl Scan {
+    fn new(u: &Unembedding, q: &[f32], st: Quantized, k: usize, ids: &[u32]) -> Scan {
+        let (tau, rho) = match k {
+            0 => (f32::INFINITY, f32::NEG_INFINITY),
+            _ => (f32::NEG_INFINITY, f32::INFINITY),
+        };
+        Scan {
+            st,
+            targets: ids.iter().map(|&t| exact(u.row(t as usize), q)).collect(),
+            counts: vec![(0, 0); ids.len()],
+            k,
+            top: Vec::with_capacity(k + 1),
+            bottom: Vec::with_capacity(k + 1),
+            tau,
+            rho,
+            kept: Vec::new(),
+        }
+    }
+
+    /// Reads the integer dots `ints` of tokens `j0..`: their intervals (see [`bounds`]), the
+    /// rank counts, and the tokens that may matter kept for [`Scan::finish`].
+    #[inline(always)]
+    fn read(&mut self, u: &Unembedding, j0: usize, ints: &[i32]) {
+        let n = ints.len();
+        let (mut lo, mut hi) = ([0f32; TILE_ROWS], [0f32; TILE_ROWS]);
+        bounds(u, &self.st, j0, ints, &mut lo[..n], &mut hi[..n]);
+        let (lo, hi) = (&lo[..n], &hi[..n]);
+        let (tau, rho) = (self.tau, self.rho);
+        let mut any = lo
+            .iter()
+            .zip(hi)
+            .fold(false, |a, (&l, &h)| a | (h >= tau) | (l <= rho));
+        for (c, &t) in self.counts.iter_mut().zip(&self.targets) {
+            let (mut above, mut below, mut open) = (0usize, 0usize, false);
+            for (&l, &h) in lo.iter().zip(hi) {
+                above += usize::from(l > t);
+                below += usize::from(h < t);
+                open |= (l <= t) & (t <= h);
+            }
+            *c = (c.0 + above, c.1 + below);
+            any |= open;
+        }
+        if any {
+            for (r, (&l, &h)) in lo.iter().zip(hi).enumerate() {
+                self.offer((j0 + r) as u32, l, h);
+            }
+        }
+    }
+
+    fn offer(&mut self, id: u32, l: f32, h: f32) {
+        let top = h >= self.tau;
+        let bottom = l <= self.rho;
+        if !top && !bottom && !self.targets.iter().any(|&t| l <= t && t <= h) {
+            return;
+        }
+        self.kept.push((id, l, h));
+        let k = self.k;
+        if top && k > 0 {
+            let at = self.top.partition_point(|&x| x >= l);
+            self.top.insert(at, l);
+            self.top.truncate(k);
+            if self.top.len() == k {
+                self.tau = self.top[k - 1];
+            }
+        }
+        if bottom && k > 0 {
+            let at = self.bottom.partition_point(|&x| x <= h);
+            self.bottom.insert(at, h);
+            self.bottom.truncate(k);
+            if self.bottom.len() == k {
+                self.rho = self.bottom[k - 1];
+            }
+        }
+    }
+
+    /// Keeps only the tokens the final thresholds cannot exclude from a list and those whose
+    /// interval holds an asked id's score: what [`rescore`] scores exactly.
+    fn settle(&mut self) {
+        let (tau, rho, targets) = (self.tau, self.rho, &self.targets);
+        self.kept
+            .retain(|&(_, l, h)| h >= tau || l <= rho || targets.iter().any(|&t| l <= t && t <= h));
+    }
+
+    /// The lists from the kept tokens' exact `scores` (in kept order).
+    fn finish(mut self, scores: &[f32], signs: &[f32], k: usize) -> Result<Vec<Picked>> {
+        let (tau, rho) = (self.tau, self.rho);
+        let mut candidates = Vec::new();
+        for (&(j, l, h), &s) in self.kept.iter().zip(scores) {
+            for (c, &t) in self.counts.iter_mut().zip(&self.targets) {
+                if l <= t && t <= h {
+                    c.0 += usize::from(s > t);
+                    c.1 += usize::from(s < t);
+                }
+            }
+            if h >= tau || l <= rho {
+                candidates.push((j, s));
+            }
+        }
+        pick_entries(candidates, signs, k, &self.counts)
+    }
+}
+
+/// The scans of [`pick_rows`] on one core: queries quantized, then [`ScanBlocks`].
+fn scan_part(u: &Unembedding, queries: &[f32], k: usize, ids: &[u32]) -> Result<Vec<Scan>> {
+    let ql = u.packed.query_len();
+    let tiles = (queries.len() / u.d).div_ceil(TILE);
+    let mut q16 = vec![0i16; tiles * TILE * ql];
+    let k_list = k.min(u.vocab());
+    let mut scans = queries
+        .chunks_exact(u.d)
+        .zip(q16.chunks_exact_mut(ql))
+        .map(|(q, b)| {
+            let st = u.quantize_query(q, &mut b[..u.d])?;
+            Ok(Scan::new(u, q, st, k_list, ids))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    dot16::wide(ScanBlocks {
+        u,
+        q16: &q16,
+        scans: &mut scans,
+    })?;
+    scans.iter_mut().for_each(Scan::settle);
+    Ok(scans)
+}
+
+/// [`quantize`] for [`dot16::wide`].
+struct QuantizeRow<'a>(&'a [f32], &'a mut [i16], f32);
+
+impl Wide for QuantizeRow<'_> {
+    type Out = Option<Quantized>;
+    #[inline(always)]
+    fn run(self) -> Option<Quantized> {
+        quantize(self.0, self.1, self.2)
+    }
+}
+
+/// [`scan_part`]'s loop for [`dot16::wide`]: for each block of unembedding rows, every
+/// [`TILE`] of quantized queries dotted and read.
+struct ScanBlocks<'a> {
+    u: &'a Unembedding<'a>,
+    q16: &'a [i16],
+    scans: &'a mut [Scan],
+}
+
+impl Wide for ScanBlocks<'_> {
+    type Out = Result<()>;
+    #[inline(always)]
+    fn run(self) -> Result<()> {
+        let (u, ql) = (self.u, self.u.packed.query_len());
+        let mut out = [[0i32; TILE_ROWS]; TILE];
+        for b in 0..u.packed.blocks() {
+            let j0 = b * TILE_ROWS;
+            let n = TILE_ROWS.min(u.vocab() - j0);
+            for (t, tile) in self.q16.chunks_exact(TILE * ql).enumerate() {
+                dot16::tile(&u.packed, b, tile, &mut out)?;
+                for (scan, ints) in self.scans[t * TILE..].iter_mut().zip(&out) {
+                    scan.read(u, j0, &ints[..n]);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The intervals [lo, hi] that hold the [`exact`] scores of tokens `j0..` from their integer
+/// dots: with ẽ = σₑa and q̃ = σ_q b, s̃ = σₑσ_q(a·b) is ẽ·q̃, so
+/// |s − s̃| ≤ ‖e − ẽ‖‖q‖ + ‖ẽ‖‖q − q̃‖ (+ slack), with ‖ẽ‖ ≤ ‖e‖ + ‖e − ẽ‖.
+#[inline(always)]
+fn bounds(u: &Unembedding, q: &Quantized, j0: usize, ints: &[i32], lo: &mut [f32], hi: &mut [f32]) {
     let (sq, nq, eq) = (q.scale, q.norm, q.err);
-    let n = i1.len();
-    let (i2, i3, lo, hi) = (&i2[..n], &i3[..n], &mut lo[..n], &mut hi[..n]);
-    let (scale, err, norm) = (&u.scale[..n], &u.err[..n], &u.norm[..n]);
+    let n = ints.len();
+    let (scale, err, norm) = (
+        &u.scale[j0..j0 + n],
+        &u.err[j0..j0 + n],
+        &u.norm[j0..j0 + n],
+    );
     for j in 0..n {
-        let c = scale[j] * sq;
-        let s = c * (i1[j] as f32 + (i2[j] as f32 + i3[j] as f32 * (1.0 / K)) * (1.0 / K));
+        let s = (scale[j] * sq) * ints[j] as f32;
         let w = err[j] * nq + (norm[j] + err[j]) * eq + SLACK * (s.abs() + norm[j] * nq) + TINY;
         let (l, h) = (s - w, s + w);
         let wide = !(l.abs() < HUGE && h.abs() < HUGE);
         lo[j] = if wide { f32::NEG_INFINITY } else { l };
         hi[j] = if wide { f32::INFINITY } else { h };
     }
-    for (c, &t) in counts.iter_mut().zip(targets) {
-        let (mut above, mut below) = (0usize, 0usize);
-        for j in 0..n {
-            above += usize::from(lo[j] > t);
-            below += usize::from(hi[j] < t);
-        }
-        *c = (above, below);
-    }
-}
-
-/// The k-th best of `v` under `better` (k ≥ 1, k ≤ len).
-fn kth(v: &[f32], k: usize, better: impl Fn(f32, f32) -> bool) -> f32 {
-    let mut best: Vec<f32> = Vec::with_capacity(k + 1);
-    for &x in v {
-        if best.len() == k && !better(x, best[k - 1]) {
-            continue;
-        }
-        let at = best.partition_point(|&b| !better(x, b));
-        best.insert(at, x);
-        best.truncate(k);
-    }
-    best[k - 1]
-}
-
-/// One query row: its intervals ([`bounds`]), then the candidates they cannot exclude from a
-/// top or bottom list and the tokens they cannot place above or below an asked id, scored
-/// exactly.
-#[allow(clippy::too_many_arguments)]
-fn pick_one(
-    u: &Unembedding,
-    q: &[f32],
-    st: &Quantized,
-    ints: [&[i32]; 3],
-    lo: &mut [f32],
-    hi: &mut [f32],
-    signs: &[f32],
-    k: usize,
-    ids: &[u32],
-) -> Result<(Vec<Picked>, usize)> {
-    let targets: Vec<f32> = ids.iter().map(|&t| exact(u.row(t as usize), q)).collect();
-    let mut counts = vec![(0usize, 0usize); ids.len()];
-    bounds(u, st, ints, lo, hi, &targets, &mut counts);
-    let (lo, hi) = (&lo[..], &hi[..]);
-    let k = k.min(lo.len());
-    // Any token with hi < τ has a score below the k-th highest; any with lo > ρ, above the
-    // k-th lowest.
-    let (tau, rho) = match k {
-        0 => (f32::INFINITY, f32::NEG_INFINITY),
-        _ => (kth(lo, k, |a, b| a > b), kth(hi, k, |a, b| a < b)),
-    };
-    // lo and hi are never NaN, nor is an exact score of finite inputs.
-    let open = |l: f32, h: f32, t: f32| l <= t && t <= h;
-    let undecided = |l: f32, h: f32| targets.iter().any(|&t| open(l, h, t));
-    let (mut candidates, mut rescored) = (Vec::new(), 0);
-    for (j, (&l, &h)) in lo.iter().zip(hi).enumerate() {
-        let candidate = h >= tau || l <= rho;
-        if !candidate && !undecided(l, h) {
-            continue;
-        }
-        let s = exact(u.row(j), q);
-        rescored += 1;
-        for (c, &t) in counts.iter_mut().zip(&targets) {
-            if open(l, h, t) {
-                c.0 += usize::from(s > t);
-                c.1 += usize::from(s < t);
-            }
-        }
-        if candidate {
-            candidates.push((j as u32, s));
-        }
-    }
-    Ok((pick_entries(candidates, signs, k, &counts)?, rescored))
 }
 
 #[cfg(test)]
@@ -417,7 +569,7 @@ mod tests {
         queries[3 * d..4 * d].fill(0.0);
         queries[4 * d..].copy_from_slice(&base[2]);
         let u = Unembedding::new(&e, vocab, d).unwrap();
-        for k in [1, 4, 30] {
+        for k in [0, 1, 4, 30] {
             let ids = [0, 2, 2999];
             let want = brute_force(&u, &queries, &[1.0, -1.0], k, &ids).unwrap();
             let (got, rescored) = pick_rows(&u, &queries, &[1.0, -1.0], k, &ids).unwrap();
@@ -434,5 +586,32 @@ mod tests {
         let bad = [f32::NAN; 40];
         assert!(pick_rows(&u, &bad, &[1.0], 3, &[0]).is_err());
         assert!(pick_rows(&u, &queries, &[1.0], 3, &[3000]).is_err());
+    }
+
+    /// Queries with one huge coordinate and flat ones: the query level drops until every dot is
+    /// exact, and the picks still equal the brute force.
+    #[test]
+    fn the_query_level_keeps_every_integer_dot_exact() {
+        let (vocab, d) = (500, 64);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let e: Vec<f32> = (0..vocab * d).map(|_| next().signum()).collect();
+        let mut queries: Vec<f32> = (0..2 * d).map(|_| next().signum()).collect();
+        queries[d + 3] = 1e4;
+        let u = Unembedding::new(&e, vocab, d).unwrap();
+        let mut b = vec![0i16; d];
+        for q in queries.chunks_exact(d) {
+            let st = u.quantize_query(q, &mut b).unwrap();
+            assert!(u.ints * st.ints < DOT_LIMIT);
+        }
+        let ids = [7, 400];
+        let want = brute_force(&u, &queries, &[1.0, -1.0], 5, &ids).unwrap();
+        let (got, _) = pick_rows(&u, &queries, &[1.0, -1.0], 5, &ids).unwrap();
+        assert_eq!(got, want);
     }
 }
