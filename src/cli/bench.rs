@@ -351,7 +351,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let show = |l: Option<f64>| l.map_or("unknown".into(), |l| format!("{l:.2}"));
     println!(
-        "{} ({} bytes); load average {} before, {} after; llama.cpp decodes on {} threads",
+        "{} ({} bytes); load average {} before, {} after; llama.cpp decode threads: {}",
         gguf.display(),
         std::fs::metadata(&gguf)?.len(),
         show(load_before),
