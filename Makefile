@@ -38,8 +38,9 @@ lint: deps
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 
+# Two test threads share the cores, so each llama.cpp decode takes one (see runtime::decode_threads).
 test: deps model real-models lint llama-server
-	cargo test --release -- --test-threads=2
+	BACKLENS_THREADS=1 cargo test --release -- --test-threads=2
 
 demo: build model
 	@mkdir -p $(OUT)

@@ -7,7 +7,8 @@
 //! on their own.
 //!
 //! `make scale`, or: `cargo build --release && cargo run --release --example scale -- MODEL DIR
-//! [--json]`. The binary is the `backlens-patch` beside this example's target folder
+//! [--json] [--only STEP]…` (`--only "edit to"` runs the four edit steps alone). The binary is
+//! the `backlens-patch` beside this example's target folder
 //! (`target/release/backlens-patch`), or the one named by `BACKLENS_PATCH`.
 
 #[path = "../tests/common/synth.rs"]
@@ -34,6 +35,9 @@ struct Args {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Run only the steps whose name contains one of these (repeatable; default: every step).
+    #[arg(long)]
+    only: Vec<String>,
 }
 
 /// The `backlens-patch` binary: `BACKLENS_PATCH`, or beside this example's folder.
@@ -187,7 +191,8 @@ fn main() -> Result<()> {
             Some(size_mb + 2000.0),
         ),
     ];
-    for (name, argv, goal) in runs {
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| name.contains(o));
+    for (name, argv, goal) in runs.into_iter().filter(|r| wanted(r.0)) {
         let (seconds, peak_rss_mb, error) = measure(&exe, &argv)?;
         steps.push(Step {
             name: name.into(),

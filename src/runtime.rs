@@ -17,29 +17,93 @@ use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-/// Context window of the sessions backlens opens.
+/// Context window of the sessions backlens opens: the KV cells of one decode, all its
+/// sequences together (the cache is unified).
 pub const SESSION_CTX: u32 = 512;
 
-/// One token of a single-sequence batch.
+/// Most sequences one decode of a session holds.
+pub const SESSION_SEQS: u32 = 64;
+
+/// The sequences a batch token belongs to: ids `first .. first + count`. A prompt shared by
+/// several continuations belongs to all of theirs, so it is decoded once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seqs {
+    /// The first id.
+    pub first: u32,
+    /// How many consecutive ids (at least one).
+    pub count: u32,
+}
+
+impl Seqs {
+    /// Sequence 0 alone.
+    pub const FIRST: Seqs = Seqs::one(0);
+
+    /// Sequence `id` alone.
+    pub const fn one(id: u32) -> Seqs {
+        Seqs {
+            first: id,
+            count: 1,
+        }
+    }
+
+    /// The ids, as llama.cpp takes them.
+    pub fn ids(self) -> impl Iterator<Item = i32> {
+        (self.first..self.first + self.count).map(|id| id as i32)
+    }
+}
+
+/// One token of a batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry {
     /// Token id.
     pub token: u32,
-    /// Its position.
+    /// Its position in its sequences.
     pub pos: usize,
     /// Whether the logits after it are wanted.
     pub logits: bool,
+    /// The sequences it belongs to.
+    pub seqs: Seqs,
 }
 
-/// A llama.cpp context that decodes one sequence at a time: a [`Session`], or
-/// [`crate::trace::Tracer`]'s context, so that scoring and generation are written once and one
-/// loaded model can both trace and score.
+/// Fails for a batch no session decode takes: empty, more than [`SESSION_CTX`] tokens, a
+/// sequence id from [`SESSION_SEQS`] on, or a position from `max_tokens` on.
+pub(crate) fn check_batch(path: &Path, batch: &[Entry], max_tokens: usize) -> Result<()> {
+    if batch.is_empty() || batch.len() > SESSION_CTX as usize {
+        return Err(too_long(path, batch.len(), SESSION_CTX as usize));
+    }
+    let end = batch.iter().map(|e| e.pos + 1).max().unwrap_or(0);
+    if end > max_tokens {
+        return Err(too_long(path, end, max_tokens));
+    }
+    match batch
+        .iter()
+        .find(|e| e.seqs.count == 0 || e.seqs.first + e.seqs.count > SESSION_SEQS)
+    {
+        Some(e) => Err(Error::BadRequest(format!(
+            "{}: sequence ids {}..{} of a decode: sessions take 1 to {SESSION_SEQS} sequences",
+            path.display(),
+            e.seqs.first,
+            e.seqs.first + e.seqs.count
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Most sequence ids any one entry of `batch` carries (the batch's allocation per token).
+pub(crate) fn ids_per_token(batch: &[Entry]) -> u32 {
+    batch.iter().map(|e| e.seqs.count).max().unwrap_or(1)
+}
+
+/// A llama.cpp context with a unified KV cache of [`SESSION_CTX`] cells for up to
+/// [`SESSION_SEQS`] sequences: a [`Session`], or [`crate::trace::Tracer`]'s context, so that
+/// scoring and generation are written once and one loaded model can both trace and score.
 pub trait Decoder {
     /// Empties the KV cache.
     fn clear(&mut self);
-    /// Decodes `batch` (1 to [`SESSION_CTX`] entries) on top of the cache.
+    /// Decodes `batch` on top of the cache (see [`check_batch`] for what it takes).
     fn decode(&mut self, batch: &[Entry]) -> Result<()>;
     /// Logits after entry `i` of the last decode (one that asked for them); non-finite refused.
     fn row(&mut self, i: usize) -> Result<Vec<f32>>;
@@ -71,6 +135,7 @@ fn decode_from(
             token,
             pos,
             logits: pos >= from,
+            seqs: Seqs::FIRST,
         })
         .collect();
     d.decode(&batch)?;
@@ -85,55 +150,144 @@ pub fn logits_last(d: &mut (impl Decoder + ?Sized), tokens: &[u32]) -> Result<Ve
     Ok(decode_from(d, tokens, tokens.len() - 1)?.remove(0))
 }
 
-/// Scores prompts and their continuations with as few decodes as one sequence allows:
-/// single-token continuations are read off the prompt's last position, the first longer
-/// continuation extends the prompt's decode, and each further longer one takes a decode of its
-/// own. (Several sequences packed into one decode of this llama.cpp changed a prompt's next-token
-/// logits by up to 0.69 against decoding it alone, with a unified KV cache, on SmolLM2: every
-/// decode holds one sequence.)
+/// One sequence of a packed [`score`] decode: query `.0`'s prompt followed by the tail of its
+/// continuation `.1` (all but the last token), or the prompt alone (None).
+type Unit = (usize, Option<usize>);
+
+/// A query's place in a packed decode: its index, the batch index of its prompt's last token,
+/// and each continuation tail's (continuation, batch index of its first token).
+type Placed = (usize, usize, Vec<(usize, usize)>);
+
+/// Scores prompts and their continuations in as few decodes as the session takes: each
+/// continuation of more than one token is a sequence of its own that shares its prompt's tokens
+/// with the prompt's other sequences (the prompt is decoded once), single-token continuations
+/// are read off the prompt's last position, and consecutive queries share a decode while its
+/// tokens fit [`SESSION_CTX`] and its sequences [`SESSION_SEQS`]. Each sequence attends only to
+/// its own tokens, so the scores equal decoding every sequence alone up to the kernels'
+/// rounding (`tests/eval.rs packed_scoring_matches_one_sequence_decodes`).
 pub fn score(
     d: &mut (impl Decoder + ?Sized),
     queries: &[PromptQuery],
 ) -> Result<Vec<PromptScores>> {
-    let mut out = Vec::with_capacity(queries.len());
-    for q in queries {
-        if q.prompt.is_empty() || q.continuations.iter().any(|c| c.is_empty()) {
-            return Err(Error::Invalid("empty prompt or continuation".into()));
-        }
-        let with_tail = |c: Option<&[u32]>| -> Vec<u32> {
-            let tail = c.map_or(&[][..], |c| &c[..c.len() - 1]);
-            q.prompt.iter().chain(tail).copied().collect()
-        };
-        let from = q.prompt.len() - 1;
-        let mut logprobs = vec![0f64; q.continuations.len()];
-        let mut long = (0..q.continuations.len()).filter(|&i| q.continuations[i].len() > 1);
-        let first_long = long.next();
-        let rows = decode_from(d, &with_tail(first_long.map(|i| q.continuations[i])), from)?;
-        for (i, c) in q.continuations.iter().enumerate() {
-            if c.len() == 1 {
-                logprobs[i] = log_probs(&rows[0])[c[0] as usize];
-            } else if Some(i) == first_long {
-                logprobs[i] = continuation_logprob(&rows, c);
-            }
-        }
-        for i in long {
-            let c = q.continuations[i];
-            logprobs[i] = continuation_logprob(&decode_from(d, &with_tail(Some(c)), from)?, c);
-        }
-        out.push(PromptScores {
-            next_logits: rows.into_iter().next().expect("prompt row"),
-            logprobs,
-        });
+    if queries
+        .iter()
+        .any(|q| q.prompt.is_empty() || q.continuations.iter().any(|c| c.is_empty()))
+    {
+        return Err(Error::Invalid("empty prompt or continuation".into()));
     }
-    Ok(out)
+    let units: Vec<Unit> = queries
+        .iter()
+        .enumerate()
+        .flat_map(|(qi, q)| {
+            let long: Vec<Option<usize>> = (0..q.continuations.len())
+                .filter(|&c| q.continuations[c].len() > 1)
+                .map(Some)
+                .collect();
+            let seqs = if long.is_empty() { vec![None] } else { long };
+            seqs.into_iter().map(move |c| (qi, c))
+        })
+        .collect();
+    let mut scores: Vec<PromptScores> = queries
+        .iter()
+        .map(|q| PromptScores {
+            next_logits: Vec::new(),
+            logprobs: vec![0.0; q.continuations.len()],
+        })
+        .collect();
+    let mut start = 0;
+    while start < units.len() {
+        let (mut end, mut tokens) = (start, 0);
+        while end < units.len() {
+            let (qi, c) = units[end];
+            let q = &queries[qi];
+            let tail = c.map_or(0, |c| q.continuations[c].len() - 1);
+            let prompt = match end > start && units[end - 1].0 == qi {
+                true => 0,
+                false => q.prompt.len(),
+            };
+            let full = tokens + prompt + tail > SESSION_CTX as usize
+                || end - start >= SESSION_SEQS as usize;
+            if end > start && full {
+                break;
+            }
+            tokens += prompt + tail;
+            end += 1;
+        }
+        decode_units(d, queries, &units[start..end], &mut scores)?;
+        start = end;
+    }
+    Ok(scores)
 }
 
-/// log p(continuation) from the logits rows before each of its tokens.
-fn continuation_logprob(rows: &[Vec<f32>], cont: &[u32]) -> f64 {
-    rows.iter()
-        .zip(cont)
-        .map(|(row, &t)| log_probs(row)[t as usize])
-        .sum()
+/// One decode of `units` (consecutive sequences, those of one query adjacent), from an empty
+/// cache; fills in their queries' scores (a query's next-token logits and single-token
+/// continuations from the first decode that holds it).
+fn decode_units(
+    d: &mut (impl Decoder + ?Sized),
+    queries: &[PromptQuery],
+    units: &[Unit],
+    scores: &mut [PromptScores],
+) -> Result<()> {
+    let mut batch = Vec::new();
+    let mut groups: Vec<Placed> = Vec::new();
+    let mut next_seq = 0;
+    for run in units.chunk_by(|a, b| a.0 == b.0) {
+        let q = &queries[run[0].0];
+        let seqs = Seqs {
+            first: next_seq,
+            count: run.len() as u32,
+        };
+        batch.extend(q.prompt.iter().enumerate().map(|(pos, &token)| Entry {
+            token,
+            pos,
+            logits: pos + 1 == q.prompt.len(),
+            seqs,
+        }));
+        let prompt_row = batch.len() - 1;
+        let mut tails = Vec::new();
+        for (seq, c) in (next_seq..).zip(run.iter().filter_map(|u| u.1)) {
+            let cont = q.continuations[c];
+            tails.push((c, batch.len()));
+            batch.extend(
+                cont[..cont.len() - 1]
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &token)| Entry {
+                        token,
+                        pos: q.prompt.len() + k,
+                        logits: true,
+                        seqs: Seqs::one(seq),
+                    }),
+            );
+        }
+        next_seq += run.len() as u32;
+        groups.push((run[0].0, prompt_row, tails));
+    }
+    d.clear();
+    d.decode(&batch)?;
+    for (qi, prompt_row, tails) in groups {
+        let q = &queries[qi];
+        let next = d.row(prompt_row)?;
+        let first = log_probs(&next);
+        let s = &mut scores[qi];
+        for (c, first_row) in tails {
+            let cont = q.continuations[c];
+            let mut total = first[cont[0] as usize];
+            for (k, &t) in cont[1..].iter().enumerate() {
+                total += log_probs(&d.row(first_row + k)?)[t as usize];
+            }
+            s.logprobs[c] = total;
+        }
+        if s.next_logits.is_empty() {
+            for (c, cont) in q.continuations.iter().enumerate() {
+                if cont.len() == 1 {
+                    s.logprobs[c] = first[cont[0] as usize];
+                }
+            }
+            s.next_logits = next;
+        }
+    }
+    Ok(())
 }
 
 /// Greedy continuation of `tokens` by up to `n` tokens (stops at end-of-sequence or at the
@@ -154,6 +308,7 @@ pub fn generate(d: &mut (impl Decoder + ?Sized), tokens: &[u32], n: usize) -> Re
             token: next,
             pos,
             logits: true,
+            seqs: Seqs::FIRST,
         }])?;
         logits = d.row(0)?;
     }
@@ -253,13 +408,15 @@ impl LlamaRuntime {
         self.model.n_vocab() as usize
     }
 
-    /// Opens an evaluation session with an F32 KV cache.
+    /// Opens an evaluation session with an F32 KV cache, unified across its sequences.
     pub fn session(&self) -> Result<Session<'_>> {
         let threads = decode_threads();
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(SESSION_CTX))
             .with_n_batch(SESSION_CTX)
             .with_n_ubatch(SESSION_CTX)
+            .with_n_seq_max(SESSION_SEQS)
+            .with_kv_unified(true)
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
             .with_type_k(KvCacheType::F32)
@@ -278,17 +435,34 @@ impl LlamaRuntime {
     }
 }
 
-/// Threads for llama.cpp decodes: `BACKLENS_THREADS`, else half the cores (at least one).
-/// ggml's workers meet at spinning barriers after every graph node; when they share the cores
-/// with other busy threads (candle's, a parallel test, another process) a descheduled worker
-/// stalls the others, and on two cores a 10-token decode then takes seconds instead of tens of
-/// milliseconds. Leaving half the cores free avoids that at a small cost on an idle machine.
-pub(crate) fn decode_threads() -> i32 {
+/// Whether this process runs its llama.cpp decodes with nothing else busy beside them
+/// ([`claim_cores`]).
+static ALL_CORES: AtomicBool = AtomicBool::new(false);
+
+/// Lets llama.cpp decodes opened from now on use every core: for commands that run nothing
+/// beside their decodes (`eval`, `bench`). `BACKLENS_THREADS` still decides where it is set.
+pub fn claim_cores() {
+    ALL_CORES.store(true, Ordering::Relaxed);
+}
+
+/// Threads for llama.cpp decodes: `BACKLENS_THREADS`, else every core after [`claim_cores`],
+/// else half the cores (at least one). ggml's workers meet at spinning barriers after every
+/// graph node; when they share the cores with other busy threads (candle's, a parallel test,
+/// another process) a descheduled worker stalls the others, and on two cores a 10-token decode
+/// then takes seconds instead of tens of milliseconds (eval of 20 records with two threads
+/// beside another process's bench: 34 s against 8.5 s with one). Leaving half the cores free
+/// avoids that at a small cost on an idle machine; the test suite, which runs two test threads,
+/// sets `BACKLENS_THREADS=1` (Makefile).
+pub fn decode_threads() -> i32 {
     let from_env = std::env::var("BACKLENS_THREADS")
         .ok()
         .and_then(|v| v.parse().ok());
-    let half = std::thread::available_parallelism().map_or(1, |n| n.get() / 2);
-    from_env.unwrap_or(half).max(1) as i32
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = match ALL_CORES.load(Ordering::Relaxed) {
+        true => cores,
+        false => cores / 2,
+    };
+    from_env.unwrap_or(default).max(1) as i32
 }
 
 /// A llama.cpp context for repeated evaluations; each call starts from an empty KV cache.
@@ -410,16 +584,12 @@ impl Decoder for Session<'_> {
     }
 
     fn decode(&mut self, batch: &[Entry]) -> Result<()> {
-        if batch.is_empty() || batch.len() > SESSION_CTX as usize {
-            return Err(too_long(&self.path, batch.len(), SESSION_CTX as usize));
-        }
-        let end = batch.iter().map(|e| e.pos + 1).max().unwrap_or(0);
-        if end > self.max_tokens {
-            return Err(too_long(&self.path, end, self.max_tokens));
-        }
-        let mut b = LlamaBatch::new(batch.len(), 1);
+        check_batch(&self.path, batch, self.max_tokens)?;
+        // Allocated with room for the most ids any entry carries, which `add` relies on.
+        let mut b = LlamaBatch::new(batch.len(), ids_per_token(batch) as i32);
         for e in batch {
-            b.add(LlamaToken(e.token as i32), e.pos as i32, &[0], e.logits)
+            let ids: Vec<i32> = e.seqs.ids().collect();
+            b.add(LlamaToken(e.token as i32), e.pos as i32, &ids, e.logits)
                 .map_err(|e| rt_err("batch", e))?;
         }
         self.ctx.decode(&mut b).map_err(|e| rt_err("decode", e))

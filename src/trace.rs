@@ -15,7 +15,10 @@
 use crate::arch::generic::Shape;
 use crate::delta::Delta;
 use crate::lora;
-use crate::runtime::{backend, decode_threads, Decoder, Entry, SESSION_CTX};
+use crate::runtime::{
+    backend, check_batch, decode_threads, ids_per_token, Decoder, Entry, Seqs, SESSION_CTX,
+    SESSION_SEQS,
+};
 use crate::weights::gguf::GgufFile;
 use crate::write::{OutputClaim, OutputKind};
 use crate::{Error, Result};
@@ -50,10 +53,10 @@ struct Capture {
     armed: bool,
     /// Names of the weights whose matrix product's input is wanted, one per requested layer.
     weights: Vec<Vec<u8>>,
-    /// Token positions to read, ascending.
+    /// Batch indices of the tokens to read, ascending.
     positions: Vec<usize>,
-    /// Positions that produce outputs (logits), ascending; a superset of `positions`. The last
-    /// layer of llama.cpp's graphs keeps only these rows.
+    /// Batch indices of the tokens that produce outputs (logits), ascending; a superset of
+    /// `positions`. The last layer of llama.cpp's graphs keeps only these rows.
     outputs: Vec<usize>,
     /// Tokens in the decode.
     n_tokens: usize,
@@ -215,21 +218,25 @@ unsafe extern "C" fn on_node(t: *mut sys::ggml_tensor, ask: bool, user_data: *mu
 struct Batch(sys::llama_batch);
 
 impl Batch {
-    /// The tokens of `entries`, of sequence 0 (callers check that there is at least one).
+    /// The tokens of `entries` (callers check that there is at least one).
     fn new(entries: &[Entry]) -> Batch {
         let n = entries.len();
-        // SAFETY: plain allocation; n ≥ 1 (callers check) and one sequence per token.
-        let raw = unsafe { sys::llama_batch_init(n as i32, 0, 1) };
+        let per_token = ids_per_token(entries);
+        // SAFETY: plain allocation; n ≥ 1 (callers check), room for `per_token` ids per token.
+        let raw = unsafe { sys::llama_batch_init(n as i32, 0, per_token as i32) };
         let mut batch = Batch(raw);
         let b = &mut batch.0;
         for (i, e) in entries.iter().enumerate() {
-            // SAFETY: llama_batch_init(n, 0, 1) allocated `token`, `pos`, `n_seq_id`, `logits`
-            // with n entries and `seq_id` with n pointers to one id each; i < n.
+            // SAFETY: llama_batch_init(n, 0, per_token) allocated `token`, `pos`, `n_seq_id`,
+            // `logits` with n entries and `seq_id` with n pointers to `per_token` ids each;
+            // i < n and e carries at most `per_token` ids.
             unsafe {
                 *b.token.add(i) = e.token as sys::llama_token;
                 *b.pos.add(i) = e.pos as sys::llama_pos;
-                *b.n_seq_id.add(i) = 1;
-                *(*b.seq_id.add(i)) = 0;
+                *b.n_seq_id.add(i) = e.seqs.count as i32;
+                for (k, id) in e.seqs.ids().enumerate() {
+                    *(*b.seq_id.add(i)).add(k) = id;
+                }
                 *b.logits.add(i) = i8::from(e.logits);
             }
         }
@@ -272,9 +279,9 @@ impl std::fmt::Debug for Tracer {
 }
 
 impl Tracer {
-    /// Loads `path` on the CPU with a tracing context (512 tokens, F32 KV cache, flash
-    /// attention off, [`decode_threads`] threads, like [`crate::runtime::LlamaRuntime`]'s
-    /// sessions). Fails, naming the file, when no layer has a dense down projection.
+    /// Loads `path` on the CPU with a tracing context (512 tokens of up to 64 sequences in a
+    /// unified F32 KV cache, flash attention off, [`decode_threads`] threads, like
+    /// [`crate::runtime::LlamaRuntime`]'s sessions). Fails, naming the file, when no layer has a dense down projection.
     pub fn load(path: &Path) -> Result<Tracer> {
         let shape = Shape::from_gguf(&GgufFile::open(path)?)?;
         if let Some(problem) = shape.no_editable_layer() {
@@ -317,7 +324,8 @@ impl Tracer {
         cparams.n_ctx = SESSION_CTX;
         cparams.n_batch = SESSION_CTX;
         cparams.n_ubatch = SESSION_CTX;
-        cparams.n_seq_max = 1;
+        cparams.n_seq_max = SESSION_SEQS;
+        cparams.kv_unified = true;
         cparams.n_threads = threads;
         cparams.n_threads_batch = threads;
         cparams.type_k = sys::GGML_TYPE_F32;
@@ -463,16 +471,50 @@ impl Tracer {
 
     /// One decode of `tokens`: FF2's input at `layers` at the last position, and the logits.
     pub fn last_position(&mut self, tokens: &[u32], layers: &[usize]) -> Result<Traced> {
-        let last = tokens.len().saturating_sub(1);
-        let rows = self.trace(tokens, layers, &[last])?;
-        Ok(Traced {
-            logits: rows.logits,
-            ff2_in: rows
-                .ff2_in
-                .into_iter()
-                .map(|mut at| at.pop().unwrap_or_default())
-                .collect(),
-        })
+        Ok(self.last_positions(&[tokens], layers)?.remove(0))
+    }
+
+    /// FF2's input at `layers` at the last position of each prompt, and its logits there: the
+    /// prompts are packed as sequences of their own into as few decodes as the context takes
+    /// (each attends only to itself, so this equals tracing each alone up to the kernels'
+    /// rounding).
+    pub fn last_positions(&mut self, prompts: &[&[u32]], layers: &[usize]) -> Result<Vec<Traced>> {
+        for p in prompts {
+            self.check_request(p, layers, &[p.len().saturating_sub(1)])?;
+        }
+        let mut out = Vec::with_capacity(prompts.len());
+        let mut start = 0;
+        while start < prompts.len() {
+            let mut end = start + 1;
+            let mut tokens = prompts[start].len();
+            while end < prompts.len()
+                && end - start < SESSION_SEQS as usize
+                && tokens + prompts[end].len() <= SESSION_CTX as usize
+            {
+                tokens += prompts[end].len();
+                end += 1;
+            }
+            let mut entries = Vec::with_capacity(tokens);
+            let mut lasts = Vec::with_capacity(end - start);
+            for (seq, p) in (0..).zip(&prompts[start..end]) {
+                entries.extend(p.iter().enumerate().map(|(pos, &token)| Entry {
+                    token,
+                    pos,
+                    logits: pos + 1 == p.len(),
+                    seqs: Seqs::one(seq),
+                }));
+                lasts.push(entries.len() - 1);
+            }
+            let mut rows = self.capture(&entries, layers, &lasts)?;
+            for (k, &last) in lasts.iter().enumerate() {
+                out.push(Traced {
+                    logits: self.logits(last)?,
+                    ff2_in: rows.iter_mut().map(|r| std::mem::take(&mut r[k])).collect(),
+                });
+            }
+            start = end;
+        }
+        Ok(out)
     }
 
     /// One decode of `tokens` (from an empty KV cache): FF2's input at each of `layers` at each
@@ -488,10 +530,42 @@ impl Tracer {
         wanted.sort_unstable();
         wanted.dedup();
         let last = tokens.len() - 1;
-        let mut outputs = wanted.clone();
-        if outputs.last() != Some(&last) {
-            outputs.push(last);
-        }
+        let entries: Vec<Entry> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| Entry {
+                token,
+                pos: i,
+                logits: i == last || wanted.binary_search(&i).is_ok(),
+                seqs: Seqs::FIRST,
+            })
+            .collect();
+        let rows = self.capture(&entries, layers, &wanted)?;
+        // Back to the caller's order of positions (which may repeat or be unsorted).
+        let ff2_in = rows
+            .into_iter()
+            .map(|got| {
+                positions
+                    .iter()
+                    .map(|p| got[wanted.binary_search(p).expect("position captured")].clone())
+                    .collect()
+            })
+            .collect();
+        Ok(TracedRows {
+            logits: self.logits(last)?,
+            ff2_in,
+        })
+    }
+
+    /// One decode of `entries` from an empty KV cache (checked by the callers, the entries at
+    /// `wanted` among those with logits): FF2's input of each of `layers` at each batch index
+    /// of `wanted` (ascending), `rows[l][w]`.
+    fn capture(
+        &mut self,
+        entries: &[Entry],
+        layers: &[usize],
+        wanted: &[usize],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
         {
             let cap = self.capture_mut();
             *cap = Capture {
@@ -500,24 +574,15 @@ impl Tracer {
                     .iter()
                     .map(|l| crate::arch::ff2_weight(*l).into_bytes())
                     .collect(),
-                positions: wanted.clone(),
-                outputs: outputs.clone(),
-                n_tokens: tokens.len(),
+                positions: wanted.to_vec(),
+                outputs: (0..entries.len()).filter(|&i| entries[i].logits).collect(),
+                n_tokens: entries.len(),
                 rows: vec![None; layers.len()],
                 error: None,
             };
         }
-        let entries: Vec<Entry> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, &token)| Entry {
-                token,
-                pos: i,
-                logits: outputs.binary_search(&i).is_ok(),
-            })
-            .collect();
         self.clear();
-        let rc = self.decode_raw(&entries);
+        let rc = self.decode_raw(entries);
         let cap = std::mem::take(self.capture_mut());
         rc?;
         if let Some(e) = cap.error {
@@ -526,8 +591,7 @@ impl Tracer {
                 self.path.display()
             )));
         }
-        let logits = self.logits(last)?;
-        let mut ff2_in = Vec::with_capacity(layers.len());
+        let mut out = Vec::with_capacity(layers.len());
         for (&layer, got) in layers.iter().zip(cap.rows) {
             let Some(got) = got else {
                 return Err(Error::Invalid(format!(
@@ -551,14 +615,9 @@ impl Tracer {
                 ))
                 .in_file(&self.path));
             }
-            // Back to the caller's order of positions (which may repeat or be unsorted).
-            let rows = positions
-                .iter()
-                .map(|p| got[wanted.binary_search(p).expect("position captured")].clone())
-                .collect();
-            ff2_in.push(rows);
+            out.push(got);
         }
-        Ok(TracedRows { logits, ff2_in })
+        Ok(out)
     }
 
     /// Fails for anything the decode or the trace could not take.
@@ -620,13 +679,13 @@ impl Tracer {
         Ok(row)
     }
 
-    /// One `llama_decode` of `entries` (1 to SESSION_CTX of them, checked by the callers) on top
-    /// of the cache; the callback captures whatever the Capture is armed for.
+    /// One `llama_decode` of `entries` (as [`check_batch`] takes them, checked by the callers)
+    /// on top of the cache; the callback captures whatever the Capture is armed for.
     fn decode_raw(&mut self, entries: &[Entry]) -> Result<()> {
         let batch = Batch::new(entries);
         // SAFETY: the context and the batch are live; the batch holds entries.len() ≤ n_batch
-        // tokens of sequence 0 with ids below n_vocab and positions below the session's context
-        // (checked by the callers). No reference to the Capture is alive during
+        // tokens with ids below n_vocab, sequence ids below n_seq_max and positions below the
+        // session's context (checked by the callers). No reference to the Capture is alive during
         // the call, so the callback's exclusive access to it is sound.
         let rc = unsafe { sys::llama_decode(self.ctx.as_ptr(), batch.0) };
         match rc {
@@ -655,17 +714,7 @@ impl Decoder for Tracer {
     }
 
     fn decode(&mut self, batch: &[Entry]) -> Result<()> {
-        if batch.is_empty() || batch.len() > SESSION_CTX as usize {
-            return Err(crate::runtime::too_long(
-                &self.path,
-                batch.len(),
-                SESSION_CTX as usize,
-            ));
-        }
-        let end = batch.iter().map(|e| e.pos + 1).max().unwrap_or(0);
-        if end > self.max_tokens {
-            return Err(crate::runtime::too_long(&self.path, end, self.max_tokens));
-        }
+        check_batch(&self.path, batch, self.max_tokens)?;
         if let Some(e) = batch.iter().find(|e| e.token as usize >= self.n_vocab) {
             return Err(Error::BadRequest(format!(
                 "token id {} is past the model's vocabulary of {}",

@@ -97,28 +97,40 @@ fn without_times(v: &serde_json::Value) -> serde_json::Value {
     }
 }
 
-/// Scoring a prompt once for all its continuations gives the same log-probabilities and
-/// next-token logits as scoring each continuation in a decode of its own.
+/// Random token ids below `n_vocab`, `len` of them, from `seed` (a small LCG).
+fn token_run(seed: u64, len: usize, n_vocab: usize) -> Vec<u32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % n_vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Scoring a prompt once for all its continuations, several prompts packed into one decode as
+/// sequences of their own, gives the same log-probabilities and next-token logits as scoring
+/// each continuation in a decode of its own (tiny Llama, F32 weights: exact arithmetic, so only
+/// summation order differs).
 #[test]
 fn shared_prompt_scoring_matches_separate_decodes() {
-    use backlens::edit::EditRequest;
     use backlens::runtime::{LlamaRuntime, PromptQuery};
-    let path = common::smollm2();
-    let tok = &common::smollm2_loaded().tok;
-    let records = EditRequest::load_file(&common::counterfact("counterfact-val.json")).unwrap();
-    let rt = LlamaRuntime::load(&path).unwrap();
+    let fixture = common::tiny(backlens::arch::Arch::Llama);
+    let n_vocab = fixture.hp.n_vocab;
+    let rt = LlamaRuntime::load(&fixture.gguf).unwrap();
     let mut session = rt.session().unwrap();
-    let encoded: Vec<[Vec<u32>; 4]> = records[..6]
-        .iter()
-        .map(|r| {
+    // Prompts of 3 to 14 tokens, each with a one-token and two longer continuations.
+    let encoded: Vec<[Vec<u32>; 4]> = (0..8u64)
+        .map(|i| {
             [
-                tok.encode_prompt(r.rephrase_prompt.as_deref().unwrap_or(&r.prompt))
-                    .unwrap(),
-                tok.encode_target(&r.target_new).unwrap(),
-                tok.encode_target(r.ground_truth.as_deref().unwrap())
-                    .unwrap(),
-                tok.encode_target(&format!("{} and more", r.target_new))
-                    .unwrap(),
+                token_run(i, 3 + (5 * i as usize) % 12, n_vocab),
+                token_run(100 + i, 1, n_vocab),
+                token_run(200 + i, 2 + i as usize % 3, n_vocab),
+                token_run(300 + i, 4, n_vocab),
             ]
         })
         .collect();
@@ -131,7 +143,6 @@ fn shared_prompt_scoring_matches_separate_decodes() {
         .collect();
     let scored = session.score(&queries).unwrap();
     assert_eq!(scored.len(), queries.len(), "one score per prompt");
-    let n_vocab = common::smollm2_loaded().hp.n_vocab;
     // NaN until the first comparison (`max` drops it), so comparing nothing fails the bound.
     let (mut worst, mut compared) = (f64::NAN, 0);
     for (q, s) in queries.iter().zip(&scored) {
@@ -147,6 +158,96 @@ fn shared_prompt_scoring_matches_separate_decodes() {
         }
     }
     println!("shared-prompt vs separate scoring: max difference {worst:.2e}");
-    assert_eq!(compared, 6 * 3, "continuations compared");
-    assert!(worst < 1e-4, "shared-prompt scoring differs by {worst}");
+    assert_eq!(compared, 8 * 3, "continuations compared");
+    assert!(worst < 1e-5, "shared-prompt scoring differs by {worst}");
+}
+
+/// One packed decode of `seqs` on `d`, each sequence's first KV cell a multiple of `align`
+/// (filler tokens of a sequence of their own in between), against each sequence decoded alone
+/// from an empty cache: the largest |difference| of any logits row, and the rows compared.
+fn packed_vs_alone(
+    d: &mut impl backlens::runtime::Decoder,
+    seqs: &[Vec<u32>],
+    align: usize,
+) -> (f64, usize) {
+    use backlens::runtime::{Entry, Seqs, SESSION_SEQS};
+    let entry = |token, pos, logits, seqs| Entry {
+        token,
+        pos,
+        logits,
+        seqs,
+    };
+    let filler = Seqs::one(SESSION_SEQS - 1);
+    let (mut batch, mut starts, mut filled) = (Vec::new(), Vec::new(), 0);
+    for (id, s) in (0..).zip(seqs) {
+        while batch.len() % align != 0 {
+            batch.push(entry(s[0], filled, false, filler));
+            filled += 1;
+        }
+        starts.push(batch.len());
+        batch.extend((0..s.len()).map(|pos| entry(s[pos], pos, true, Seqs::one(id))));
+    }
+    d.clear();
+    d.decode(&batch).unwrap();
+    let mut packed = Vec::new();
+    for (s, &start) in seqs.iter().zip(&starts) {
+        packed.push(
+            (start..start + s.len())
+                .map(|i| d.row(i).unwrap())
+                .collect::<Vec<_>>(),
+        );
+    }
+    let (mut worst, mut compared) = (f64::NAN, 0);
+    for (s, rows) in seqs.iter().zip(&packed) {
+        d.clear();
+        let alone: Vec<Entry> = (0..s.len())
+            .map(|pos| entry(s[pos], pos, true, Seqs::FIRST))
+            .collect();
+        d.decode(&alone).unwrap();
+        for (i, row) in rows.iter().enumerate() {
+            for (x, y) in d.row(i).unwrap().iter().zip(row) {
+                worst = worst.max((x - y).abs() as f64);
+            }
+            compared += 1;
+        }
+    }
+    (worst, compared)
+}
+
+/// Eighteen sequences of 4 to 21 tokens packed into one decode (distinct sequence ids, a
+/// unified KV cache) give every logits row of each sequence decoded alone, on a llama.cpp
+/// session and on the tracer's context: on F32 weights to within summation order wherever the
+/// sequences start; on SmolLM2 Q4_1 bitwise when each sequence's first KV cell is a multiple of
+/// 8 (ggml's 8-float chunks then sum the same values in the same order; elsewhere a last-bit
+/// change flips an activation's 8-bit rounding, which the quantized layers amplify).
+#[test]
+fn packed_decode_rows_match_one_sequence_decodes() {
+    use backlens::runtime::LlamaRuntime;
+    use backlens::trace::Tracer;
+    let fixture = common::tiny(backlens::arch::Arch::Llama);
+    let q41 = common::smollm2();
+    for (path, n_vocab, align, bound) in [
+        (&fixture.gguf, fixture.hp.n_vocab, 1, 1e-5),
+        (&q41, 49152, 8, 0.0),
+    ] {
+        let seqs: Vec<Vec<u32>> = (0..18u64)
+            .map(|i| token_run(i, 4 + (7 * i as usize) % 18, n_vocab))
+            .collect();
+        let rt = LlamaRuntime::load(path).unwrap();
+        let mut tracer = Tracer::load(path).unwrap();
+        for (engine, (worst, compared)) in [
+            (
+                "session",
+                packed_vs_alone(&mut rt.session().unwrap(), &seqs, align),
+            ),
+            ("tracer", packed_vs_alone(&mut tracer, &seqs, align)),
+        ] {
+            println!(
+                "{} {engine}, starts aligned to {align}: {compared} rows, max |difference| {worst:.2e}",
+                path.display()
+            );
+            assert!(compared > 150, "only {compared} rows compared");
+            assert!(worst <= bound, "{engine}: packed rows differ by {worst}");
+        }
+    }
 }

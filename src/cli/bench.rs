@@ -145,6 +145,8 @@ fn timed<T>(
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // bench measures a machine it has to itself: llama.cpp decodes on every core.
+    backlens::runtime::claim_cores();
     let gguf = require_gguf(&open(&args.model)?.source)?;
     let scratch = args
         .scratch
@@ -395,11 +397,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     let show = |l: Option<f64>| l.map_or("unknown".into(), |l| format!("{l:.2}"));
     println!(
-        "{} ({} bytes); load average {} before, {} after",
+        "{} ({} bytes); load average {} before, {} after; llama.cpp decode threads: {}",
         gguf.display(),
         std::fs::metadata(&gguf)?.len(),
         show(load_before),
-        show(load_average())
+        show(load_average()),
+        backlens::runtime::decode_threads()
     );
     println!("  {:<40} {:>9} {:>10} {:>9}", "", "wall", "", "CPU");
     for r in &rows {

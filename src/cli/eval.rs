@@ -129,6 +129,8 @@ impl Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // eval runs nothing beside its llama.cpp decodes.
+    backlens::runtime::claim_cores();
     if args.edits.is_some() || !args.curve.is_empty() {
         return many::run(args);
     }

@@ -65,11 +65,37 @@ pub fn compute_traced(
     lr: f64,
     prior: &[Delta],
 ) -> Result<EditOutcome> {
-    let prompt = tok.encode_prompt(&req.prompt)?;
-    let target_id = super::first_target_token(tok, req)?;
+    let reqs = std::slice::from_ref(req);
+    Ok(compute_traced_many(tracer, src, tok, reqs, layer, lr, prior)?.remove(0))
+}
+
+/// [`compute_traced`] of several independent requests with the same `prior` deltas, their
+/// prompts traced together ([`crate::trace::Tracer::last_positions`]).
+pub fn compute_traced_many(
+    tracer: &mut crate::trace::Tracer,
+    src: &ModelSource,
+    tok: &Tokenizer,
+    reqs: &[EditRequest],
+    layer: usize,
+    lr: f64,
+    prior: &[Delta],
+) -> Result<Vec<EditOutcome>> {
+    let prompts = reqs
+        .iter()
+        .map(|r| tok.encode_prompt(&r.prompt))
+        .collect::<Result<Vec<_>>>()?;
+    let targets = reqs
+        .iter()
+        .map(|r| super::first_target_token(tok, r))
+        .collect::<Result<Vec<_>>>()?;
     tracer.apply_deltas(prior)?;
-    let pass = tracer.last_position(&prompt, &[layer])?;
-    from_last_position(src, req, target_id, &pass.logits, pass.ff2_in, layer, lr)
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let passes = tracer.last_positions(&refs, &[layer])?;
+    reqs.iter()
+        .zip(targets)
+        .zip(passes)
+        .map(|((r, t), p)| from_last_position(src, r, t, &p.logits, p.ff2_in, layer, lr))
+        .collect()
 }
 
 /// The FPS outcome from one forward's last-position logits and FF2 input (either engine): the

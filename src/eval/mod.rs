@@ -438,7 +438,8 @@ pub fn evaluate(
 }
 
 /// Records whose adapters are loaded together before one llama.cpp session scores them (an
-/// adapter can only be loaded while no session borrows the model).
+/// adapter can only be loaded while no session borrows the model); in `eval --forward llama`,
+/// the records whose keys one packed trace takes.
 const CHUNK: usize = 16;
 
 /// [`evaluate`] with an edit context (key statistics for `shift-whitened`).

@@ -1,12 +1,13 @@
 //! `eval --forward llama`: the whole evaluation on one llama.cpp model and context, a
-//! [`Tracer`]. Each record's key and skip rule come from a traced decode of its prompt (earlier
-//! edits of a sequential run applied as an adapter), its edit is applied to the same context as
-//! an adapter, and the same context scores it. No candle model is loaded, so this runs on every
+//! [`Tracer`]. Each record's key and skip rule come from a traced decode of its prompt (packed
+//! with the other prompts of its chunk; a sequential run's earlier edits applied as an
+//! adapter), its edit is applied to the same context as an adapter, and the same context scores
+//! it. No candle model is loaded, so this runs on every
 //! architecture llama.cpp loads that has a dense `ffn_down` (shift, fixed layer and step).
 
 use super::{
     encode, locality_top1, retention, score, EvalConfig, EvalReport, LayerChoice, LrChoice,
-    RecordEdit,
+    RecordEdit, CHUNK,
 };
 use crate::edit::{self, Delta, EditRequest};
 use crate::source::ModelSource;
@@ -48,20 +49,31 @@ pub fn evaluate(
     let base_top1 = locality_top1(&mut tracer, &encoded)?;
     let mut all_deltas: Vec<Delta> = Vec::new();
     let mut scores = Vec::with_capacity(records.len());
-    for (index, (r, enc)) in records.iter().zip(&encoded).enumerate() {
-        let edit = edit_record(&mut tracer, &src, tok, r, config, &all_deltas)?;
-        let active: Vec<Delta> = match config.sequential {
-            true => {
-                all_deltas.extend(edit.deltas.iter().cloned());
-                all_deltas.clone()
-            }
-            false => edit.deltas.clone(),
-        };
-        tracer.apply_deltas(&stored_deltas(file, &active, config.ff2_type)?)?;
-        let mut record = score(&mut tracer, tok, enc, base_top1[index], config.fluency)?;
-        edit.stamp(&mut record, r.case_id);
-        scores.push(record);
-        progress(index + 1);
+    // Independent records take their keys from the unedited model, a chunk of prompts per
+    // traced decode; a sequential run traces each record on top of the edits before it.
+    let chunk = if config.sequential { 1 } else { CHUNK };
+    for (start, recs) in (0..).step_by(chunk).zip(records.chunks(chunk)) {
+        let edits = edit_records(&mut tracer, &src, tok, recs, config, &all_deltas)?;
+        for (index, (r, edit)) in (start..).zip(recs.iter().zip(edits)) {
+            let active: Vec<Delta> = match config.sequential {
+                true => {
+                    all_deltas.extend(edit.deltas.iter().cloned());
+                    all_deltas.clone()
+                }
+                false => edit.deltas.clone(),
+            };
+            tracer.apply_deltas(&stored_deltas(file, &active, config.ff2_type)?)?;
+            let mut record = score(
+                &mut tracer,
+                tok,
+                &encoded[index],
+                base_top1[index],
+                config.fluency,
+            )?;
+            edit.stamp(&mut record, r.case_id);
+            scores.push(record);
+            progress(index + 1);
+        }
     }
     let retained = match (config.sequential, all_deltas.is_empty()) {
         (true, false) => {
@@ -73,38 +85,44 @@ pub fn evaluate(
     Ok(EvalReport::of(config, start, scores, retained))
 }
 
-/// The record's shift edit from a traced decode of its prompt, with the `prior` deltas (earlier
-/// records of a sequential run) applied to the tracer; no edit for the unedited baseline.
-fn edit_record(
+/// The shift edits of `recs` from traced decodes of their prompts (packed into one where they
+/// fit), with the `prior` deltas (earlier records of a sequential run) applied to the tracer;
+/// no edits for the unedited baseline. Each record is charged an equal share of the time.
+fn edit_records(
     tracer: &mut Tracer,
     src: &ModelSource,
     tok: &Tokenizer,
-    r: &EditRequest,
+    recs: &[EditRequest],
     config: &EvalConfig,
     prior: &[Delta],
-) -> Result<RecordEdit> {
+) -> Result<Vec<RecordEdit>> {
     let (Some(_), LayerChoice::Fixed(layer), LrChoice::Fixed(lr)) =
         (config.method, config.layer, config.lr)
     else {
-        return Ok(RecordEdit {
+        let none = || RecordEdit {
             layer: None,
             lr: None,
             deltas: Vec::new(),
             skipped: false,
             seconds: 0.0,
-        });
+        };
+        return Ok(recs.iter().map(|_| none()).collect());
     };
     let prior = match config.sequential {
         true => prior,
         false => &[],
     };
     let start = std::time::Instant::now();
-    let outcome = edit::shift::compute_traced(tracer, src, tok, r, layer, lr, prior)?;
-    Ok(RecordEdit {
-        layer: Some(layer),
-        lr: outcome.delta.as_ref().map(|_| lr),
-        skipped: outcome.delta.is_none(),
-        deltas: outcome.delta.into_iter().collect(),
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    let outcomes = edit::shift::compute_traced_many(tracer, src, tok, recs, layer, lr, prior)?;
+    let seconds = start.elapsed().as_secs_f64() / recs.len() as f64;
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| RecordEdit {
+            layer: Some(layer),
+            lr: outcome.delta.as_ref().map(|_| lr),
+            skipped: outcome.delta.is_none(),
+            deltas: outcome.delta.into_iter().collect(),
+            seconds,
+        })
+        .collect())
 }
