@@ -239,8 +239,12 @@ fn search(
         .map(|r| tok.encode_prompt(&r.prompt))
         .collect::<Result<Vec<_>>>()?;
     let segments: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    let (h_all, trace) = model.resid_after_packed(&prompts.concat(), &segments, layer)?;
+    let (h_all, mut trace) = model.resid_after_packed(&prompts.concat(), &segments, layer)?;
     let keys: Vec<Vec<f64>> = trace.ff2_in[layer].to_dtype(DType::F64)?.to_vec2()?;
+    // Only layer L's FF2 output is needed from here on: the rest of the trace is freed now,
+    // not held through the whole search.
+    let ff2_out = trace.ff2_out.swap_remove(layer);
+    drop(trace);
     let mut trials = Vec::with_capacity(requests.len());
     let mut at = 0;
     for (req, &n) in requests.iter().zip(&segments) {
@@ -260,7 +264,7 @@ fn search(
         let h = h_all.narrow(0, at, n)?;
         trials.push(Trial {
             weights: Tensor::from_vec(w, (n, 1), h.device())?.to_dtype(h.dtype())?,
-            out: trace.ff2_out[layer].narrow(0, at, n)?,
+            out: ff2_out.narrow(0, at, n)?,
             h,
             e: model.tok_embd.narrow(0, target_id as usize, 1)?,
             target_id,
@@ -278,7 +282,7 @@ fn search(
     let (base, directions) = match steepest {
         true => gradients(model, layer, &trials)?,
         false => (
-            evaluate(model, layer, &trials, &all, &[0.0; PACK])?,
+            evaluate(model, layer, &trials, &all, &vec![0.0; trials.len()])?,
             Vec::new(),
         ),
     };
