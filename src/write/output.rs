@@ -441,6 +441,60 @@ impl AtomicOutput {
             .map_err(|e| Error::io(self.staged.target(), e))
     }
 
+    /// Appends `bytes`, the `bytes.len()` bytes of `src` from `offset` on, copied by the kernel
+    /// (`copy_file_range`, as `cp` does: they never pass through this process's memory); where
+    /// the file systems do not take such a copy, written from `bytes` instead. The file is the
+    /// same either way.
+    pub fn copy_range(&mut self, src: &File, offset: u64, bytes: &[u8]) -> Result<()> {
+        let w = self.writer.as_mut().expect("writer present until finish");
+        let fail = |e| Error::io(self.staged.target(), e);
+        w.flush().map_err(fail)?;
+        let out = w.get_ref().as_raw_fd();
+        let mut off_in =
+            i64::try_from(offset).map_err(|_| fail(std::io::ErrorKind::InvalidInput.into()))?;
+        let mut done = 0;
+        while done < bytes.len() {
+            // SAFETY: both descriptors are open for the whole call (`src` is borrowed, `out` is
+            // owned by the writer); `off_in` is a live i64 the kernel reads and advances; a null
+            // output offset means the output's own file position, which the kernel advances.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    out,
+                    std::ptr::null_mut(),
+                    bytes.len() - done,
+                    0,
+                )
+            };
+            match n {
+                1.. => done += n as usize,
+                0 => {
+                    return Err(fail(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the input file ended before the tensor being copied (was it truncated?)",
+                    )))
+                }
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINTR) => {}
+                        Some(
+                            libc::EXDEV
+                            | libc::EINVAL
+                            | libc::ENOSYS
+                            | libc::EOPNOTSUPP
+                            | libc::EPERM
+                            | libc::EBADF,
+                        ) => return w.write_all(&bytes[done..]).map_err(fail),
+                        _ => return Err(fail(e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Flushes and fsyncs the file; it stays at its temporary path until committed.
     pub fn finish(mut self) -> Result<Staged> {
         let target = self.staged.target().to_path_buf();
