@@ -414,21 +414,47 @@ pub fn check(
     format: Format,
     reqs: &[EditRequest],
 ) -> Result<Check> {
+    check_after(source, tok, staged, format, reqs, None)
+}
+
+/// The base model's probes of [`check`] on a tracer of it (earlier edits removed), taken before
+/// the tracer is freed, so that checking a patched GGUF loads only the patched file.
+fn base_probes(tracer: &mut Tracer, tok: &Tokenizer, reqs: &[EditRequest]) -> Result<Vec<Probe>> {
+    tracer.apply_deltas(&[])?;
+    probes(tracer, tok, reqs)
+}
+
+/// [`check`] with the base's probes already taken (`before`, from [`base_probes`]), or taken
+/// here on a fresh load of the base.
+fn check_after(
+    source: &ModelSource,
+    tok: &Tokenizer,
+    staged: &Staged,
+    format: Format,
+    reqs: &[EditRequest],
+    before: Option<Vec<Probe>>,
+) -> Result<Check> {
     let ModelSource::Gguf(g) = source else {
         return Err(Error::Invalid(
             "the llama.cpp check needs a GGUF input".into(),
         ));
     };
-    let mut base = LlamaRuntime::load(g.path())?;
-    let before = probes(&mut base.session()?, tok, reqs)?;
-    let after = match format {
-        Format::Lora => {
+    let (base, before) = match (format, before) {
+        (Format::Gguf, Some(before)) => (None, before),
+        _ => {
+            let base = LlamaRuntime::load(g.path())?;
+            let before = probes(&mut base.session()?, tok, reqs)?;
+            (Some(base), before)
+        }
+    };
+    let after = match (format, base) {
+        (Format::Lora, Some(mut base)) => {
             let mut adapter = base.load_lora(staged.path())?;
             let mut s = base.session()?;
             s.set_lora(&mut adapter, 1.0)?;
             probes(&mut s, tok, reqs)?
         }
-        _ => {
+        (_, base) => {
             drop(base);
             let patched = LlamaRuntime::load(staged.path())?;
             let after = probes(&mut patched.session()?, tok, reqs)?;
@@ -453,8 +479,7 @@ pub fn check_adapter_on(
             "the llama.cpp check needs a GGUF input".into(),
         ));
     };
-    tracer.apply_deltas(&[])?;
-    let before = probes(&mut tracer, tok, reqs)?;
+    let before = base_probes(&mut tracer, tok, reqs)?;
     tracer.apply_adapter_file(g, staged.path())?;
     let after = probes(&mut tracer, tok, reqs)?;
     Ok(Check { before, after })
@@ -565,9 +590,13 @@ pub fn run(
         (outcomes, hash)
     });
     let outcomes = outcomes?;
-    // The tracer checks a LoRA output (whose check needs the base loaded anyway); before a
-    // patched GGUF is written it is freed, so that the write and the patched file's load never
-    // hold the base's pages as well.
+    // The tracer checks a LoRA output (whose check needs the base loaded anyway); for a
+    // patched GGUF it takes the check's base probes, then is freed before the file is written,
+    // so that the write and the patched file's load never hold the base's pages as well.
+    let before = match (job.check, job.format, tracer.as_mut()) {
+        (true, Format::Gguf, Some(t)) => Some(base_probes(t, tok, &job.requests)?),
+        _ => None,
+    };
     if !(job.check && job.format == Format::Lora) {
         tracer = None;
     }
@@ -595,9 +624,14 @@ pub fn run(
         (true, Format::Lora, Some(t)) => {
             Some(check_adapter_on(t, source, tok, &staged, &job.requests)?)
         }
-        (true, Format::Gguf | Format::Lora, _) => {
-            Some(check(source, tok, &staged, job.format, &job.requests)?)
-        }
+        (true, Format::Gguf | Format::Lora, _) => Some(check_after(
+            source,
+            tok,
+            &staged,
+            job.format,
+            &job.requests,
+            before,
+        )?),
         _ => None,
     };
     staged.commit()?;
