@@ -548,35 +548,72 @@ pub fn run(
     job: &Job,
     claim: OutputClaim,
 ) -> Result<PatchReport> {
+    run_with(source, Some(tok), job, claim)
+}
+
+/// [`run`] on a model opened without its tokenizer, what `edit` does: the tokenizer is built
+/// while llama.cpp loads the tracer on another thread (shift through llama.cpp), so that the
+/// two loads overlap.
+pub fn run_building_tokenizer(
+    source: &ModelSource,
+    job: &Job,
+    claim: OutputClaim,
+) -> Result<PatchReport> {
+    run_with(source, None, job, claim)
+}
+
+/// [`run`] with the tokenizer `given`, or built from `source` beside the tracer's load.
+fn run_with(
+    source: &ModelSource,
+    given: Option<&Tokenizer>,
+    job: &Job,
+    claim: OutputClaim,
+) -> Result<PatchReport> {
     job.format.check_input(source)?;
     job.settings.check(n_layer(source)?)?;
     edit::request::refuse_conflicts(&job.requests)?;
     for r in &job.requests {
         r.validate()?;
-        if job.check && job.format != Format::Safetensors {
-            check_fits_session(tok, r)?;
-        }
     }
     if job.forward == Forward::Candle {
         // Cheap checks first, so that a model candle cannot run fails before any hashing.
         source.hparams()?;
     }
-    // The base's hash (provenance of a GGUF output) reads the whole file: it runs on a second
-    // thread beside the forward.
+    let traced = match (source, job.settings.method, job.forward) {
+        (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => Some(g),
+        _ => None,
+    };
     // A llama.cpp forward keeps its tracer for the check: one load of the base per run.
-    let mut tracer = None;
-    let (outcomes, base_sha256) = std::thread::scope(|s| {
+    let (mut tracer, mut built) = (None, None);
+    let (outcomes, base_sha256) = std::thread::scope(|s| -> Result<_> {
+        let build = || Tokenizer::from_source(source).map_err(|e| e.in_file(source.path()));
+        let building = given.is_none().then(|| s.spawn(build));
+        // llama.cpp loads the tracer on this thread while the tokenizer is built on another.
+        let loaded = traced.map(|g| traced_for(g, &job.settings));
+        let tok = match (given, building) {
+            (Some(t), _) => t,
+            (None, Some(b)) => {
+                &*built.insert(b.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?)
+            }
+            (None, None) => unreachable!("a tokenizer is given or being built"),
+        };
+        if job.check && job.format != Format::Safetensors {
+            for r in &job.requests {
+                check_fits_session(tok, r)?;
+            }
+        }
+        // The base's hash (provenance of a GGUF output) reads the whole file: it runs on a
+        // thread of its own beside the load and the forward.
         let hash = match source {
             ModelSource::Gguf(g) => Some(s.spawn(|| g.sha256_hex())),
             ModelSource::Hf(_) => None,
         };
-        let outcomes = match (source, job.settings.method, job.forward) {
-            (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => traced_for(g, &job.settings)
-                .and_then(|t| {
-                    let t = tracer.insert(t);
-                    compute_on(t, source, tok, &job.requests, &job.settings)
-                }),
-            _ => compute(
+        let outcomes = match loaded {
+            Some(l) => l.and_then(|t| {
+                let t = tracer.insert(t);
+                compute_on(t, source, tok, &job.requests, &job.settings)
+            }),
+            None => compute(
                 source,
                 tok,
                 &job.requests,
@@ -587,8 +624,11 @@ pub fn run(
             ),
         };
         let hash = hash.map(|h| h.join().expect("hashing a mapped file does not panic"));
-        (outcomes, hash)
-    });
+        Ok((outcomes, hash))
+    })?;
+    let tok = given
+        .or(built.as_ref())
+        .expect("a tokenizer given or built");
     let outcomes = outcomes?;
     // The tracer checks a LoRA output (whose check needs the base loaded anyway); for a
     // patched GGUF it takes the check's base probes, then is freed before the file is written,
