@@ -244,7 +244,7 @@ fn traced_for(g: &GgufFile, settings: &EditSettings) -> Result<Tracer> {
     shape
         .ff2_width(settings.layer)
         .map_err(|e| e.in_file(g.path()))?;
-    Tracer::load(g.path())
+    Tracer::load_opened(g)
 }
 
 /// [`compute`]'s shift edits through llama.cpp's forward on `tracer` (a tracer on `source`).
