@@ -9,7 +9,8 @@
 //!   a concurrent run fails at once with a clear message instead of racing;
 //! - the bytes go to a temporary name beside the target ([`PARTIAL_MARKER`]), registered with
 //!   [`crate::cleanup`] so that SIGINT/SIGTERM remove them, and are renamed into place only by
-//!   [`Staged::commit`], after every check (llama.cpp's included) has passed.
+//!   [`Staged::commit`], after every check (llama.cpp's included) has passed and the file is
+//!   fsynced (its write-back starts when it is finished, so the checks overlap the disk writes).
 
 use crate::{cleanup, Error, Result};
 use std::fs::{File, OpenOptions};
@@ -136,6 +137,7 @@ impl OutputClaim {
             staged: Staged {
                 claim: Some(self),
                 temp,
+                unsynced: None,
             },
         })
     }
@@ -155,6 +157,7 @@ impl OutputClaim {
             staged: Staged {
                 claim: Some(self),
                 temp,
+                unsynced: None,
             },
         })
     }
@@ -359,6 +362,10 @@ impl Drop for Lock {
 pub struct Staged {
     claim: Option<OutputClaim>,
     temp: PathBuf,
+    /// A finished file whose write-back to disk has been started, not yet waited for: the
+    /// fsync happens in [`Staged::commit`], before the rename, so the checks between finish
+    /// and commit run while the disk writes.
+    unsynced: Option<File>,
 }
 
 impl Staged {
@@ -375,6 +382,9 @@ impl Staged {
     /// Renames the temporary output into place (an existing file is replaced atomically; an
     /// existing backlens folder is moved aside, then removed).
     pub fn commit(mut self) -> Result<()> {
+        if let Some(file) = self.unsynced.take() {
+            file.sync_all().map_err(|e| Error::io(self.target(), e))?;
+        }
         let claim = self.claim.take().expect("claim until commit");
         let target = claim.target.clone();
         let displaced = match (claim.kind, target.is_dir()) {
@@ -495,14 +505,18 @@ impl AtomicOutput {
         Ok(())
     }
 
-    /// Flushes and fsyncs the file; it stays at its temporary path until committed.
+    /// Flushes the file and starts its write-back to disk; it stays at its temporary path until
+    /// committed, and [`Staged::commit`] waits for the write-back (fsync) before the rename.
     pub fn finish(mut self) -> Result<Staged> {
-        let target = self.staged.target().to_path_buf();
         let writer = self.writer.take().expect("writer present until finish");
         let file = writer
             .into_inner()
-            .map_err(|e| Error::io(&target, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&target, e))?;
+            .map_err(|e| Error::io(self.staged.target(), e.into_error()))?;
+        // SAFETY: `file` is an open descriptor for the whole call. Only a hint: its result is
+        // not needed, since the fsync in `commit` is what makes the file durable.
+        let _ =
+            unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        self.staged.unsynced = Some(file);
         Ok(self.staged)
     }
 
