@@ -244,7 +244,7 @@ fn traced_for(g: &GgufFile, settings: &EditSettings) -> Result<Tracer> {
     shape
         .ff2_width(settings.layer)
         .map_err(|e| e.in_file(g.path()))?;
-    Tracer::load(g.path())
+    Tracer::load_opened(g)
 }
 
 /// [`compute`]'s shift edits through llama.cpp's forward on `tracer` (a tracer on `source`).
@@ -414,21 +414,47 @@ pub fn check(
     format: Format,
     reqs: &[EditRequest],
 ) -> Result<Check> {
+    check_after(source, tok, staged, format, reqs, None)
+}
+
+/// The base model's probes of [`check`] on a tracer of it (earlier edits removed), taken before
+/// the tracer is freed, so that checking a patched GGUF loads only the patched file.
+fn base_probes(tracer: &mut Tracer, tok: &Tokenizer, reqs: &[EditRequest]) -> Result<Vec<Probe>> {
+    tracer.apply_deltas(&[])?;
+    probes(tracer, tok, reqs)
+}
+
+/// [`check`] with the base's probes already taken (`before`, from [`base_probes`]), or taken
+/// here on a fresh load of the base.
+fn check_after(
+    source: &ModelSource,
+    tok: &Tokenizer,
+    staged: &Staged,
+    format: Format,
+    reqs: &[EditRequest],
+    before: Option<Vec<Probe>>,
+) -> Result<Check> {
     let ModelSource::Gguf(g) = source else {
         return Err(Error::Invalid(
             "the llama.cpp check needs a GGUF input".into(),
         ));
     };
-    let mut base = LlamaRuntime::load(g.path())?;
-    let before = probes(&mut base.session()?, tok, reqs)?;
-    let after = match format {
-        Format::Lora => {
+    let (base, before) = match (format, before) {
+        (Format::Gguf, Some(before)) => (None, before),
+        _ => {
+            let base = LlamaRuntime::load(g.path())?;
+            let before = probes(&mut base.session()?, tok, reqs)?;
+            (Some(base), before)
+        }
+    };
+    let after = match (format, base) {
+        (Format::Lora, Some(mut base)) => {
             let mut adapter = base.load_lora(staged.path())?;
             let mut s = base.session()?;
             s.set_lora(&mut adapter, 1.0)?;
             probes(&mut s, tok, reqs)?
         }
-        _ => {
+        (_, base) => {
             drop(base);
             let patched = LlamaRuntime::load(staged.path())?;
             let after = probes(&mut patched.session()?, tok, reqs)?;
@@ -453,8 +479,7 @@ pub fn check_adapter_on(
             "the llama.cpp check needs a GGUF input".into(),
         ));
     };
-    tracer.apply_deltas(&[])?;
-    let before = probes(&mut tracer, tok, reqs)?;
+    let before = base_probes(&mut tracer, tok, reqs)?;
     tracer.apply_adapter_file(g, staged.path())?;
     let after = probes(&mut tracer, tok, reqs)?;
     Ok(Check { before, after })
@@ -523,35 +548,72 @@ pub fn run(
     job: &Job,
     claim: OutputClaim,
 ) -> Result<PatchReport> {
+    run_with(source, Some(tok), job, claim)
+}
+
+/// [`run`] on a model opened without its tokenizer, what `edit` does: the tokenizer is built
+/// while llama.cpp loads the tracer on another thread (shift through llama.cpp), so that the
+/// two loads overlap.
+pub fn run_building_tokenizer(
+    source: &ModelSource,
+    job: &Job,
+    claim: OutputClaim,
+) -> Result<PatchReport> {
+    run_with(source, None, job, claim)
+}
+
+/// [`run`] with the tokenizer `given`, or built from `source` beside the tracer's load.
+fn run_with(
+    source: &ModelSource,
+    given: Option<&Tokenizer>,
+    job: &Job,
+    claim: OutputClaim,
+) -> Result<PatchReport> {
     job.format.check_input(source)?;
     job.settings.check(n_layer(source)?)?;
     edit::request::refuse_conflicts(&job.requests)?;
     for r in &job.requests {
         r.validate()?;
-        if job.check && job.format != Format::Safetensors {
-            check_fits_session(tok, r)?;
-        }
     }
     if job.forward == Forward::Candle {
         // Cheap checks first, so that a model candle cannot run fails before any hashing.
         source.hparams()?;
     }
-    // The base's hash (provenance of a GGUF output) reads the whole file: it runs on a second
-    // thread beside the forward.
+    let traced = match (source, job.settings.method, job.forward) {
+        (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => Some(g),
+        _ => None,
+    };
     // A llama.cpp forward keeps its tracer for the check: one load of the base per run.
-    let mut tracer = None;
-    let (outcomes, base_sha256) = std::thread::scope(|s| {
+    let (mut tracer, mut built) = (None, None);
+    let (outcomes, base_sha256) = std::thread::scope(|s| -> Result<_> {
+        let build = || Tokenizer::from_source(source).map_err(|e| e.in_file(source.path()));
+        let building = given.is_none().then(|| s.spawn(build));
+        // llama.cpp loads the tracer on this thread while the tokenizer is built on another.
+        let loaded = traced.map(|g| traced_for(g, &job.settings));
+        let tok = match (given, building) {
+            (Some(t), _) => t,
+            (None, Some(b)) => {
+                &*built.insert(b.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?)
+            }
+            (None, None) => unreachable!("a tokenizer is given or being built"),
+        };
+        if job.check && job.format != Format::Safetensors {
+            for r in &job.requests {
+                check_fits_session(tok, r)?;
+            }
+        }
+        // The base's hash (provenance of a GGUF output) reads the whole file: it runs on a
+        // thread of its own beside the load and the forward.
         let hash = match source {
             ModelSource::Gguf(g) => Some(s.spawn(|| g.sha256_hex())),
             ModelSource::Hf(_) => None,
         };
-        let outcomes = match (source, job.settings.method, job.forward) {
-            (ModelSource::Gguf(g), Method::Shift, Forward::Llama) => traced_for(g, &job.settings)
-                .and_then(|t| {
-                    let t = tracer.insert(t);
-                    compute_on(t, source, tok, &job.requests, &job.settings)
-                }),
-            _ => compute(
+        let outcomes = match loaded {
+            Some(l) => l.and_then(|t| {
+                let t = tracer.insert(t);
+                compute_on(t, source, tok, &job.requests, &job.settings)
+            }),
+            None => compute(
                 source,
                 tok,
                 &job.requests,
@@ -562,12 +624,19 @@ pub fn run(
             ),
         };
         let hash = hash.map(|h| h.join().expect("hashing a mapped file does not panic"));
-        (outcomes, hash)
-    });
+        Ok((outcomes, hash))
+    })?;
+    let tok = given
+        .or(built.as_ref())
+        .expect("a tokenizer given or built");
     let outcomes = outcomes?;
-    // The tracer checks a LoRA output (whose check needs the base loaded anyway); before a
-    // patched GGUF is written it is freed, so that the write and the patched file's load never
-    // hold the base's pages as well.
+    // The tracer checks a LoRA output (whose check needs the base loaded anyway); for a
+    // patched GGUF it takes the check's base probes, then is freed before the file is written,
+    // so that the write and the patched file's load never hold the base's pages as well.
+    let before = match (job.check, job.format, tracer.as_mut()) {
+        (true, Format::Gguf, Some(t)) => Some(base_probes(t, tok, &job.requests)?),
+        _ => None,
+    };
     if !(job.check && job.format == Format::Lora) {
         tracer = None;
     }
@@ -595,9 +664,14 @@ pub fn run(
         (true, Format::Lora, Some(t)) => {
             Some(check_adapter_on(t, source, tok, &staged, &job.requests)?)
         }
-        (true, Format::Gguf | Format::Lora, _) => {
-            Some(check(source, tok, &staged, job.format, &job.requests)?)
-        }
+        (true, Format::Gguf | Format::Lora, _) => Some(check_after(
+            source,
+            tok,
+            &staged,
+            job.format,
+            &job.requests,
+            before,
+        )?),
         _ => None,
     };
     staged.commit()?;

@@ -283,7 +283,14 @@ impl Tracer {
     /// unified F32 KV cache, flash attention off, [`decode_threads`] threads, like
     /// [`crate::runtime::LlamaRuntime`]'s sessions). Fails, naming the file, when no layer has a dense down projection.
     pub fn load(path: &Path) -> Result<Tracer> {
-        let shape = Shape::from_gguf(&GgufFile::open(path)?)?;
+        Self::load_opened(&GgufFile::open(path)?)
+    }
+
+    /// [`Self::load`] of a file backlens has opened already (its shape is read from `g`, the
+    /// header is not parsed again).
+    pub fn load_opened(g: &GgufFile) -> Result<Tracer> {
+        let path = g.path();
+        let shape = Shape::from_gguf(g)?;
         if let Some(problem) = shape.no_editable_layer() {
             return Err(problem.in_file(path));
         }

@@ -398,6 +398,62 @@ fn same_edit_twice_gives_identical_files() {
     assert!(files[0] == files[3] && files[1] == files[4] && files[2] == files[5]);
 }
 
+/// A patched GGUF's untouched tensors are copied from the input file by the kernel
+/// (`copy_file_range`); the file equals the layout built in memory, byte for byte, and so does
+/// the file written through user space where the kernel refuses the copy (to another file
+/// system: /dev/shm when present) and the one written from bytes held in memory.
+#[test]
+fn kernel_copied_gguf_equals_the_in_memory_layout() {
+    let dir = common::temp_dir("kernel-copy");
+    let base = GgufFile::open(common::smollm2()).unwrap();
+    let info = base.tensor(&ff2_weight(22)).unwrap();
+    let (n_in, n_out) = (info.dims[0] as usize, info.dims[1] as usize);
+    let delta = backlens::delta::Delta {
+        tensor: ff2_weight(22),
+        layer: 22,
+        out_vecs: vec![(0..n_out).map(|i| 0.01 * (i % 7) as f32).collect()],
+        in_vecs: vec![(0..n_in).map(|j| 0.02 * (j % 5) as f32 - 0.04).collect()],
+    };
+    let in_memory =
+        GgufFile::from_bytes("in-memory", std::fs::read(common::smollm2()).unwrap()).unwrap();
+    let mut targets = vec![(&base, dir.join("patched.gguf"))];
+    let shm = Path::new("/dev/shm");
+    let shm_dir = shm
+        .is_dir()
+        .then(|| common::temp_dir_in(shm, "kernel-copy"));
+    targets.extend(shm_dir.iter().map(|d| (&base, d.join("patched.gguf"))));
+    targets.push((&in_memory, dir.join("from-memory.gguf")));
+    let keys = [(
+        "backlens.test".to_string(),
+        backlens::weights::gguf::Value::String("kernel copy".into()),
+    )];
+    let want = patch_plan(&base, std::slice::from_ref(&delta), Ff2Type::F32, &keys)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    for (src, path) in &targets {
+        patch_plan(src, std::slice::from_ref(&delta), Ff2Type::F32, &keys)
+            .unwrap()
+            .write(path)
+            .unwrap();
+        let got = std::fs::read(path).unwrap();
+        assert_eq!(got.len(), want.len(), "{}", path.display());
+        assert!(
+            got == want,
+            "{} differs from the in-memory layout",
+            path.display()
+        );
+    }
+    assert!(
+        want.len() > base.file_len() as usize,
+        "the F32 FF2 is larger than its Q4_1"
+    );
+    if let Some(d) = shm_dir {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[derive(serde::Deserialize)]
 struct Record {
     prompt: String,

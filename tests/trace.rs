@@ -425,6 +425,13 @@ fn edits_from_either_forward_agree_and_flip_the_target() {
             };
             assert_eq!(skipped(&reports[0]), skipped(&reports[1]));
             if *check {
+                // The base's probes: on the tracer the edit ran on (llama.cpp forward) and on a
+                // fresh llama.cpp load of the base (candle forward) alike.
+                let [a, b] = [0, 1].map(|k| &reports[k].check.as_ref().unwrap().before);
+                for (a, b) in a.iter().zip(b) {
+                    assert_eq!((a.rank, &a.top1), (b.rank, &b.top1), "{:?}", a.prompt);
+                    assert!((a.prob - b.prob).abs() <= 1e-6, "{} {}", a.prob, b.prob);
+                }
                 for r in &reports {
                     let c = r.check.as_ref().unwrap();
                     for (i, req) in reqs.iter().enumerate() {

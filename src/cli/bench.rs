@@ -268,8 +268,9 @@ pub fn run(args: Args) -> Result<()> {
         layer,
         lr: 0.24,
     };
-    // What `edit` runs (`patch::run` without the llama.cpp check): the forward, then the write
-    // to a temporary file, committed, then removed again.
+    // What `edit` runs, all of it inside the timer: the output claimed, the model opened (GGUF
+    // header; the tokenizer is built beside llama.cpp's load), the forward, the write to a temporary file, the llama.cpp check
+    // where the row says so, the commit; the file is removed again after the timer.
     let runs = [
         (
             "edit + write GGUF (f32 FF2)",
@@ -302,21 +303,27 @@ pub fn run(args: Args) -> Result<()> {
             Forward::Llama,
         ),
     ];
-    for (name, format, ff2_type, forward) in runs {
+    let checked = [
+        ("edit + write + check GGUF, llama.cpp", Format::Gguf),
+        ("edit + write + check LoRA, llama.cpp", Format::Lora),
+    ]
+    .map(|(name, format)| (name, format, Ff2Type::F32, Forward::Llama));
+    for (k, (name, format, ff2_type, forward)) in runs.into_iter().chain(checked).enumerate() {
         let job = Job {
             requests: vec![req.clone()],
             settings,
             whiten: WhitenSetup::default(),
             format,
             ff2_type,
-            check: false,
+            check: k >= runs.len(),
             forward,
             threads: None,
         };
         let out = tmp("edit.gguf");
         timed(&mut figures, name, || {
             let claim = OutputClaim::new(&out, OutputKind::File, &[&gguf], false)?;
-            Ok(patch::run(&src, &tok, &job, claim)?)
+            let source = backlens::source::ModelSource::open(&gguf)?;
+            Ok(patch::run_building_tokenizer(&source, &job, claim)?)
         })?;
         std::fs::remove_file(&out)?;
     }

@@ -7,6 +7,7 @@ use backlens::edit::whiten::{self, StatsCorpus, WhitenOptions};
 use backlens::edit::{EditRequest, EditSettings, Method};
 use backlens::patch::{self, Format, Forward, Job, WhitenSetup};
 use backlens::runtime::LlamaRuntime;
+use backlens::source::ModelSource;
 use backlens::write::gguf::Ff2Type;
 use backlens::write::OutputClaim;
 use std::path::PathBuf;
@@ -151,11 +152,12 @@ pub fn run(args: Args) -> Result<()> {
     inputs.extend(args.requests.as_deref());
     inputs.extend(args.whiten.stats_data.as_deref());
     let claim = OutputClaim::new(&args.output, args.format.output_kind(), &inputs, args.force)?;
-    let m = open_any(&args.model)?;
+    // The tokenizer is built inside `patch::run_building_tokenizer`, beside llama.cpp's load.
+    let source = ModelSource::open(&args.model)?;
     let layer = match (args.layer, args.method.optimises()) {
         (Some(l), _) => l,
-        (None, true) => args.method.default_layer(&m.source.hparams()?)?,
-        (None, false) => EditSettings::default_layer(patch::n_layer(&m.source)?),
+        (None, true) => args.method.default_layer(&source.hparams()?)?,
+        (None, false) => EditSettings::default_layer(patch::n_layer(&source)?),
     };
     let job = Job {
         requests: requests(&args)?,
@@ -170,10 +172,10 @@ pub fn run(args: Args) -> Result<()> {
         check: !args.no_check,
         forward: args
             .forward
-            .unwrap_or_else(|| Forward::default_for(&m.source)),
+            .unwrap_or_else(|| Forward::default_for(&source)),
         threads: args.threads,
     };
-    let report = patch::run(&m.source, &m.tok, &job, claim)?;
+    let report = patch::run_building_tokenizer(&source, &job, claim)?;
     if args.json {
         return print_json(&report);
     }

@@ -226,6 +226,9 @@ impl TensorInfo {
 pub struct GgufFile {
     path: PathBuf,
     map: Backing,
+    /// The open file the map was made from (None for bytes held in memory): writers copy
+    /// untouched tensors from it in the kernel ([`crate::write::AtomicOutput::copy_range`]).
+    file: Option<File>,
     /// Format version (2 or 3).
     pub version: u32,
     /// Metadata in file order.
@@ -356,7 +359,9 @@ impl GgufFile {
         // SAFETY: the map is read-only; like llama.cpp we assume the file is not truncated while
         // mapped (doing so would raise SIGBUS, not undefined reads).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        Self::parse(path, Backing::Map(map))
+        let mut g = Self::parse(path, Backing::Map(map))?;
+        g.file = Some(file);
+        Ok(g)
     }
 
     /// Parses GGUF bytes held in memory; `name` stands in for the path in messages.
@@ -524,6 +529,7 @@ impl GgufFile {
         Ok(GgufFile {
             path,
             map,
+            file: None,
             version,
             metadata,
             tensors,
@@ -583,6 +589,16 @@ impl GgufFile {
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + info.offset) as usize;
         &self.map[start..start + info.size as usize]
+    }
+
+    /// The open file and the byte range of `bytes` in it, when `bytes` is a slice of this
+    /// file's map (None for bytes held in memory or taken from elsewhere).
+    pub fn file_range(&self, bytes: &[u8]) -> Option<(&File, u64)> {
+        let file = self.file.as_ref()?;
+        let base = self.map.as_ptr() as usize;
+        let start = bytes.as_ptr() as usize;
+        (start >= base && start + bytes.len() <= base + self.map.len())
+            .then(|| (file, (start - base) as u64))
     }
 
     /// Drops the mapped pages of `bytes` (a slice of this file's map) from memory, so that

@@ -40,8 +40,9 @@ pub struct GgufPlan<'a> {
     pub metadata: Vec<(String, Value)>,
     /// Tensors.
     pub tensors: Vec<OutTensor<'a>>,
-    /// The file borrowed tensors come from ([`Self::copy_of`]): their mapped pages are
-    /// released once written, so copying a big model does not keep it resident.
+    /// The file borrowed tensors come from ([`Self::copy_of`]): they are copied from its file
+    /// in the kernel (or, from a map without a file, their mapped pages are released once
+    /// written), so copying a big model does not keep it resident.
     pub source: Option<&'a GgufFile>,
 }
 
@@ -139,9 +140,16 @@ impl<'a> GgufPlan<'a> {
         let zeros = vec![0u8; alignment];
         out.write_all(&zeros[..header.len().next_multiple_of(alignment) - header.len()])?;
         for t in &self.tensors {
-            out.write_all(&t.data)?;
-            if let (Cow::Borrowed(bytes), Some(src)) = (&t.data, self.source) {
-                src.release(bytes);
+            // Untouched tensors go from the input file to the output in the kernel.
+            match (&t.data, self.source) {
+                (Cow::Borrowed(bytes), Some(src)) => match src.file_range(bytes) {
+                    Some((file, offset)) => out.copy_range(file, offset, bytes)?,
+                    None => {
+                        out.write_all(bytes)?;
+                        src.release(bytes);
+                    }
+                },
+                _ => out.write_all(&t.data)?,
             }
             let pad = t.data.len().next_multiple_of(alignment) - t.data.len();
             out.write_all(&zeros[..pad])?;

@@ -9,7 +9,8 @@
 //!   a concurrent run fails at once with a clear message instead of racing;
 //! - the bytes go to a temporary name beside the target ([`PARTIAL_MARKER`]), registered with
 //!   [`crate::cleanup`] so that SIGINT/SIGTERM remove them, and are renamed into place only by
-//!   [`Staged::commit`], after every check (llama.cpp's included) has passed.
+//!   [`Staged::commit`], after every check (llama.cpp's included) has passed and the file is
+//!   fsynced (its write-back starts when it is finished, so the checks overlap the disk writes).
 
 use crate::{cleanup, Error, Result};
 use std::fs::{File, OpenOptions};
@@ -136,6 +137,7 @@ impl OutputClaim {
             staged: Staged {
                 claim: Some(self),
                 temp,
+                unsynced: None,
             },
         })
     }
@@ -155,6 +157,7 @@ impl OutputClaim {
             staged: Staged {
                 claim: Some(self),
                 temp,
+                unsynced: None,
             },
         })
     }
@@ -359,6 +362,10 @@ impl Drop for Lock {
 pub struct Staged {
     claim: Option<OutputClaim>,
     temp: PathBuf,
+    /// A finished file whose write-back to disk has been started, not yet waited for: the
+    /// fsync happens in [`Staged::commit`], before the rename, so the checks between finish
+    /// and commit run while the disk writes.
+    unsynced: Option<File>,
 }
 
 impl Staged {
@@ -375,6 +382,9 @@ impl Staged {
     /// Renames the temporary output into place (an existing file is replaced atomically; an
     /// existing backlens folder is moved aside, then removed).
     pub fn commit(mut self) -> Result<()> {
+        if let Some(file) = self.unsynced.take() {
+            file.sync_all().map_err(|e| Error::io(self.target(), e))?;
+        }
         let claim = self.claim.take().expect("claim until commit");
         let target = claim.target.clone();
         let displaced = match (claim.kind, target.is_dir()) {
@@ -441,14 +451,72 @@ impl AtomicOutput {
             .map_err(|e| Error::io(self.staged.target(), e))
     }
 
-    /// Flushes and fsyncs the file; it stays at its temporary path until committed.
+    /// Appends `bytes`, the `bytes.len()` bytes of `src` from `offset` on, copied by the kernel
+    /// (`copy_file_range`, as `cp` does: they never pass through this process's memory); where
+    /// the file systems do not take such a copy, written from `bytes` instead. The file is the
+    /// same either way.
+    pub fn copy_range(&mut self, src: &File, offset: u64, bytes: &[u8]) -> Result<()> {
+        let w = self.writer.as_mut().expect("writer present until finish");
+        let fail = |e| Error::io(self.staged.target(), e);
+        w.flush().map_err(fail)?;
+        let out = w.get_ref().as_raw_fd();
+        let mut off_in =
+            i64::try_from(offset).map_err(|_| fail(std::io::ErrorKind::InvalidInput.into()))?;
+        let mut done = 0;
+        while done < bytes.len() {
+            // SAFETY: both descriptors are open for the whole call (`src` is borrowed, `out` is
+            // owned by the writer); `off_in` is a live i64 the kernel reads and advances; a null
+            // output offset means the output's own file position, which the kernel advances.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    out,
+                    std::ptr::null_mut(),
+                    bytes.len() - done,
+                    0,
+                )
+            };
+            match n {
+                1.. => done += n as usize,
+                0 => {
+                    return Err(fail(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the input file ended before the tensor being copied (was it truncated?)",
+                    )))
+                }
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINTR) => {}
+                        Some(
+                            libc::EXDEV
+                            | libc::EINVAL
+                            | libc::ENOSYS
+                            | libc::EOPNOTSUPP
+                            | libc::EPERM
+                            | libc::EBADF,
+                        ) => return w.write_all(&bytes[done..]).map_err(fail),
+                        _ => return Err(fail(e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the file and starts its write-back to disk; it stays at its temporary path until
+    /// committed, and [`Staged::commit`] waits for the write-back (fsync) before the rename.
     pub fn finish(mut self) -> Result<Staged> {
-        let target = self.staged.target().to_path_buf();
         let writer = self.writer.take().expect("writer present until finish");
         let file = writer
             .into_inner()
-            .map_err(|e| Error::io(&target, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&target, e))?;
+            .map_err(|e| Error::io(self.staged.target(), e.into_error()))?;
+        // SAFETY: `file` is an open descriptor for the whole call. Only a hint: its result is
+        // not needed, since the fsync in `commit` is what makes the file durable.
+        let _ =
+            unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        self.staged.unsynced = Some(file);
         Ok(self.staged)
     }
 

@@ -124,9 +124,14 @@ pub fn counterfact(name: &str) -> PathBuf {
 
 /// A fresh empty folder under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
+    temp_dir_in(&std::env::temp_dir(), tag)
+}
+
+/// A fresh empty folder for one test under `parent`.
+pub fn temp_dir_in(parent: &Path, tag: &str) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let dir = std::env::temp_dir().join(format!("backlens-test-{}-{tag}-{n}", std::process::id()));
+    let dir = parent.join(format!("backlens-test-{}-{tag}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
