@@ -5,10 +5,13 @@
 use crate::arch::family::{Dim, FfnKind, NormKind, Positions, QkvLayout, RopeStyle};
 use crate::arch::{block_tensor, HParams};
 use crate::delta::Delta;
+use crate::kernel;
 use crate::source::ModelSource;
 use crate::weights::quant::{self, GgmlType};
 use crate::{Error, Result};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, TensorId, Var, D};
+use std::any::Any;
+use std::sync::{Arc, Mutex};
 
 /// A dense layer `y = x Wᵀ + b` with W stored [out, in].
 #[derive(Debug, Clone)]
@@ -85,8 +88,26 @@ pub fn weight_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(InputOnlyMatmul(w.clone()))?)
 }
 
-/// `x Wᵀ` whose backward returns the input gradient only (see [`weight_matmul`]).
+/// `x Wᵀ` whose backward returns the input gradient only (see [`weight_matmul`]). In f32 with
+/// at most [`kernel::SMALL_M`] rows both products go through [`kernel`] (W read once, no
+/// packing); otherwise through candle's matmul.
 struct InputOnlyMatmul(Tensor);
+
+impl InputOnlyMatmul {
+    /// W's values when it is a contiguous f32 tensor in CPU memory and `rows` is small.
+    fn small_f32<R>(&self, rows: usize, f: impl FnOnce(&[f32], usize, usize) -> R) -> Option<R> {
+        if rows > kernel::SMALL_M || self.0.dtype() != DType::F32 {
+            return None;
+        }
+        let (n, k) = self.0.dims2().ok()?;
+        let (storage, layout) = self.0.storage_and_layout();
+        let (start, end) = layout.contiguous_offsets()?;
+        match &*storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(w)) => Some(f(&w[start..end], n, k)),
+            _ => None,
+        }
+    }
+}
 
 impl CustomOp1 for InputOnlyMatmul {
     fn name(&self) -> &'static str {
@@ -101,6 +122,17 @@ impl CustomOp1 for InputOnlyMatmul {
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("input-only matmul: strided input".into()))?;
+        let (m, _) = layout.shape().dims2()?;
+        if let CpuStorage::F32(v) = storage {
+            let x = &v[start..end];
+            let small = self.small_f32(m, |w, n, k| {
+                Ok::<_, Error>((kernel::x_wt(x, m, w, n, k)?, n))
+            });
+            if let Some(done) = small {
+                let (y, n) = done.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+            }
+        }
         let x = match storage {
             CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
             CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
@@ -116,6 +148,17 @@ impl CustomOp1 for InputOnlyMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (m, _) = grad.dims2()?;
+        if grad.dtype() == DType::F32 && m <= kernel::SMALL_M {
+            let dy: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+            let small = self.small_f32(m, |w, n, k| {
+                Ok::<_, Error>((kernel::dy_w(&dy, m, w, n, k)?, k))
+            });
+            if let Some(done) = small {
+                let (dx, k) = done.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                return Ok(Some(Tensor::from_vec(dx, (m, k), grad.device())?));
+            }
+        }
         Ok(Some(grad.matmul(&self.0)?))
     }
 }
@@ -310,6 +353,48 @@ pub struct Transformer {
     /// RoPE frequency factors (`rope_freqs.weight`, Llama 3.x): each pair's frequency is
     /// divided by its factor.
     pub rope_freqs: Option<Vec<f64>>,
+    /// Values derived from the weights on first use (the lens's int16 unembedding).
+    pub derived: Derived,
+}
+
+/// Values computed from one of a model's tensors on first use and kept with the model (its
+/// clones share them): the lens's int16 copy of the unembedding. Each is keyed by the id of
+/// the tensor it came from (candle tensors are immutable), so a tensor replaced later is never
+/// served the old value; one value per type is kept.
+#[derive(Clone, Default)]
+pub struct Derived(Arc<Mutex<Vec<Slot>>>);
+
+/// A derived value and the tensor it came from.
+type Slot = (TensorId, Arc<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |s| s.len());
+        write!(f, "Derived({n} values)")
+    }
+}
+
+impl Derived {
+    /// The `T` derived from `from`: made by `make` on the first call for this tensor, then
+    /// returned as made (calls wait for one another; an error is returned, not kept).
+    pub fn get_or_make<T: Any + Send + Sync>(
+        &self,
+        from: &Tensor,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<Arc<T>> {
+        let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let found = slots
+            .iter()
+            .find(|(id, v)| *id == from.id() && v.is::<T>())
+            .map(|(_, v)| v.clone());
+        if let Some(v) = found.and_then(|v| v.downcast::<T>().ok()) {
+            return Ok(v);
+        }
+        let value = Arc::new(make()?);
+        slots.retain(|(_, v)| !v.is::<T>());
+        slots.push((from.id(), value.clone()));
+        Ok(value)
+    }
 }
 
 struct Loader<'a> {
@@ -517,6 +602,7 @@ impl Transformer {
             blocks,
             output,
             output_rounding,
+            derived: Derived::default(),
         })
     }
 
@@ -542,6 +628,7 @@ impl Transformer {
             output,
             output_rounding: None,
             rope_freqs: None,
+            derived: Derived::default(),
         })
     }
 

@@ -8,6 +8,7 @@
 use super::dot16::{self, exact, Packed, Wide, TILE, TILE_ROWS};
 use super::project::{pick_entries, pick_signs, Picked};
 use crate::{Error, Result};
+use std::sync::Arc;
 
 /// Relative slack (to |s̃| + ‖e‖‖q‖) covering every f32 and f64 rounding of the screen's
 /// arithmetic and of [`exact`] (16 units of f32 rounding; docs/methods.md).
@@ -129,11 +130,12 @@ fn up(x: f64) -> f32 {
     }
 }
 
-/// The unembedding (vocab, d) in f32 with its int16 copy and per-row quantization figures
-/// (padded with zeros to whole [`dot16::tile`] blocks).
+/// An unembedding's int16 copy and per-row quantization figures (padded with zeros to whole
+/// [`dot16::tile`] blocks): what the pre-screen reads, built once per model
+/// ([`crate::model::Derived`]).
 #[derive(Debug)]
-pub struct Unembedding<'a> {
-    e: &'a [f32],
+pub struct Int16Rows {
+    vocab: usize,
     d: usize,
     packed: Packed,
     scale: Vec<f32>,
@@ -143,9 +145,9 @@ pub struct Unembedding<'a> {
     ints: f64,
 }
 
-impl<'a> Unembedding<'a> {
+impl Int16Rows {
     /// Quantizes the `vocab` rows of `e` (row-major, `d` wide) on every core.
-    pub fn new(e: &'a [f32], vocab: usize, d: usize) -> Result<Unembedding<'a>> {
+    pub fn new(e: &[f32], vocab: usize, d: usize) -> Result<Int16Rows> {
         if e.len() != vocab * d || d == 0 {
             return Err(Error::Invalid(format!(
                 "unembedding of {} values is not {vocab} rows of {d}",
@@ -162,8 +164,8 @@ impl<'a> Unembedding<'a> {
             v.resize(padded, 0.0);
             v
         };
-        Ok(Unembedding {
-            e,
+        Ok(Int16Rows {
+            vocab,
             d,
             scale: column(|r| r.scale),
             err: column(|r| r.err),
@@ -172,9 +174,37 @@ impl<'a> Unembedding<'a> {
             packed,
         })
     }
+}
+
+/// The unembedding (vocab, d) in f32 with its [`Int16Rows`].
+#[derive(Debug)]
+pub struct Unembedding<'a> {
+    e: &'a [f32],
+    d: usize,
+    q: Arc<Int16Rows>,
+}
+
+impl<'a> Unembedding<'a> {
+    /// Quantizes the `vocab` rows of `e` (row-major, `d` wide) on every core.
+    pub fn new(e: &'a [f32], vocab: usize, d: usize) -> Result<Unembedding<'a>> {
+        Unembedding::with(e, Arc::new(Int16Rows::new(e, vocab, d)?))
+    }
+
+    /// `e` with its int16 copy `q` made earlier by [`Int16Rows::new`] from the same values.
+    pub fn with(e: &'a [f32], q: Arc<Int16Rows>) -> Result<Unembedding<'a>> {
+        if e.len() != q.vocab * q.d {
+            return Err(Error::Invalid(format!(
+                "unembedding of {} values for an int16 copy of {} rows of {}",
+                e.len(),
+                q.vocab,
+                q.d
+            )));
+        }
+        Ok(Unembedding { e, d: q.d, q })
+    }
 
     fn vocab(&self) -> usize {
-        self.packed.rows()
+        self.q.packed.rows()
     }
 
     fn row(&self, j: usize) -> &[f32] {
@@ -208,7 +238,7 @@ impl<'a> Unembedding<'a> {
                         .into(),
                 )
             })?;
-            let bound = self.ints * st.ints;
+            let bound = self.q.ints * st.ints;
             if bound < DOT_LIMIT {
                 return Ok(st);
             }
@@ -457,7 +487,7 @@ impl Scan {
 
 /// The scans of [`pick_rows`] on one core: queries quantized, then [`ScanBlocks`].
 fn scan_part(u: &Unembedding, queries: &[f32], k: usize, ids: &[u32]) -> Result<Vec<Scan>> {
-    let ql = u.packed.query_len();
+    let ql = u.q.packed.query_len();
     let tiles = (queries.len() / u.d).div_ceil(TILE);
     let mut q16 = vec![0i16; tiles * TILE * ql];
     let k_list = k.min(u.vocab());
@@ -501,13 +531,13 @@ impl Wide for ScanBlocks<'_> {
     type Out = Result<()>;
     #[inline(always)]
     fn run(self) -> Result<()> {
-        let (u, ql) = (self.u, self.u.packed.query_len());
+        let (u, ql) = (self.u, self.u.q.packed.query_len());
         let mut out = [[0i32; TILE_ROWS]; TILE];
-        for b in 0..u.packed.blocks() {
+        for b in 0..u.q.packed.blocks() {
             let j0 = b * TILE_ROWS;
             let n = TILE_ROWS.min(u.vocab() - j0);
             for (t, tile) in self.q16.chunks_exact(TILE * ql).enumerate() {
-                dot16::tile(&u.packed, b, tile, &mut out)?;
+                dot16::tile(&u.q.packed, b, tile, &mut out)?;
                 for (scan, ints) in self.scans[t * TILE..].iter_mut().zip(&out) {
                     scan.read(u, j0, &ints[..n]);
                 }
@@ -525,9 +555,9 @@ fn bounds(u: &Unembedding, q: &Quantized, j0: usize, ints: &[i32], lo: &mut [f32
     let (sq, nq, eq) = (q.scale, q.norm, q.err);
     let n = ints.len();
     let (scale, err, norm) = (
-        &u.scale[j0..j0 + n],
-        &u.err[j0..j0 + n],
-        &u.norm[j0..j0 + n],
+        &u.q.scale[j0..j0 + n],
+        &u.q.err[j0..j0 + n],
+        &u.q.norm[j0..j0 + n],
     );
     for j in 0..n {
         let s = (scale[j] * sq) * ints[j] as f32;
@@ -607,7 +637,7 @@ mod tests {
         let mut b = vec![0i16; d];
         for q in queries.chunks_exact(d) {
             let st = u.quantize_query(q, &mut b).unwrap();
-            assert!(u.ints * st.ints < DOT_LIMIT);
+            assert!(u.q.ints * st.ints < DOT_LIMIT);
         }
         let ids = [7, 400];
         let want = brute_force(&u, &queries, &[1.0, -1.0], 5, &ids).unwrap();
