@@ -82,24 +82,28 @@ fn parts(len: usize, weights: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// `f` on each of `parts` (on its own thread when there are several), results in order.
+/// `f` on each of `parts` (the first on this thread, the others on threads of their own),
+/// results in order.
 fn on_parts<T: Send>(parts: &[Range<usize>], f: impl Fn(Range<usize>) -> T + Sync) -> Vec<T> {
-    if parts.len() == 1 {
-        return vec![f(parts[0].clone())];
+    if parts.is_empty() {
+        return Vec::new();
     }
     std::thread::scope(|scope| {
         let f = &f;
-        let handles: Vec<_> = parts
+        let handles: Vec<_> = parts[1..]
             .iter()
             .map(|r| {
                 let r = r.clone();
                 scope.spawn(move || f(r))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a matmul thread panicked"))
-            .collect()
+        let mut out = vec![f(parts[0].clone())];
+        out.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a matmul thread panicked")),
+        );
+        out
     })
 }
 

@@ -20,6 +20,9 @@ const TINY: f32 = 1e-36;
 /// Beyond this an interval end is widened to ±∞ (it would be near f32 overflow).
 const HUGE: f32 = 1e37;
 
+/// [`Scan::read`] keeps one bit per token of a tile block in a `u32`.
+const _: () = assert!(TILE_ROWS <= 32);
+
 /// Largest |integer| of an unembedding row.
 const ROW_LEVEL: f32 = 8191.0;
 
@@ -411,24 +414,30 @@ impl Scan {
         bounds(u, &self.st, j0, ints, &mut lo[..n], &mut hi[..n]);
         let (lo, hi) = (&lo[..n], &hi[..n]);
         let (tau, rho) = (self.tau, self.rho);
-        let mut any = lo
+        // Bit r: token j0 + r may enter a list or holds an asked id's score in its interval.
+        // The thresholds only tighten as tokens are offered, so a token without its bit would
+        // be turned away by `offer` too: only the set bits are offered, in id order.
+        let mut keep = lo
             .iter()
             .zip(hi)
-            .fold(false, |a, (&l, &h)| a | (h >= tau) | (l <= rho));
+            .enumerate()
+            .fold(0u32, |m, (r, (&l, &h))| {
+                m | u32::from((h >= tau) | (l <= rho)) << r
+            });
         for (c, &t) in self.counts.iter_mut().zip(&self.targets) {
-            let (mut above, mut below, mut open) = (0usize, 0usize, false);
-            for (&l, &h) in lo.iter().zip(hi) {
+            let (mut above, mut below, mut open) = (0usize, 0usize, 0u32);
+            for (r, (&l, &h)) in lo.iter().zip(hi).enumerate() {
                 above += usize::from(l > t);
                 below += usize::from(h < t);
-                open |= (l <= t) & (t <= h);
+                open |= u32::from((l <= t) & (t <= h)) << r;
             }
             *c = (c.0 + above, c.1 + below);
-            any |= open;
+            keep |= open;
         }
-        if any {
-            for (r, (&l, &h)) in lo.iter().zip(hi).enumerate() {
-                self.offer((j0 + r) as u32, l, h);
-            }
+        while keep != 0 {
+            let r = keep.trailing_zeros() as usize;
+            keep &= keep - 1;
+            self.offer((j0 + r) as u32, lo[r], hi[r]);
         }
     }
 
