@@ -361,7 +361,7 @@ mod avx512 {
         k: usize,
         out: *mut f32,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); M]; R];
+        let mut acc = [[_mm512_setzero_ps(); R]; M];
         let mut c = 0;
         while c < k {
             let lanes = mask(k - c);
@@ -369,17 +369,17 @@ mod avx512 {
             for (r, v) in wv.iter_mut().enumerate() {
                 *v = _mm512_maskz_loadu_ps(lanes, w.add(r * k + c));
             }
-            for i in 0..M {
+            for (i, row) in acc.iter_mut().enumerate() {
                 let xv = _mm512_maskz_loadu_ps(lanes, x.add((i0 + i) * k + c));
-                for r in 0..R {
-                    acc[r][i] = _mm512_add_ps(acc[r][i], _mm512_mul_ps(xv, wv[r]));
+                for (a, &wr) in row.iter_mut().zip(&wv) {
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, wr));
                 }
             }
             c += LANES;
         }
         let mut lanes = [0f32; LANES];
-        for (r, row) in acc.iter().enumerate() {
-            for (i, &a) in row.iter().enumerate() {
+        for (i, row) in acc.iter().enumerate() {
+            for (r, &a) in row.iter().enumerate() {
                 _mm512_storeu_ps(lanes.as_mut_ptr(), a);
                 *out.add(r * m + i0 + i) = reduce(&lanes);
             }
