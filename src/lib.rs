@@ -14,6 +14,7 @@ pub mod delta;
 pub mod edit;
 mod error;
 pub mod eval;
+pub mod kernel;
 pub mod lens;
 pub mod lora;
 pub mod model;

@@ -5,10 +5,13 @@
 use crate::arch::family::{Dim, FfnKind, NormKind, Positions, QkvLayout, RopeStyle};
 use crate::arch::{block_tensor, HParams};
 use crate::delta::Delta;
+use crate::kernel;
 use crate::source::ModelSource;
 use crate::weights::quant::{self, GgmlType};
 use crate::{Error, Result};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, TensorId, Var, D};
+use std::any::Any;
+use std::sync::{Arc, Mutex};
 
 /// A dense layer `y = x Wᵀ + b` with W stored [out, in].
 #[derive(Debug, Clone)]
@@ -77,16 +80,55 @@ impl Linear {
 
 /// `x Wᵀ` for a weight W (out, in). When W is a variable (or derived from one) this is candle's
 /// matmul, whose backward also yields ∂L/∂W; otherwise a custom op whose backward yields only
-/// ∂L/∂x = ∂L/∂y · W, so a backward pass allocates no weight-sized gradient.
+/// ∂L/∂x = ∂L/∂y · W, so a backward pass allocates no weight-sized gradient. In f32 with at
+/// most [`kernel::SMALL_M`] rows of x both products go through [`kernel`] (W read once, no
+/// packing) whether x is tracked or not, so a forward gives the same values with or without a
+/// backward pass after it.
 pub fn weight_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.track_op() || !x.track_op() {
+    if w.track_op() {
         return Ok(x.matmul(&w.t()?)?);
     }
-    Ok(x.contiguous()?.apply_op1(InputOnlyMatmul(w.clone()))?)
+    if x.track_op() {
+        return Ok(x.contiguous()?.apply_op1(InputOnlyMatmul(w.clone()))?);
+    }
+    if let (&[m, _], DType::F32) = (x.dims(), x.dtype()) {
+        if m <= kernel::SMALL_M {
+            let values: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            if let Some(y) = small_x_wt(&values, m, w) {
+                let (y, n) = y?;
+                return Ok(Tensor::from_vec(y, (m, n), x.device())?);
+            }
+        }
+    }
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// `f(values, n, k)` when W is a contiguous f32 (n, k) tensor in CPU memory.
+fn with_f32_weight<R>(w: &Tensor, f: impl FnOnce(&[f32], usize, usize) -> R) -> Option<R> {
+    if w.dtype() != DType::F32 {
+        return None;
+    }
+    let (n, k) = w.dims2().ok()?;
+    let (storage, layout) = w.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => Some(f(&v[start..end], n, k)),
+        _ => None,
+    }
+}
+
+/// [`kernel::x_wt`] of the m rows `x` and W, with n, when W can go through it.
+fn small_x_wt(x: &[f32], m: usize, w: &Tensor) -> Option<Result<(Vec<f32>, usize)>> {
+    with_f32_weight(w, |v, n, k| Ok((kernel::x_wt(x, m, v, n, k)?, n)))
 }
 
 /// `x Wᵀ` whose backward returns the input gradient only (see [`weight_matmul`]).
 struct InputOnlyMatmul(Tensor);
+
+/// A kernel error as candle's.
+fn op_error(e: Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
 
 impl CustomOp1 for InputOnlyMatmul {
     fn name(&self) -> &'static str {
@@ -101,6 +143,14 @@ impl CustomOp1 for InputOnlyMatmul {
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("input-only matmul: strided input".into()))?;
+        if let (CpuStorage::F32(v), &[m, _]) = (storage, layout.shape().dims()) {
+            if m <= kernel::SMALL_M {
+                if let Some(y) = small_x_wt(&v[start..end], m, &self.0) {
+                    let (y, n) = y.map_err(op_error)?;
+                    return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+                }
+            }
+        }
         let x = match storage {
             CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
             CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
@@ -116,6 +166,18 @@ impl CustomOp1 for InputOnlyMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if let (&[m, _], DType::F32) = (grad.dims(), grad.dtype()) {
+            if m <= kernel::SMALL_M {
+                let dy: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+                let dx = with_f32_weight(&self.0, |v, n, k| {
+                    Ok::<_, Error>((kernel::dy_w(&dy, m, v, n, k)?, k))
+                });
+                if let Some(dx) = dx {
+                    let (dx, k) = dx.map_err(op_error)?;
+                    return Ok(Some(Tensor::from_vec(dx, (m, k), grad.device())?));
+                }
+            }
+        }
         Ok(Some(grad.matmul(&self.0)?))
     }
 }
@@ -310,6 +372,48 @@ pub struct Transformer {
     /// RoPE frequency factors (`rope_freqs.weight`, Llama 3.x): each pair's frequency is
     /// divided by its factor.
     pub rope_freqs: Option<Vec<f64>>,
+    /// Values derived from the weights on first use (the lens's int16 unembedding).
+    pub derived: Derived,
+}
+
+/// Values computed from one of a model's tensors on first use and kept with the model (its
+/// clones share them): the lens's int16 copy of the unembedding. Each is keyed by the id of
+/// the tensor it came from (candle tensors are immutable), so a tensor replaced later is never
+/// served the old value; one value per type is kept.
+#[derive(Clone, Default)]
+pub struct Derived(Arc<Mutex<Vec<Slot>>>);
+
+/// A derived value and the tensor it came from.
+type Slot = (TensorId, Arc<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |s| s.len());
+        write!(f, "Derived({n} values)")
+    }
+}
+
+impl Derived {
+    /// The `T` derived from `from`: made by `make` on the first call for this tensor, then
+    /// returned as made (calls wait for one another; an error is returned, not kept).
+    pub fn get_or_make<T: Any + Send + Sync>(
+        &self,
+        from: &Tensor,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<Arc<T>> {
+        let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let found = slots
+            .iter()
+            .find(|(id, v)| *id == from.id() && v.is::<T>())
+            .map(|(_, v)| v.clone());
+        if let Some(v) = found.and_then(|v| v.downcast::<T>().ok()) {
+            return Ok(v);
+        }
+        let value = Arc::new(make()?);
+        slots.retain(|(_, v)| !v.is::<T>());
+        slots.push((from.id(), value.clone()));
+        Ok(value)
+    }
 }
 
 struct Loader<'a> {
@@ -497,14 +601,42 @@ impl Transformer {
             dtype,
             numerics,
         };
-        let blocks = (0..hp.n_layer)
-            .map(|l| ld.block(l, &hp))
-            .collect::<Result<Vec<_>>>()?;
-        let tok_embd = ld.req("token_embd.weight")?;
-        let (output, output_rounding) = match ld.opt("output.weight")? {
-            Some(o) => (o, ld.rounding("output.weight")?),
-            None => (tok_embd.clone(), ld.rounding("token_embd.weight")?),
-        };
+        // Each tensor is dequantized where the others are not being: the blocks split over
+        // the cores, the embedding (and an untied unembedding) on a thread of its own.
+        let parts = kernel::threads().clamp(1, hp.n_layer.max(1));
+        let per = hp.n_layer.div_ceil(parts).max(1);
+        let (embeddings, blocks) = std::thread::scope(|scope| {
+            let (ld, hp) = (&ld, &hp);
+            let embeddings = scope.spawn(move || -> Result<_> {
+                let tok_embd = ld.req("token_embd.weight")?;
+                let output = match ld.opt("output.weight")? {
+                    Some(o) => (o, ld.rounding("output.weight")?),
+                    None => (tok_embd.clone(), ld.rounding("token_embd.weight")?),
+                };
+                Ok((tok_embd, output))
+            });
+            let blocks: Vec<_> = (0..hp.n_layer)
+                .step_by(per)
+                .map(|l0| {
+                    scope.spawn(move || -> Result<Vec<Block>> {
+                        (l0..(l0 + per).min(hp.n_layer))
+                            .map(|l| ld.block(l, hp))
+                            .collect()
+                    })
+                })
+                .collect();
+            let blocks: Result<Vec<Block>> =
+                blocks.into_iter().try_fold(Vec::new(), |mut all, h| {
+                    all.extend(h.join().expect("a loading thread panicked")?);
+                    Ok(all)
+                });
+            (
+                embeddings.join().expect("a loading thread panicked"),
+                blocks,
+            )
+        });
+        let blocks = blocks?;
+        let (tok_embd, (output, output_rounding)) = embeddings?;
         Ok(Transformer {
             pos_embd: match hp.arch.family().positions {
                 Positions::Learned => Some(ld.req("position_embd.weight")?),
@@ -517,6 +649,7 @@ impl Transformer {
             blocks,
             output,
             output_rounding,
+            derived: Derived::default(),
         })
     }
 
@@ -542,6 +675,7 @@ impl Transformer {
             output,
             output_rounding: None,
             rope_freqs: None,
+            derived: Derived::default(),
         })
     }
 

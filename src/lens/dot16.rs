@@ -2,9 +2,10 @@
 //! `a·b` for [`GROUPS`]·[`GROUP`] packed rows and [`TILE`] queries at once. An AVX-512 VNNI
 //! kernel (`vpdpwssd`) is chosen at run time; a portable one returns the same integers. Every
 //! sum is exact when ‖a‖·‖b‖ < 2³¹ (each partial sum is bounded by Cauchy–Schwarz, and the
-//! wrapping lanes then hold the true value). Also the exact f64 score [`exact`] and [`wide`],
-//! which runs plain code compiled for AVX-512. This module owns the lens's SIMD `unsafe`.
+//! wrapping lanes then hold the true value). Also the exact f64 score [`exact`]; [`wide`]
+//! (plain code compiled for AVX-512) is [`crate::kernel`]'s.
 
+pub use crate::kernel::{threads, wide, Wide};
 use crate::{Error, Result};
 
 /// Rows per packed group: the 16 i32 lanes of one 512-bit register.
@@ -106,11 +107,6 @@ impl Packed {
     }
 }
 
-/// The cores to use.
-pub fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 /// Whether [`tile`] runs the VNNI kernel on this CPU.
 fn has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -121,26 +117,6 @@ fn has_vnni() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
-}
-
-/// Plain code for [`wide`]: `run` (marked `#[inline(always)]`) is inlined into a copy
-/// compiled for AVX-512.
-pub trait Wide {
-    /// What `run` returns.
-    type Out;
-    /// The work.
-    fn run(self) -> Self::Out;
-}
-
-/// Runs `w` compiled for AVX-512 where the CPU has it (its loops then use 512-bit registers;
-/// IEEE arithmetic gives the same values at any width).
-pub fn wide<W: Wide>(w: W) -> W::Out {
-    #[cfg(target_arch = "x86_64")]
-    if has_vnni() {
-        // SAFETY: the features `vnni::wide` is compiled for were detected on this CPU.
-        return unsafe { vnni::wide(w) };
-    }
-    w.run()
 }
 
 /// The score the lens reports for unembedding row `e` and query `q`: f64 products (exact, as
@@ -222,15 +198,6 @@ fn portable(block: &[i16], pairs: usize, q: &[i16], out: &mut [[i32; TILE_ROWS];
 mod vnni {
     use super::{GROUP, GROUPS, TILE, TILE_ROWS};
     use std::arch::x86_64::*;
-
-    /// Runs `w` with AVX-512F, BW and VNNI enabled.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F, AVX-512BW and AVX-512 VNNI.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn wide<W: super::Wide>(w: W) -> W::Out {
-        w.run()
-    }
 
     /// [`super::portable`] with `vpdpwssd`: run p's two groups in two registers, each query's
     /// pair p broadcast, [`TILE`] × [`GROUPS`] accumulators.

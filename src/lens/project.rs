@@ -229,8 +229,9 @@ pub fn normed(model: &Transformer, vectors: &Tensor, use_norm: bool) -> Result<V
     Ok(x.flatten_all()?.to_vec1()?)
 }
 
-/// Runs `f` on an f32 model's unembedding quantized for the pre-screen (read in place; another
-/// float type is an error).
+/// Runs `f` on an f32 model's unembedding with its int16 copy for the pre-screen (the f32
+/// values read in place; the copy made on the model's first call and kept with it, see
+/// [`crate::model::Derived`]; another float type is an error).
 pub fn with_unembedding<R>(
     model: &Transformer,
     f: impl FnOnce(&screen::Unembedding) -> Result<R>,
@@ -255,7 +256,17 @@ pub fn with_unembedding<R>(
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| Error::Invalid("the unembedding is not contiguous".into()))?;
-    f(&screen::Unembedding::new(&data[start..end], vocab, d)?)
+    let e = &data[start..end];
+    let q = model
+        .derived
+        .get_or_make(&model.output, || screen::Int16Rows::new(e, vocab, d))?;
+    f(&screen::Unembedding::with(e, q)?)
+}
+
+/// Makes the int16 copy of an f32 model's unembedding now rather than on the first projection
+/// (for timings that leave the one-time cost out).
+pub fn prepare_screen(model: &Transformer) -> Result<()> {
+    with_unembedding(model, |_| Ok(()))
 }
 
 /// The projections and picks of [`matmul_and_pick`], before any softcap.

@@ -8,6 +8,7 @@
 use super::dot16::{self, exact, Packed, Wide, TILE, TILE_ROWS};
 use super::project::{pick_entries, pick_signs, Picked};
 use crate::{Error, Result};
+use std::sync::Arc;
 
 /// Relative slack (to |s̃| + ‖e‖‖q‖) covering every f32 and f64 rounding of the screen's
 /// arithmetic and of [`exact`] (16 units of f32 rounding; docs/methods.md).
@@ -18,6 +19,9 @@ const TINY: f32 = 1e-36;
 
 /// Beyond this an interval end is widened to ±∞ (it would be near f32 overflow).
 const HUGE: f32 = 1e37;
+
+/// [`Scan::read`] keeps one bit per token of a tile block in a `u32`.
+const _: () = assert!(TILE_ROWS <= 32);
 
 /// Largest |integer| of an unembedding row.
 const ROW_LEVEL: f32 = 8191.0;
@@ -129,11 +133,12 @@ fn up(x: f64) -> f32 {
     }
 }
 
-/// The unembedding (vocab, d) in f32 with its int16 copy and per-row quantization figures
-/// (padded with zeros to whole [`dot16::tile`] blocks).
+/// An unembedding's int16 copy and per-row quantization figures (padded with zeros to whole
+/// [`dot16::tile`] blocks): what the pre-screen reads, built once per model
+/// ([`crate::model::Derived`]).
 #[derive(Debug)]
-pub struct Unembedding<'a> {
-    e: &'a [f32],
+pub struct Int16Rows {
+    vocab: usize,
     d: usize,
     packed: Packed,
     scale: Vec<f32>,
@@ -143,9 +148,9 @@ pub struct Unembedding<'a> {
     ints: f64,
 }
 
-impl<'a> Unembedding<'a> {
+impl Int16Rows {
     /// Quantizes the `vocab` rows of `e` (row-major, `d` wide) on every core.
-    pub fn new(e: &'a [f32], vocab: usize, d: usize) -> Result<Unembedding<'a>> {
+    pub fn new(e: &[f32], vocab: usize, d: usize) -> Result<Int16Rows> {
         if e.len() != vocab * d || d == 0 {
             return Err(Error::Invalid(format!(
                 "unembedding of {} values is not {vocab} rows of {d}",
@@ -162,8 +167,8 @@ impl<'a> Unembedding<'a> {
             v.resize(padded, 0.0);
             v
         };
-        Ok(Unembedding {
-            e,
+        Ok(Int16Rows {
+            vocab,
             d,
             scale: column(|r| r.scale),
             err: column(|r| r.err),
@@ -172,9 +177,37 @@ impl<'a> Unembedding<'a> {
             packed,
         })
     }
+}
+
+/// The unembedding (vocab, d) in f32 with its [`Int16Rows`].
+#[derive(Debug)]
+pub struct Unembedding<'a> {
+    e: &'a [f32],
+    d: usize,
+    q: Arc<Int16Rows>,
+}
+
+impl<'a> Unembedding<'a> {
+    /// Quantizes the `vocab` rows of `e` (row-major, `d` wide) on every core.
+    pub fn new(e: &'a [f32], vocab: usize, d: usize) -> Result<Unembedding<'a>> {
+        Unembedding::with(e, Arc::new(Int16Rows::new(e, vocab, d)?))
+    }
+
+    /// `e` with its int16 copy `q` made earlier by [`Int16Rows::new`] from the same values.
+    pub fn with(e: &'a [f32], q: Arc<Int16Rows>) -> Result<Unembedding<'a>> {
+        if e.len() != q.vocab * q.d {
+            return Err(Error::Invalid(format!(
+                "unembedding of {} values for an int16 copy of {} rows of {}",
+                e.len(),
+                q.vocab,
+                q.d
+            )));
+        }
+        Ok(Unembedding { e, d: q.d, q })
+    }
 
     fn vocab(&self) -> usize {
-        self.packed.rows()
+        self.q.packed.rows()
     }
 
     fn row(&self, j: usize) -> &[f32] {
@@ -208,7 +241,7 @@ impl<'a> Unembedding<'a> {
                         .into(),
                 )
             })?;
-            let bound = self.ints * st.ints;
+            let bound = self.q.ints * st.ints;
             if bound < DOT_LIMIT {
                 return Ok(st);
             }
@@ -381,24 +414,30 @@ impl Scan {
         bounds(u, &self.st, j0, ints, &mut lo[..n], &mut hi[..n]);
         let (lo, hi) = (&lo[..n], &hi[..n]);
         let (tau, rho) = (self.tau, self.rho);
-        let mut any = lo
+        // Bit r: token j0 + r may enter a list or holds an asked id's score in its interval.
+        // The thresholds only tighten as tokens are offered, so a token without its bit would
+        // be turned away by `offer` too: only the set bits are offered, in id order.
+        let mut keep = lo
             .iter()
             .zip(hi)
-            .fold(false, |a, (&l, &h)| a | (h >= tau) | (l <= rho));
+            .enumerate()
+            .fold(0u32, |m, (r, (&l, &h))| {
+                m | u32::from((h >= tau) | (l <= rho)) << r
+            });
         for (c, &t) in self.counts.iter_mut().zip(&self.targets) {
-            let (mut above, mut below, mut open) = (0usize, 0usize, false);
-            for (&l, &h) in lo.iter().zip(hi) {
+            let (mut above, mut below, mut open) = (0usize, 0usize, 0u32);
+            for (r, (&l, &h)) in lo.iter().zip(hi).enumerate() {
                 above += usize::from(l > t);
                 below += usize::from(h < t);
-                open |= (l <= t) & (t <= h);
+                open |= u32::from((l <= t) & (t <= h)) << r;
             }
             *c = (c.0 + above, c.1 + below);
-            any |= open;
+            keep |= open;
         }
-        if any {
-            for (r, (&l, &h)) in lo.iter().zip(hi).enumerate() {
-                self.offer((j0 + r) as u32, l, h);
-            }
+        while keep != 0 {
+            let r = keep.trailing_zeros() as usize;
+            keep &= keep - 1;
+            self.offer((j0 + r) as u32, lo[r], hi[r]);
         }
     }
 
@@ -457,7 +496,7 @@ impl Scan {
 
 /// The scans of [`pick_rows`] on one core: queries quantized, then [`ScanBlocks`].
 fn scan_part(u: &Unembedding, queries: &[f32], k: usize, ids: &[u32]) -> Result<Vec<Scan>> {
-    let ql = u.packed.query_len();
+    let ql = u.q.packed.query_len();
     let tiles = (queries.len() / u.d).div_ceil(TILE);
     let mut q16 = vec![0i16; tiles * TILE * ql];
     let k_list = k.min(u.vocab());
@@ -501,13 +540,13 @@ impl Wide for ScanBlocks<'_> {
     type Out = Result<()>;
     #[inline(always)]
     fn run(self) -> Result<()> {
-        let (u, ql) = (self.u, self.u.packed.query_len());
+        let (u, ql) = (self.u, self.u.q.packed.query_len());
         let mut out = [[0i32; TILE_ROWS]; TILE];
-        for b in 0..u.packed.blocks() {
+        for b in 0..u.q.packed.blocks() {
             let j0 = b * TILE_ROWS;
             let n = TILE_ROWS.min(u.vocab() - j0);
             for (t, tile) in self.q16.chunks_exact(TILE * ql).enumerate() {
-                dot16::tile(&u.packed, b, tile, &mut out)?;
+                dot16::tile(&u.q.packed, b, tile, &mut out)?;
                 for (scan, ints) in self.scans[t * TILE..].iter_mut().zip(&out) {
                     scan.read(u, j0, &ints[..n]);
                 }
@@ -525,9 +564,9 @@ fn bounds(u: &Unembedding, q: &Quantized, j0: usize, ints: &[i32], lo: &mut [f32
     let (sq, nq, eq) = (q.scale, q.norm, q.err);
     let n = ints.len();
     let (scale, err, norm) = (
-        &u.scale[j0..j0 + n],
-        &u.err[j0..j0 + n],
-        &u.norm[j0..j0 + n],
+        &u.q.scale[j0..j0 + n],
+        &u.q.err[j0..j0 + n],
+        &u.q.norm[j0..j0 + n],
     );
     for j in 0..n {
         let s = (scale[j] * sq) * ints[j] as f32;
@@ -607,7 +646,7 @@ mod tests {
         let mut b = vec![0i16; d];
         for q in queries.chunks_exact(d) {
             let st = u.quantize_query(q, &mut b).unwrap();
-            assert!(u.ints * st.ints < DOT_LIMIT);
+            assert!(u.q.ints * st.ints < DOT_LIMIT);
         }
         let ids = [7, 400];
         let want = brute_force(&u, &queries, &[1.0, -1.0], 5, &ids).unwrap();
