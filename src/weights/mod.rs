@@ -3,6 +3,7 @@
 //! and `source` puts both behind one interface.
 
 pub mod gguf;
+pub mod kernels;
 pub mod quant;
 pub mod safetensors;
 
