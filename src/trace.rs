@@ -266,6 +266,11 @@ pub struct Tracer {
     shape: Shape,
     n_vocab: usize,
     max_tokens: usize,
+    /// Whether the KV cache may hold a non-finite value (a failed decode, non-finite logits or
+    /// FF2 input): the next [`Decoder::clear`] then also zeroes its bytes. Otherwise it only
+    /// frees the cells: a later decode reads stale cells only through the mask, as a score of
+    /// −∞ and a weight of exactly 0, so its results do not depend on what they hold.
+    wipe: bool,
 }
 
 impl std::fmt::Debug for Tracer {
@@ -359,6 +364,7 @@ impl Tracer {
                 n if n > 0 => (n as usize).min(SESSION_CTX as usize),
                 _ => SESSION_CTX as usize,
             },
+            wipe: false,
         };
         if n_layer_cpp.max(0) as usize != tracer.shape.n_layer
             || n_vocab.max(0) as usize != tracer.shape.n_vocab
@@ -601,6 +607,7 @@ impl Tracer {
                 .in_file(&self.path));
             };
             if let Some(bad) = got.iter().flatten().find(|v| !v.is_finite()) {
+                self.wipe = true;
                 return Err(Error::Numeric(format!(
                     "layer {layer}: FF2's input holds {bad} (the model's weights or an applied edit hold NaN or Inf)"
                 ))
@@ -670,6 +677,7 @@ impl Tracer {
         // until the next decode; it is copied before any.
         let row = unsafe { std::slice::from_raw_parts(p, self.n_vocab) }.to_vec();
         if let Some(i) = row.iter().position(|v| !v.is_finite()) {
+            self.wipe = true;
             return Err(Error::Numeric(format!(
                 "llama.cpp gives logit {i} = {}: the model's weights (or an applied edit) hold NaN or Inf",
                 row[i]
@@ -688,6 +696,7 @@ impl Tracer {
         // session's context (checked by the callers). No reference to the Capture is alive during
         // the call, so the callback's exclusive access to it is sound.
         let rc = unsafe { sys::llama_decode(self.ctx.as_ptr(), batch.0) };
+        self.wipe |= rc != 0;
         match rc {
             0 => Ok(()),
             rc => Err(Error::Runtime(format!(
@@ -709,8 +718,9 @@ impl Tracer {
 /// declines every node outside [`Tracer::trace`]), so one loaded model serves both.
 impl Decoder for Tracer {
     fn clear(&mut self) {
+        let data = std::mem::take(&mut self.wipe);
         // SAFETY: the context is live and its memory belongs to it.
-        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), data) };
     }
 
     fn decode(&mut self, batch: &[Entry]) -> Result<()> {
