@@ -2,7 +2,9 @@
 //! its own softmax and SwiGLU vector kernels (exported by the ggml that `llama-cpp-sys-2` links,
 //! the same build llama.cpp runs), and attention with flash attention off summed in the order
 //! ggml's CPU backend sums it (K·Q one dot product per score, V·P in the 8-lane tiles of its f32
-//! matrix kernel). Every function here is plain f32 in, f32 out.
+//! matrix kernel). Every function here is plain f32 in, f32 out. The summation orders written
+//! out here (8-float chunks and lanes) are those of the AVX2 build `llama-cpp-sys-2` makes on
+//! x86-64 without `target-cpu=native`; an AVX-512 build sums in 16s.
 
 use crate::weights::quant::{self, GgmlType};
 use crate::{Error, Result};
