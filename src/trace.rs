@@ -923,8 +923,9 @@ impl Drop for Loaded {
 
 impl Tracer {
     /// `work(i, lane)` for each `i` of `edits`, on a lane with `edits[i]` applied as an adapter
-    /// (none for no deltas), in order of `i`. [`decode_threads`] decides the lanes: one context
-    /// per thread, at most [`MAX_LANES`] (the threads shared out among them), the tracer's own
+    /// (none for no deltas), in order of `i`, with `threads` threads in all (callers pass
+    /// [`decode_threads`]): one context per thread, at most [`MAX_LANES`] (the threads shared
+    /// out among them) and no more than records, the tracer's own
     /// context first and further ones of the same model kept for later calls; each lane takes
     /// the next record when it is done with one. One llama.cpp decode on two threads scales about
     /// 1.7× (its workers wait at each node's barrier); two one-thread decodes at once about 2×.
@@ -935,10 +936,11 @@ impl Tracer {
     /// first failure (in order of `i`) is the error.
     pub fn score_edited<R: Send>(
         &mut self,
+        threads: usize,
         edits: &[Vec<Delta>],
         work: impl Fn(usize, &mut Lane<'_>) -> Result<R> + Sync,
     ) -> Result<Vec<R>> {
-        let threads = decode_threads().max(1) as usize;
+        let threads = threads.max(1);
         let n = threads.min(MAX_LANES).min(edits.len()).max(1);
         self.install(None)?;
         while self.lanes.len() + 1 < n {

@@ -9,6 +9,7 @@ use backlens::edit::{self, EditRequest, EditSettings, Method};
 use backlens::model::{Numerics, Transformer};
 use backlens::numeric::argmax;
 use backlens::patch::{self, Format, Forward, Job, PatchReport, WhitenSetup};
+use backlens::runtime::{Decoder, PromptQuery};
 use backlens::source::ModelSource;
 use backlens::tokenizer::Tokenizer;
 use backlens::trace::Tracer;
@@ -204,6 +205,75 @@ fn applied_deltas_reach_the_trace() {
     let cleared = tracer.last_position(&ids, &[0, 1, 2]).unwrap();
     assert_eq!(cleared.ff2_in, before.ff2_in);
     assert_eq!(cleared.logits, before.logits);
+}
+
+/// `Tracer::score_edited` scores each record with its own adapter, and on two or three
+/// one-thread contexts at once exactly as on the tracer's one context (every logit bit for bit):
+/// eval's per-record scores do not depend on the lanes.
+#[test]
+fn records_scored_side_by_side_equal_one_context() {
+    let f = common::tiny(Arch::Llama);
+    let (src, tok) = open(&f.gguf);
+    let model = Transformer::load(&src, DType::F32).unwrap();
+    let deltas: Vec<_> = [("Paris", 1, 2.0), ("Rome", 2, 1.5)]
+        .iter()
+        .map(|&(target, layer, lr)| {
+            let settings = EditSettings {
+                method: Method::Shift,
+                layer,
+                lr,
+            };
+            let req = EditRequest::new(PROMPT, target, None).unwrap();
+            edit::compute(&model, &tok, &req, &settings)
+                .unwrap()
+                .delta
+                .expect("not already top-1")
+        })
+        .collect();
+    let edits = vec![
+        vec![deltas[0].clone()],
+        vec![],
+        vec![deltas[1].clone()],
+        vec![deltas[0].clone(), deltas[1].clone()],
+        vec![],
+    ];
+    let prompt = tok.encode_prompt("The Eiffel Tower is located in").unwrap();
+    let cont = tok.encode_target("the city of Paris").unwrap();
+    let score = |d: &mut dyn Decoder| -> backlens::Result<(Vec<f32>, f64)> {
+        let q = PromptQuery {
+            prompt: &prompt,
+            continuations: vec![&cont],
+        };
+        let s = backlens::runtime::score(d, &[q])?.remove(0);
+        Ok((s.next_logits, s.logprobs[0]))
+    };
+    let mut tracer = Tracer::load(&f.gguf).unwrap();
+    let one: Vec<_> = edits
+        .iter()
+        .map(|e| {
+            tracer.apply_deltas(e).unwrap();
+            score(&mut tracer).unwrap()
+        })
+        .collect();
+    assert_ne!(one[0].0, one[1].0, "the edit changes the logits");
+    assert_ne!(one[0].0, one[2].0, "each record has its own edit");
+    assert_eq!(one[1].0, one[4].0);
+    for threads in [1, 2, 3] {
+        let lanes = tracer
+            .score_edited(threads, &edits, |_, lane| score(lane))
+            .unwrap();
+        for (i, (a, b)) in one.iter().zip(&lanes).enumerate() {
+            assert_eq!(a.0, b.0, "{threads} threads, record {i}: logits");
+            assert_eq!(
+                a.1.to_bits(),
+                b.1.to_bits(),
+                "{threads} threads, record {i}"
+            );
+        }
+    }
+    // The tracer traces as before afterwards (no adapter left applied).
+    tracer.apply_deltas(&[]).unwrap();
+    assert_eq!(score(&mut tracer).unwrap().0, one[1].0);
 }
 
 #[derive(serde::Deserialize)]

@@ -10,6 +10,7 @@ use super::{
     RecordEdit, CHUNK,
 };
 use crate::edit::{self, Delta, EditRequest};
+use crate::runtime::decode_threads;
 use crate::source::ModelSource;
 use crate::tokenizer::Tokenizer;
 use crate::trace::Tracer;
@@ -67,7 +68,7 @@ pub fn evaluate(
         }
         // The chunk's records are scored side by side on the tracer's contexts, each from an
         // empty cache with its own edit applied: the same decodes as one after another.
-        let scored = tracer.score_edited(&active, |i, lane| {
+        let scored = tracer.score_edited(decode_threads() as usize, &active, |i, lane| {
             let index = start + i;
             score(lane, tok, &encoded[index], base_top1[index], config.fluency)
         })?;
