@@ -7,11 +7,13 @@ use crate::arch::{block_tensor, HParams};
 use crate::delta::Delta;
 use crate::kernel;
 use crate::source::ModelSource;
+use crate::weights::ggml_cpu;
 use crate::weights::quant::{self, GgmlType};
 use crate::{Error, Result};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, TensorId, Var, D};
-use std::any::Any;
-use std::sync::{Arc, Mutex};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
+
+mod derived;
+pub use derived::Derived;
 
 /// A dense layer `y = x Wᵀ + b` with W stored [out, in].
 #[derive(Debug, Clone)]
@@ -32,6 +34,40 @@ pub struct GgmlRounding {
     /// For Q4_1/Q5_1 weights, the block minimums (out, blocks): ggml multiplies them with
     /// the input's f16-rounded block sums rather than with the sums of the rounded values.
     pub block_min: Option<Tensor>,
+    /// The stored weight, where ggml computes each output with one call of its dot product
+    /// (types without a tiled kernel: Q4_1, Q5_1, the k-quants): the forward then calls that
+    /// same dot product and equals llama.cpp's product bit for bit.
+    pub stored: Option<StoredWeight>,
+}
+
+/// A weight's stored bytes, rows back to back ([`GgmlRounding::stored`]).
+#[derive(Debug, Clone)]
+pub struct StoredWeight {
+    /// Its ggml type.
+    pub ty: GgmlType,
+    /// Bytes of one row.
+    pub row_bytes: usize,
+    /// Every row.
+    pub bytes: std::sync::Arc<[u8]>,
+    /// The first row of this (possibly split) weight.
+    pub first_row: usize,
+    /// Rows of this (possibly split) weight.
+    pub rows: usize,
+}
+
+impl StoredWeight {
+    /// `x Wᵀ` for each row of `x` as ggml computes it.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, cols) = x.dims2()?;
+        let values: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let w = &self.bytes
+            [self.first_row * self.row_bytes..(self.first_row + self.rows) * self.row_bytes];
+        let mut out = Vec::with_capacity(n * self.rows);
+        for row in values.chunks_exact(cols) {
+            out.extend(quant::matvec_like_ggml(self.ty, w, row)?);
+        }
+        Ok(Tensor::from_vec(out, (n, self.rows), x.device())?.to_dtype(x.dtype())?)
+    }
 }
 
 impl Linear {
@@ -50,6 +86,11 @@ impl Linear {
                     Some(r) => Some(GgmlRounding {
                         act: r.act,
                         block_min: r.block_min.as_ref().map(narrow).transpose()?,
+                        stored: r.stored.as_ref().map(|w| StoredWeight {
+                            first_row: w.first_row + start,
+                            rows,
+                            ..w.clone()
+                        }),
                     }),
                     None => None,
                 },
@@ -61,6 +102,10 @@ impl Linear {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.rounding {
+            // ggml's own arithmetic; gradients pass as through the exact product.
+            Some(GgmlRounding {
+                stored: Some(w), ..
+            }) if x.rank() == 2 => straight_through(w.forward(x)?, &weight_matmul(x, &self.w)?)?,
             Some(r) => {
                 let (xr, sum_fix) = round_like_ggml(x, r.act)?;
                 let y = weight_matmul(&xr, &self.w)?;
@@ -182,6 +227,12 @@ impl CustomOp1 for InputOnlyMatmul {
     }
 }
 
+/// `exact`'s values with `formula`'s gradient: exact + (formula − formula), the second term
+/// zero in the forward (so the values are `exact`'s bit for bit) but not in the backward.
+fn straight_through(exact: Tensor, formula: &Tensor) -> Result<Tensor> {
+    Ok((exact.detach() + (formula - formula.detach())?)?)
+}
+
 /// Rounds each row of `x` as ggml's CPU matmul does before multiplying (see
 /// [`quant::round_activations`]); also returns the block-sum corrections (rows, blocks) where
 /// the type has them. The rounding is a straight-through step: gradients pass as if it were
@@ -226,11 +277,35 @@ pub struct Norm {
     pub eps: f64,
     /// RMSNorm when true (no mean subtraction, no shift).
     pub rms: bool,
+    /// Under [`Numerics::LlamaCpp`]: RMSNorm in ggml's order of operations (a f64 sum of the
+    /// f32 squares, one f32 reciprocal scale, then the weight).
+    pub ggml: bool,
 }
 
 impl Norm {
     /// Normalizes each row of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_f(x)?;
+        if !(self.ggml && self.rms) {
+            return Ok(y);
+        }
+        // ggml's arithmetic; gradients pass as through the formula above.
+        let cols = x.dim(D::Minus1)?;
+        let values: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let w: Vec<f32> = self.w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let eps = self.eps as f32;
+        let mut out = Vec::with_capacity(values.len());
+        for row in values.chunks_exact(cols) {
+            let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+            let mean = (sum / cols as f64) as f32;
+            let scale = 1.0f32 / (mean + eps).sqrt();
+            out.extend(row.iter().zip(&w).map(|(&v, &w)| v * scale * w));
+        }
+        let exact = Tensor::from_vec(out, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        straight_through(exact, &y)
+    }
+
+    fn forward_f(&self, x: &Tensor) -> Result<Tensor> {
         let centered = if self.rms {
             x.clone()
         } else {
@@ -260,6 +335,9 @@ pub struct Attention {
     pub q_norm: Option<Norm>,
     /// Per-head RMSNorm of the keys before RoPE.
     pub k_norm: Option<Norm>,
+    /// Under [`Numerics::LlamaCpp`]: scores, softmax and the weighted sum of the values in
+    /// ggml's arithmetic ([`ggml_cpu::attention`]).
+    pub ggml: bool,
 }
 
 /// The nonlinearity of FF1.
@@ -283,6 +361,8 @@ pub struct FeedForward {
     pub act: Activation,
     /// FF2, the down projection backlens edits: (n_embd, n_ff).
     pub down: Linear,
+    /// Under [`Numerics::LlamaCpp`]: SwiGLU by ggml's kernel ([`ggml_cpu::swiglu`]).
+    pub ggml: bool,
 }
 
 /// One transformer block.
@@ -374,46 +454,8 @@ pub struct Transformer {
     pub rope_freqs: Option<Vec<f64>>,
     /// Values derived from the weights on first use (the lens's int16 unembedding).
     pub derived: Derived,
-}
-
-/// Values computed from one of a model's tensors on first use and kept with the model (its
-/// clones share them): the lens's int16 copy of the unembedding. Each is keyed by the id of
-/// the tensor it came from (candle tensors are immutable), so a tensor replaced later is never
-/// served the old value; one value per type is kept.
-#[derive(Clone, Default)]
-pub struct Derived(Arc<Mutex<Vec<Slot>>>);
-
-/// A derived value and the tensor it came from.
-type Slot = (TensorId, Arc<dyn Any + Send + Sync>);
-
-impl std::fmt::Debug for Derived {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map_or(0, |s| s.len());
-        write!(f, "Derived({n} values)")
-    }
-}
-
-impl Derived {
-    /// The `T` derived from `from`: made by `make` on the first call for this tensor, then
-    /// returned as made (calls wait for one another; an error is returned, not kept).
-    pub fn get_or_make<T: Any + Send + Sync>(
-        &self,
-        from: &Tensor,
-        make: impl FnOnce() -> Result<T>,
-    ) -> Result<Arc<T>> {
-        let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let found = slots
-            .iter()
-            .find(|(id, v)| *id == from.id() && v.is::<T>())
-            .map(|(_, v)| v.clone());
-        if let Some(v) = found.and_then(|v| v.downcast::<T>().ok()) {
-            return Ok(v);
-        }
-        let value = Arc::new(make()?);
-        slots.retain(|(_, v)| !v.is::<T>());
-        slots.push((from.id(), value.clone()));
-        Ok(value)
-    }
+    /// The arithmetic of the forward.
+    pub numerics: Numerics,
 }
 
 struct Loader<'a> {
@@ -459,7 +501,25 @@ impl Loader<'_> {
             }
             _ => None,
         };
-        Ok(Some(GgmlRounding { act, block_min }))
+        let stored = match act == GgmlType::Q8_1 || act == GgmlType::Q8_K {
+            true => Some(StoredWeight {
+                ty: info.ggml_type,
+                row_bytes: info
+                    .ggml_type
+                    .bytes_for(info.shape()[1] as u64)
+                    .ok_or_else(|| Error::Invalid(format!("{name}: rows are not whole blocks")))?
+                    as usize,
+                bytes: g.tensor_bytes(info).into(),
+                first_row: 0,
+                rows: info.shape()[0],
+            }),
+            false => None,
+        };
+        Ok(Some(GgmlRounding {
+            act,
+            block_min,
+            stored,
+        }))
     }
 
     /// A block's weight `{role}.weight` with its bias `{role}.bias` when the file has one (the
@@ -534,6 +594,7 @@ impl Loader<'_> {
                 v,
                 q_norm: head_norm("attn_q_norm")?,
                 k_norm: head_norm("attn_k_norm")?,
+                ggml: self.numerics == Numerics::LlamaCpp,
             },
             attn_out: self.linear(l, "attn_output")?,
             attn_post_norm: post_norm("post_attention_norm")?,
@@ -543,6 +604,7 @@ impl Loader<'_> {
                 gate,
                 act,
                 down: self.linear(l, "ffn_down")?,
+                ggml: self.numerics == Numerics::LlamaCpp,
             },
             ffn_post_norm: post_norm("post_ffw_norm")?,
             sliding: hp.is_swa(l),
@@ -559,6 +621,7 @@ impl Loader<'_> {
             },
             eps: hp.norm_eps,
             rms,
+            ggml: self.numerics == Numerics::LlamaCpp,
         })
     }
 
@@ -650,6 +713,7 @@ impl Transformer {
             output,
             output_rounding,
             derived: Derived::default(),
+            numerics,
         })
     }
 
@@ -676,7 +740,16 @@ impl Transformer {
             output_rounding: None,
             rope_freqs: None,
             derived: Derived::default(),
+            numerics: Numerics::Exact,
         })
+    }
+
+    /// How RoPE's tables are computed for this forward.
+    fn rope(&self) -> RopeSource<'_> {
+        RopeSource {
+            freqs: self.rope_freqs.as_deref(),
+            ggml: self.numerics == Numerics::LlamaCpp,
+        }
     }
 
     /// The dtype of the weights.
@@ -743,8 +816,7 @@ impl Transformer {
                  the segments or the block are out of range"
             )));
         }
-        let tables =
-            PositionTables::packed(&self.hp, segments, self.dtype(), self.rope_freqs.as_deref())?;
+        let tables = PositionTables::packed(&self.hp, segments, self.dtype(), self.rope())?;
         let mut h = h.clone();
         for block in &self.blocks[start..] {
             h = block.step(&self.hp, &h, &tables, None, None)?.resid_out;
@@ -808,8 +880,7 @@ impl Transformer {
             });
         }
         let layout: Vec<(usize, usize)> = past.iter().map(|&p| (0, p)).collect();
-        let tables =
-            PositionTables::split(&self.hp, &layout, self.dtype(), self.rope_freqs.as_deref())?;
+        let tables = PositionTables::split(&self.hp, &layout, self.dtype(), self.rope())?;
         let mut h = h.detach();
         let mut blocks = Vec::with_capacity(self.blocks.len() - start);
         for block in &self.blocks[start..] {
@@ -855,8 +926,7 @@ impl Transformer {
             .copied()
             .zip(counts.iter().copied())
             .collect();
-        let tables =
-            PositionTables::split(&self.hp, &layout, self.dtype(), self.rope_freqs.as_deref())?;
+        let tables = PositionTables::split(&self.hp, &layout, self.dtype(), self.rope())?;
         let mut h = h.clone();
         for (i, block) in self.blocks[past.start..].iter().enumerate() {
             let kv = past.blocks.as_ref().map(|b| &b[i]);
@@ -899,8 +969,7 @@ impl Transformer {
             .map(|p| p.index_select(&Tensor::new(positions.as_slice(), &Device::Cpu)?, 0))
             .transpose()?;
         let mut h = embed(&self.hp, self.tok_embd.index_select(&ids, 0)?, pos)?;
-        let tables =
-            PositionTables::packed(&self.hp, segments, self.dtype(), self.rope_freqs.as_deref())?;
+        let tables = PositionTables::packed(&self.hp, segments, self.dtype(), self.rope())?;
         let mut trace = Trace::default();
         for (l, block) in self.blocks.iter().take(n_blocks).enumerate() {
             trace.resid_in.push(h.clone());
@@ -969,7 +1038,7 @@ pub fn streamed_last_position(
     };
     let mut h = streamed_embedding(src, &hp, tokens)?;
     let freqs = ld.rope_freqs()?;
-    let tables = PositionTables::new(&hp, n, DType::F32, freqs.as_deref())?;
+    let tables = PositionTables::new(&hp, n, DType::F32, RopeSource::exact(freqs.as_deref()))?;
     let mut ff2_in = vec![Vec::new(); layers.len()];
     for l in 0..hp.n_layer {
         let mut block = ld.block(l, &hp)?;
@@ -1059,7 +1128,12 @@ impl<'a> BlockStream<'a> {
             numerics: Numerics::Exact,
         };
         let freqs = ld.rope_freqs()?;
-        let tables = PositionTables::new(&hp, tokens.len(), DType::F32, freqs.as_deref())?;
+        let tables = PositionTables::new(
+            &hp,
+            tokens.len(),
+            DType::F32,
+            RopeSource::exact(freqs.as_deref()),
+        )?;
         let stream = BlockStream { src, hp, tables };
         Ok((stream, h))
     }
@@ -1220,7 +1294,31 @@ impl Block {
             .matmul(&v)?
             .transpose(0, 1)?
             .reshape((n, hp.n_head * hd))?;
-        Ok((out, kv))
+        if !at.ggml {
+            return Ok((out, kv));
+        }
+        // ggml's arithmetic; gradients pass as through the formula above.
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let (kt, vt) = match past {
+            Some(p) => (
+                Tensor::cat(&[&p.k, &kv.k], 1)?,
+                Tensor::cat(&[&p.v, &kv.v], 1)?,
+            ),
+            None => (kv.k.clone(), kv.v.clone()),
+        };
+        let exact = ggml_cpu::attention(
+            &flat(&q)?,
+            &flat(&kt)?,
+            &flat(&vt)?,
+            &flat(mask)?,
+            (hp.n_head, hp.n_head_kv, n, m, hd),
+            hp.attn_scale as f32,
+        )?;
+        let exact =
+            Tensor::from_vec(exact, (n, hp.n_head * hd), x.device())?.to_dtype(x.dtype())?;
+        Ok((straight_through(exact, &out)?, kv))
     }
 }
 
@@ -1244,7 +1342,20 @@ impl FeedForward {
                 if let Some(pg) = probes.and_then(|(p, l)| p.ff1_gate[l].as_ref()) {
                     g = (g + pg.as_tensor())?;
                 }
-                (act(g)? * up)?
+                let a = (act(g.clone())? * &up)?;
+                match (self.ggml, self.act) {
+                    (true, Activation::Silu) => {
+                        // ggml's arithmetic; gradients pass as through the formula above.
+                        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+                            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+                        };
+                        let exact = ggml_cpu::swiglu(&flat(&g)?, &flat(&up)?)?;
+                        let exact =
+                            Tensor::from_vec(exact, a.shape(), a.device())?.to_dtype(a.dtype())?;
+                        straight_through(exact, &a)?
+                    }
+                    _ => a,
+                }
             }
             None => act(up)?,
         };
@@ -1300,8 +1411,8 @@ struct PositionTables {
 }
 
 impl PositionTables {
-    fn new(hp: &HParams, n: usize, dtype: DType, freqs: Option<&[f64]>) -> Result<PositionTables> {
-        Self::packed(hp, &[n], dtype, freqs)
+    fn new(hp: &HParams, n: usize, dtype: DType, rs: RopeSource) -> Result<PositionTables> {
+        Self::packed(hp, &[n], dtype, rs)
     }
 
     /// The tables of sequences of lengths `segments` packed one after another: each attends
@@ -1310,10 +1421,10 @@ impl PositionTables {
         hp: &HParams,
         segments: &[usize],
         dtype: DType,
-        freqs: Option<&[f64]>,
+        rs: RopeSource,
     ) -> Result<PositionTables> {
         let layout: Vec<(usize, usize)> = segments.iter().map(|&s| (0, s)).collect();
-        Self::split(hp, &layout, dtype, freqs)
+        Self::split(hp, &layout, dtype, rs)
     }
 
     /// Tables for rows packed as `layout` = (past, rows) per sequence: each sequence's `rows`
@@ -1323,7 +1434,7 @@ impl PositionTables {
         hp: &HParams,
         layout: &[(usize, usize)],
         dtype: DType,
-        freqs: Option<&[f64]>,
+        rs: RopeSource,
     ) -> Result<PositionTables> {
         let positions: Vec<usize> = layout.iter().flat_map(|&(p, r)| p..p + r).collect();
         let rope = |base: f64, scale: f64| -> Result<Option<RopeTables>> {
@@ -1335,7 +1446,8 @@ impl PositionTables {
                         base,
                         freq_scale: scale,
                         attn_factor: hp.rope_attn_factor,
-                        freqs,
+                        freqs: rs.freqs,
+                        ggml: rs.ggml,
                     },
                     &positions,
                     dtype,
@@ -1409,6 +1521,20 @@ fn split_mask(layout: &[(usize, usize)], window: Option<usize>, dtype: DType) ->
     Ok(Tensor::from_vec(values, (n, cols), &Device::Cpu)?.to_dtype(dtype)?)
 }
 
+/// The model-wide inputs of RoPE's tables.
+#[derive(Clone, Copy)]
+struct RopeSource<'a> {
+    freqs: Option<&'a [f64]>,
+    /// Angles, cosines and sines in f32 the way ggml's CPU RoPE computes them.
+    ggml: bool,
+}
+
+impl<'a> RopeSource<'a> {
+    fn exact(freqs: Option<&'a [f64]>) -> Self {
+        RopeSource { freqs, ggml: false }
+    }
+}
+
 /// What a RoPE table depends on (ggml's `rope_ext` without YaRN).
 struct RopeParams<'a> {
     style: RopeStyle,
@@ -1417,6 +1543,7 @@ struct RopeParams<'a> {
     freq_scale: f64,
     attn_factor: f64,
     freqs: Option<&'a [f64]>,
+    ggml: bool,
 }
 
 /// cos/sin tables of ggml's RoPE for one base: angle p · scale · base^(−2i/d) / factor_i, cos
@@ -1425,6 +1552,8 @@ struct RopeTables {
     style: RopeStyle,
     cos: Tensor,
     sin: Tensor,
+    /// Rotate in ggml's arithmetic (its compiler fuses the first product of each output).
+    ggml: bool,
 }
 
 impl RopeTables {
@@ -1441,7 +1570,19 @@ impl RopeTables {
         }
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
-        for &p in positions {
+        // ggml: each angle from the one before times base^(−2/d), all in f32.
+        let step = (rp.base as f32).powf(-2.0 / rp.head_dim as f32);
+        for &p in positions.iter().filter(|_| rp.ggml) {
+            let mut theta = p as f32;
+            for i in 0..half {
+                let factor = rp.freqs.map_or(1.0, |f| f[i]) as f32;
+                let angle = rp.freq_scale as f32 * (theta / factor);
+                cos.push(f64::from(angle.cos() * rp.attn_factor as f32));
+                sin.push(f64::from(angle.sin() * rp.attn_factor as f32));
+                theta *= step;
+            }
+        }
+        for &p in positions.iter().filter(|_| !rp.ggml) {
             for i in 0..half {
                 let factor = rp.freqs.map_or(1.0, |f| f[i]);
                 let theta = rp.base.powf(-2.0 * i as f64 / rp.head_dim as f64) / factor;
@@ -1461,12 +1602,44 @@ impl RopeTables {
             style: rp.style,
             cos: table(cos)?,
             sin: table(sin)?,
+            ggml: rp.ggml,
         })
     }
 
     /// Rotates each head's pairs (2i, 2i+1) or halves (i, i + d/2); `x` is (heads, tokens,
     /// head_dim).
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.apply_f(x)?;
+        if !self.ggml {
+            return Ok(y);
+        }
+        // ggml: x0·cos − x1·sin and x0·sin + x1·cos, each with its first product fused into
+        // the sum (one rounding); gradients pass as through the formula.
+        let (_, n, hd) = x.dims3()?;
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let (values, cos, sin) = (flat(x)?, flat(&self.cos)?, flat(&self.sin)?);
+        let half = hd / 2;
+        let mut out = values.clone();
+        for (r, row) in out.chunks_exact_mut(hd).enumerate() {
+            let t = (r % n) * half;
+            let src = &values[r * hd..(r + 1) * hd];
+            for i in 0..half {
+                let (a, b) = match self.style {
+                    RopeStyle::Pairs => (2 * i, 2 * i + 1),
+                    RopeStyle::Halves => (i, i + half),
+                };
+                let (c, s) = (cos[t + i], sin[t + i]);
+                row[a] = src[a].mul_add(c, -(src[b] * s));
+                row[b] = src[a].mul_add(s, src[b] * c);
+            }
+        }
+        let exact = Tensor::from_vec(out, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        straight_through(exact, &y)
+    }
+
+    fn apply_f(&self, x: &Tensor) -> Result<Tensor> {
         let (h, n, hd) = x.dims3()?;
         let rotate = |x0: &Tensor, x1: &Tensor| -> Result<(Tensor, Tensor)> {
             let r0 = (x0.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;

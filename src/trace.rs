@@ -262,10 +262,138 @@ pub struct Tracer {
     capture: NonNull<Capture>,
     /// The applied adapter, if any.
     adapter: Option<NonNull<sys::llama_adapter_lora>>,
+    /// Further contexts of the model, without the callback, for [`Tracer::score_edited`]
+    /// (created on its first call), each with its `wipe` flag. Freed in drop before the model.
+    lanes: Vec<(NonNull<sys::llama_context>, bool)>,
     /// The model's forward-only shape (architecture, layers and their FFNs).
     shape: Shape,
     n_vocab: usize,
     max_tokens: usize,
+    /// Whether the KV cache may hold a non-finite value (a failed decode, non-finite logits or
+    /// FF2 input): the next [`Decoder::clear`] then also zeroes its bytes. Otherwise it only
+    /// frees the cells: a later decode reads stale cells only through the mask, as a score of
+    /// −∞ and a weight of exactly 0, so its results do not depend on what they hold.
+    wipe: bool,
+}
+
+/// Applies `adapter` to `ctx` at scale 1 (None: no adapter), replacing what was applied before;
+/// llama.cpp's return code.
+///
+/// # Safety
+/// `ctx` must be live and not decoding on another thread; `adapter` must be loaded on its model
+/// and stay alive while `ctx` holds it.
+unsafe fn set_adapter(
+    ctx: NonNull<sys::llama_context>,
+    adapter: Option<NonNull<sys::llama_adapter_lora>>,
+) -> i32 {
+    let mut list: Vec<*mut sys::llama_adapter_lora> = adapter.iter().map(|a| a.as_ptr()).collect();
+    let mut scales = vec![1f32; list.len()];
+    let (lp, sp) = match list.is_empty() {
+        true => (std::ptr::null_mut(), std::ptr::null_mut()),
+        false => (list.as_mut_ptr(), scales.as_mut_ptr()),
+    };
+    // SAFETY: by the contract above; `lp`/`sp` hold `list.len()` entries (or are both null with
+    // a count of 0, which llama.cpp accepts).
+    unsafe { sys::llama_set_adapters_lora(ctx.as_ptr(), lp, list.len(), sp) }
+}
+
+/// One `llama_decode` of `entries` (as [`check_batch`] takes them, checked by the callers) on
+/// top of `ctx`'s cache; a failure sets `wipe`. `path` names the model in errors.
+///
+/// # Safety
+/// `ctx` must be live and not decoding on another thread; no reference to its Capture, if it has
+/// one, may be alive during the call (the callback takes it).
+unsafe fn decode_on(
+    ctx: NonNull<sys::llama_context>,
+    wipe: &mut bool,
+    path: &Path,
+    entries: &[Entry],
+) -> Result<()> {
+    let batch = Batch::new(entries);
+    // SAFETY: by the contract above; the batch is live and holds entries.len() ≤ n_batch tokens
+    // with ids below n_vocab, sequence ids below n_seq_max and positions below the context
+    // (checked by the callers).
+    let rc = unsafe { sys::llama_decode(ctx.as_ptr(), batch.0) };
+    *wipe |= rc != 0;
+    match rc {
+        0 => Ok(()),
+        rc => Err(Error::Runtime(format!(
+            "{}: decode failed ({rc})",
+            path.display()
+        ))),
+    }
+}
+
+/// The logits after batch position `i` of `ctx`'s last decode (`n_vocab` of them), refused when
+/// not finite (which sets `wipe`).
+///
+/// # Safety
+/// `ctx` must be live and not decoding on another thread.
+unsafe fn logits_on(
+    ctx: NonNull<sys::llama_context>,
+    wipe: &mut bool,
+    path: &Path,
+    n_vocab: usize,
+    i: usize,
+) -> Result<Vec<f32>> {
+    // SAFETY: the context is live (above); llama.cpp returns null for a position without logits.
+    let p = unsafe { sys::llama_get_logits_ith(ctx.as_ptr(), i as i32) };
+    if p.is_null() {
+        return Err(Error::Runtime(format!(
+            "{}: no logits at position {i}",
+            path.display()
+        )));
+    }
+    // SAFETY: llama.cpp's logits row for one output holds n_vocab floats and stays valid until
+    // the next decode; it is copied before any.
+    let row = unsafe { std::slice::from_raw_parts(p, n_vocab) }.to_vec();
+    if let Some(i) = row.iter().position(|v| !v.is_finite()) {
+        *wipe = true;
+        return Err(Error::Numeric(format!(
+            "llama.cpp gives logit {i} = {}: the model's weights (or an applied edit) hold NaN or Inf",
+            row[i]
+        ))
+        .in_file(path));
+    }
+    Ok(row)
+}
+
+/// Empties `ctx`'s KV cache, zeroing its bytes too where `wipe` was set (then cleared).
+///
+/// # Safety
+/// `ctx` must be live and not decoding on another thread.
+unsafe fn clear_on(ctx: NonNull<sys::llama_context>, wipe: &mut bool) {
+    let data = std::mem::take(wipe);
+    // SAFETY: the context is live (above) and its memory belongs to it.
+    unsafe { sys::llama_memory_clear(sys::llama_get_memory(ctx.as_ptr()), data) };
+}
+
+/// A new context of `model` (512 tokens of up to 64 sequences in a unified F32 KV cache, flash
+/// attention off, `threads` threads), with the trace callback on `capture` where given.
+fn new_context(
+    model: NonNull<sys::llama_model>,
+    capture: Option<NonNull<Capture>>,
+    threads: i32,
+) -> Option<NonNull<sys::llama_context>> {
+    // SAFETY: returns a plain struct of defaults.
+    let mut cparams = unsafe { sys::llama_context_default_params() };
+    cparams.n_ctx = SESSION_CTX;
+    cparams.n_batch = SESSION_CTX;
+    cparams.n_ubatch = SESSION_CTX;
+    cparams.n_seq_max = SESSION_SEQS;
+    cparams.kv_unified = true;
+    cparams.n_threads = threads;
+    cparams.n_threads_batch = threads;
+    cparams.type_k = sys::GGML_TYPE_F32;
+    cparams.type_v = sys::GGML_TYPE_F32;
+    cparams.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    if let Some(capture) = capture {
+        cparams.cb_eval = Some(on_node);
+        cparams.cb_eval_user_data = capture.as_ptr().cast();
+    }
+    // SAFETY: `model` is live and outlives the context (both owned by a Tracer, its contexts
+    // freed first); the user data, if any, is the Tracer's heap Capture, freed after them.
+    NonNull::new(unsafe { sys::llama_init_from_model(model.as_ptr(), cparams) })
 }
 
 impl std::fmt::Debug for Tracer {
@@ -325,25 +453,7 @@ impl Tracer {
         };
         // SAFETY: Box::into_raw never returns null.
         let capture = unsafe { NonNull::new_unchecked(Box::into_raw(Box::<Capture>::default())) };
-        let threads = decode_threads();
-        // SAFETY: returns a plain struct of defaults.
-        let mut cparams = unsafe { sys::llama_context_default_params() };
-        cparams.n_ctx = SESSION_CTX;
-        cparams.n_batch = SESSION_CTX;
-        cparams.n_ubatch = SESSION_CTX;
-        cparams.n_seq_max = SESSION_SEQS;
-        cparams.kv_unified = true;
-        cparams.n_threads = threads;
-        cparams.n_threads_batch = threads;
-        cparams.type_k = sys::GGML_TYPE_F32;
-        cparams.type_v = sys::GGML_TYPE_F32;
-        cparams.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED;
-        cparams.cb_eval = Some(on_node);
-        cparams.cb_eval_user_data = capture.as_ptr().cast();
-        // SAFETY: `model` is live and outlives the context (both owned by the Tracer, the
-        // context freed first); the user data is the heap Capture, freed after the context.
-        let ctx = unsafe { sys::llama_init_from_model(model.as_ptr(), cparams) };
-        let Some(ctx) = NonNull::new(ctx) else {
+        let Some(ctx) = new_context(model, Some(capture), decode_threads()) else {
             // SAFETY: no context uses them; each is freed once, here.
             unsafe {
                 sys::llama_model_free(model.as_ptr());
@@ -360,12 +470,14 @@ impl Tracer {
             ctx,
             capture,
             adapter: None,
+            lanes: Vec::new(),
             shape,
             n_vocab: n_vocab.max(0) as usize,
             max_tokens: match n_ctx_train {
                 n if n > 0 => (n as usize).min(SESSION_CTX as usize),
                 _ => SESSION_CTX as usize,
             },
+            wipe: false,
         };
         if n_layer_cpp.max(0) as usize != tracer.shape.n_layer
             || n_vocab.max(0) as usize != tracer.shape.n_vocab
@@ -404,9 +516,15 @@ impl Tracer {
     /// scale 1, replacing the one applied before; no deltas removes it. llama.cpp reads the
     /// model's weights from the file, so this is how earlier edits of a sequence reach the trace.
     pub fn apply_deltas(&mut self, deltas: &[Delta]) -> Result<()> {
-        if deltas.is_empty() {
-            return self.set_adapter(None);
-        }
+        let new = match deltas.is_empty() {
+            true => None,
+            false => Some(self.load_deltas(deltas)?),
+        };
+        self.install(new)
+    }
+
+    /// `deltas` (not empty) as a LoRA adapter loaded on the model, applied to no context.
+    fn load_deltas(&mut self, deltas: &[Delta]) -> Result<NonNull<sys::llama_adapter_lora>> {
         static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!(
@@ -417,7 +535,7 @@ impl Tracer {
         // Staged only: llama.cpp reads it into memory, and dropping it removes the file.
         let staged =
             lora::adapter_plan(&self.shape.arch, deltas, &[]).write_to(claim.stage_file()?)?;
-        self.set_adapter(Some(staged.path()))
+        self.load_adapter(staged.path())
     }
 
     /// Applies the LoRA adapter GGUF at `path` to every later decode at scale 1, replacing the
@@ -431,37 +549,34 @@ impl Tracer {
     /// Applies the LoRA adapter GGUF at `path` at scale 1 (None: no adapter). Private: only
     /// adapters backlens wrote itself or validated are handed to llama.cpp.
     fn set_adapter(&mut self, path: Option<&Path>) -> Result<()> {
-        let new = match path {
-            None => None,
-            Some(p) => {
-                let cpath = p
-                    .to_str()
-                    .and_then(|s| CString::new(s).ok())
-                    .ok_or_else(|| {
-                        Error::Invalid(format!("{}: not a valid UTF-8 path", p.display()))
-                    })?;
-                // SAFETY: the model is live; `cpath` is NUL-terminated and outlives the call.
-                let a =
-                    unsafe { sys::llama_adapter_lora_init(self.model.as_ptr(), cpath.as_ptr()) };
-                Some(NonNull::new(a).ok_or_else(|| {
-                    Error::Runtime(format!(
-                        "{}: llama.cpp could not load this adapter for {}",
-                        p.display(),
-                        self.path.display()
-                    ))
-                })?)
-            }
-        };
-        let mut list: Vec<*mut sys::llama_adapter_lora> = new.iter().map(|a| a.as_ptr()).collect();
-        let mut scales = vec![1f32; list.len()];
-        let (lp, sp) = match list.is_empty() {
-            true => (std::ptr::null_mut(), std::ptr::null_mut()),
-            false => (list.as_mut_ptr(), scales.as_mut_ptr()),
-        };
-        // SAFETY: the context is live; `lp`/`sp` hold `list.len()` entries (or are both null
-        // with a count of 0, which llama.cpp accepts), and the new adapter belongs to this
-        // context's model. The context no longer uses the old adapter after this call.
-        let rc = unsafe { sys::llama_set_adapters_lora(self.ctx.as_ptr(), lp, list.len(), sp) };
+        let new = path.map(|p| self.load_adapter(p)).transpose()?;
+        self.install(new)
+    }
+
+    /// Loads the adapter GGUF at `p` on the model (applied to no context). `&mut self`: llama.cpp
+    /// registers it in the model, which no decode may read meanwhile.
+    fn load_adapter(&mut self, p: &Path) -> Result<NonNull<sys::llama_adapter_lora>> {
+        let cpath = p
+            .to_str()
+            .and_then(|s| CString::new(s).ok())
+            .ok_or_else(|| Error::Invalid(format!("{}: not a valid UTF-8 path", p.display())))?;
+        // SAFETY: the model is live; `cpath` is NUL-terminated and outlives the call.
+        let a = unsafe { sys::llama_adapter_lora_init(self.model.as_ptr(), cpath.as_ptr()) };
+        NonNull::new(a).ok_or_else(|| {
+            Error::Runtime(format!(
+                "{}: llama.cpp could not load this adapter for {}",
+                p.display(),
+                self.path.display()
+            ))
+        })
+    }
+
+    /// Applies `new` (loaded by this Tracer) to the tracer's context, replacing and freeing the
+    /// adapter applied before.
+    fn install(&mut self, new: Option<NonNull<sys::llama_adapter_lora>>) -> Result<()> {
+        // SAFETY: the context is live and `&mut self` keeps every decode off it; the new adapter
+        // was loaded on its model. The context no longer uses the old adapter after this call.
+        let rc = unsafe { set_adapter(self.ctx, new) };
         let old = std::mem::replace(&mut self.adapter, new);
         if let Some(old) = old {
             // SAFETY: loaded by this Tracer, no longer applied to the context, freed once here.
@@ -608,6 +723,7 @@ impl Tracer {
                 .in_file(&self.path));
             };
             if let Some(bad) = got.iter().flatten().find(|v| !v.is_finite()) {
+                self.wipe = true;
                 return Err(Error::Numeric(format!(
                     "layer {layer}: FF2's input holds {bad} (the model's weights or an applied edit hold NaN or Inf)"
                 ))
@@ -665,43 +781,16 @@ impl Tracer {
 
     /// Logits after batch position `i` of the last decode.
     fn logits(&mut self, i: usize) -> Result<Vec<f32>> {
-        // SAFETY: the context is live and position i was an output of its last decode.
-        let p = unsafe { sys::llama_get_logits_ith(self.ctx.as_ptr(), i as i32) };
-        if p.is_null() {
-            return Err(Error::Runtime(format!(
-                "{}: no logits at position {i}",
-                self.path.display()
-            )));
-        }
-        // SAFETY: llama.cpp's logits row for one output holds n_vocab floats and stays valid
-        // until the next decode; it is copied before any.
-        let row = unsafe { std::slice::from_raw_parts(p, self.n_vocab) }.to_vec();
-        if let Some(i) = row.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Numeric(format!(
-                "llama.cpp gives logit {i} = {}: the model's weights (or an applied edit) hold NaN or Inf",
-                row[i]
-            ))
-            .in_file(&self.path));
-        }
-        Ok(row)
+        // SAFETY: the context is live, and `&mut self` keeps other threads off it.
+        unsafe { logits_on(self.ctx, &mut self.wipe, &self.path, self.n_vocab, i) }
     }
 
     /// One `llama_decode` of `entries` (as [`check_batch`] takes them, checked by the callers)
     /// on top of the cache; the callback captures whatever the Capture is armed for.
     fn decode_raw(&mut self, entries: &[Entry]) -> Result<()> {
-        let batch = Batch::new(entries);
-        // SAFETY: the context and the batch are live; the batch holds entries.len() ≤ n_batch
-        // tokens with ids below n_vocab, sequence ids below n_seq_max and positions below the
-        // session's context (checked by the callers). No reference to the Capture is alive during
-        // the call, so the callback's exclusive access to it is sound.
-        let rc = unsafe { sys::llama_decode(self.ctx.as_ptr(), batch.0) };
-        match rc {
-            0 => Ok(()),
-            rc => Err(Error::Runtime(format!(
-                "{}: decode failed ({rc})",
-                self.path.display()
-            ))),
-        }
+        // SAFETY: the context is live, `&mut self` keeps other threads off it, and no reference
+        // to the Capture is alive during the call, so the callback's exclusive access is sound.
+        unsafe { decode_on(self.ctx, &mut self.wipe, &self.path, entries) }
     }
 
     fn capture_mut(&mut self) -> &mut Capture {
@@ -716,8 +805,8 @@ impl Tracer {
 /// declines every node outside [`Tracer::trace`]), so one loaded model serves both.
 impl Decoder for Tracer {
     fn clear(&mut self) {
-        // SAFETY: the context is live and its memory belongs to it.
-        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
+        // SAFETY: the context is live, and `&mut self` keeps other threads off it.
+        unsafe { clear_on(self.ctx, &mut self.wipe) }
     }
 
     fn decode(&mut self, batch: &[Entry]) -> Result<()> {
@@ -748,13 +837,214 @@ impl Decoder for Tracer {
     }
 }
 
+/// Most contexts [`Tracer::score_edited`] scores on at once (each holds its own KV cache and
+/// compute buffers: 24 MB of cache for SmolLM2, 512 MB for a 7B model).
+const MAX_LANES: usize = 4;
+
+/// One context of a tracer's model, scoring on a thread of its own in
+/// [`Tracer::score_edited`]; decodes like the tracer (its callback, if any, disarmed).
+pub struct Lane<'t> {
+    ctx: NonNull<sys::llama_context>,
+    wipe: &'t mut bool,
+    path: &'t Path,
+    n_vocab: usize,
+    max_tokens: usize,
+    eos: Option<u32>,
+}
+
+// SAFETY: a Lane is the only handle to its context while it lives (it borrows the Tracer's
+// context or one of its lanes, mutably, for 't), so the context is used by one thread at a time.
+// llama.cpp's contexts of one model may decode concurrently: a decode reads the model's weights
+// and its adapter registry, which `score_edited` changes only before its lanes exist and after
+// they are gone; the disarmed callback of the tracer's own context touches only that context's
+// Capture, which nothing else touches while the lane lives.
+unsafe impl Send for Lane<'_> {}
+
+impl Decoder for Lane<'_> {
+    fn clear(&mut self) {
+        // SAFETY: the lane's context is live and only this lane uses it.
+        unsafe { clear_on(self.ctx, self.wipe) }
+    }
+
+    fn decode(&mut self, batch: &[Entry]) -> Result<()> {
+        check_batch(self.path, batch, self.max_tokens)?;
+        if let Some(e) = batch.iter().find(|e| e.token as usize >= self.n_vocab) {
+            return Err(Error::BadRequest(format!(
+                "token id {} is past the model's vocabulary of {}",
+                e.token, self.n_vocab
+            ))
+            .in_file(self.path));
+        }
+        // SAFETY: as above; the batch is checked, and no reference to a Capture is alive here.
+        unsafe { decode_on(self.ctx, self.wipe, self.path, batch) }
+    }
+
+    fn row(&mut self, i: usize) -> Result<Vec<f32>> {
+        // SAFETY: as above.
+        unsafe { logits_on(self.ctx, self.wipe, self.path, self.n_vocab, i) }
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+}
+
+/// Adapters loaded for one [`Tracer::score_edited`] call (None: a record without deltas) and the
+/// contexts that may hold them; on drop, removed from those contexts, then freed.
+struct Loaded {
+    adapters: Vec<Option<NonNull<sys::llama_adapter_lora>>>,
+    contexts: Vec<NonNull<sys::llama_context>>,
+}
+
+// SAFETY: the lanes only read the pointers, handing them to llama.cpp, which reads the adapters'
+// tensors during decodes; nothing modifies or frees them until `Loaded` is dropped, after the
+// lanes are gone.
+unsafe impl Sync for Loaded {}
+
+impl Loaded {
+    /// Record `i`'s adapter (whole-struct access, so that closures capture `Loaded`, which is
+    /// Sync, and not its field).
+    fn get(&self, i: usize) -> Option<NonNull<sys::llama_adapter_lora>> {
+        self.adapters[i]
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        for &ctx in &self.contexts {
+            // SAFETY: the contexts are live (the Tracer outlives this) and no lane decodes on
+            // them any longer; removing every adapter is always valid.
+            unsafe { set_adapter(ctx, None) };
+        }
+        for a in self.adapters.drain(..).flatten() {
+            // SAFETY: loaded by the Tracer for this call, applied to no context any longer (just
+            // above), freed once here while no decode runs.
+            unsafe { sys::llama_adapter_lora_free(a.as_ptr()) }
+        }
+    }
+}
+
+impl Tracer {
+    /// `work(i, lane)` for each `i` of `edits`, on a lane with `edits[i]` applied as an adapter
+    /// (none for no deltas), in order of `i`, with `threads` threads in all (callers pass
+    /// [`decode_threads`]): one context per thread, at most [`MAX_LANES`] (the threads shared
+    /// out among them) and no more than records, the tracer's own
+    /// context first and further ones of the same model kept for later calls; each lane takes
+    /// the next record when it is done with one. One llama.cpp decode on two threads scales about
+    /// 1.7× (its workers wait at each node's barrier); two one-thread decodes at once about 2×.
+    /// Every `work` that starts from an empty cache decodes as on one context (same cells, same
+    /// kernels: ggml splits a matmul by outputs, never within a dot product), so the results do
+    /// not depend on the lanes or their timing. The adapters are loaded before the lanes start and
+    /// freed after they end: loading registers an adapter in the model, which decodes read. The
+    /// first failure (in order of `i`) is the error.
+    pub fn score_edited<R: Send>(
+        &mut self,
+        threads: usize,
+        edits: &[Vec<Delta>],
+        work: impl Fn(usize, &mut Lane<'_>) -> Result<R> + Sync,
+    ) -> Result<Vec<R>> {
+        let threads = threads.max(1);
+        let n = threads.min(MAX_LANES).min(edits.len()).max(1);
+        self.install(None)?;
+        while self.lanes.len() + 1 < n {
+            let ctx = new_context(self.model, None, 1).ok_or_else(|| {
+                Error::Runtime(format!(
+                    "{}: llama.cpp could not create a context",
+                    self.path.display()
+                ))
+            })?;
+            self.lanes.push((ctx, false));
+        }
+        let mut loaded = Loaded {
+            adapters: Vec::with_capacity(edits.len()),
+            contexts: std::iter::once(self.ctx)
+                .chain(self.lanes[..n - 1].iter().map(|l| l.0))
+                .collect(),
+        };
+        for deltas in edits {
+            let a = match deltas.is_empty() {
+                true => None,
+                false => Some(self.load_deltas(deltas)?),
+            };
+            loaded.adapters.push(a);
+        }
+        for (k, &ctx) in loaded.contexts.iter().enumerate() {
+            let t = (threads / n + usize::from(k < threads % n)) as i32;
+            // SAFETY: the context is live and no decode runs (`&mut self`).
+            unsafe { sys::llama_set_n_threads(ctx.as_ptr(), t, t) };
+        }
+        self.capture_mut().armed = false;
+        let eos = Decoder::eos(self);
+        let (path, n_vocab, max_tokens) = (self.path.as_path(), self.n_vocab, self.max_tokens);
+        let mut lanes: Vec<Lane> = std::iter::once((self.ctx, &mut self.wipe))
+            .chain(self.lanes[..n - 1].iter_mut().map(|(c, w)| (*c, w)))
+            .map(|(ctx, wipe)| Lane {
+                ctx,
+                wipe,
+                path,
+                n_vocab,
+                max_tokens,
+                eos,
+            })
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let run = |lane: &mut Lane| {
+            use std::sync::atomic::Ordering::Relaxed;
+            let mut out = Vec::new();
+            while !failed.load(Relaxed) {
+                let i = next.fetch_add(1, Relaxed);
+                if i >= edits.len() {
+                    break;
+                }
+                // SAFETY: only this lane uses its context; the adapter was loaded on its model
+                // and lives until `loaded` is dropped, which first removes it from the context.
+                let r = match unsafe { set_adapter(lane.ctx, loaded.get(i)) } {
+                    0 => work(i, lane),
+                    rc => Err(Error::Runtime(format!(
+                        "{}: applying an adapter failed ({rc})",
+                        lane.path.display()
+                    ))),
+                };
+                failed.fetch_or(r.is_err(), Relaxed);
+                out.push((i, r));
+            }
+            out
+        };
+        let (first, rest) = lanes.split_first_mut().expect("at least one lane");
+        let mut results = std::thread::scope(|s| {
+            let others: Vec<_> = rest.iter_mut().map(|lane| s.spawn(|| run(lane))).collect();
+            let mut all = run(first);
+            for h in others {
+                all.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            }
+            all
+        });
+        drop(lanes);
+        // SAFETY: the lanes are gone; the context is live and idle.
+        unsafe { sys::llama_set_n_threads(self.ctx.as_ptr(), threads as i32, threads as i32) };
+        drop(loaded);
+        results.sort_by_key(|r| r.0);
+        // A failure stops the lanes after their current records, all of which come before any
+        // record not begun, so the first error in order of `i` is the one a single lane meets.
+        results.into_iter().map(|r| r.1).collect()
+    }
+}
+
 impl Drop for Tracer {
     fn drop(&mut self) {
         // SAFETY: each pointer was created by this Tracer and is freed once, in this order: the
-        // context (the only user of the adapter and of the Capture), the adapter, the model (which
+        // contexts (the only users of the adapter and of the Capture), the adapter, the model (which
         // the adapter and context borrowed), then the Capture from its Box.
         unsafe {
             sys::llama_free(self.ctx.as_ptr());
+            for (ctx, _) in self.lanes.drain(..) {
+                sys::llama_free(ctx.as_ptr());
+            }
             if let Some(a) = self.adapter.take() {
                 sys::llama_adapter_lora_free(a.as_ptr());
             }

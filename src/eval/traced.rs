@@ -10,6 +10,7 @@ use super::{
     RecordEdit, CHUNK,
 };
 use crate::edit::{self, Delta, EditRequest};
+use crate::runtime::decode_threads;
 use crate::source::ModelSource;
 use crate::tokenizer::Tokenizer;
 use crate::trace::Tracer;
@@ -54,22 +55,24 @@ pub fn evaluate(
     let chunk = if config.sequential { 1 } else { CHUNK };
     for (start, recs) in (0..).step_by(chunk).zip(records.chunks(chunk)) {
         let edits = edit_records(&mut tracer, &src, tok, recs, config, &all_deltas)?;
-        for (index, (r, edit)) in (start..).zip(recs.iter().zip(edits)) {
-            let active: Vec<Delta> = match config.sequential {
+        let mut active = Vec::with_capacity(edits.len());
+        for edit in &edits {
+            let deltas: Vec<Delta> = match config.sequential {
                 true => {
                     all_deltas.extend(edit.deltas.iter().cloned());
                     all_deltas.clone()
                 }
                 false => edit.deltas.clone(),
             };
-            tracer.apply_deltas(&stored_deltas(file, &active, config.ff2_type)?)?;
-            let mut record = score(
-                &mut tracer,
-                tok,
-                &encoded[index],
-                base_top1[index],
-                config.fluency,
-            )?;
+            active.push(stored_deltas(file, &deltas, config.ff2_type)?);
+        }
+        // The chunk's records are scored side by side on the tracer's contexts, each from an
+        // empty cache with its own edit applied: the same decodes as one after another.
+        let scored = tracer.score_edited(decode_threads() as usize, &active, |i, lane| {
+            let index = start + i;
+            score(lane, tok, &encoded[index], base_top1[index], config.fluency)
+        })?;
+        for (index, ((r, edit), mut record)) in (start..).zip(recs.iter().zip(edits).zip(scored)) {
             edit.stamp(&mut record, r.case_id);
             scores.push(record);
             progress(index + 1);

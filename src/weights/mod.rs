@@ -1,7 +1,9 @@
 //! Model file readers: GGUF ([`gguf`], with ggml's tensor types in [`quant`]) and HF safetensors
 //! folders ([`safetensors`]). They know file formats only; what the tensors mean is `arch`'s job,
-//! and `source` puts both behind one interface.
+//! and `source` puts both behind one interface. [`ggml_cpu`] holds ggml's CPU arithmetic on
+//! those types, for the forward that reproduces llama.cpp's.
 
+pub mod ggml_cpu;
 pub mod gguf;
 pub mod quant;
 pub mod safetensors;

@@ -239,6 +239,57 @@ pub fn round_activations(act: GgmlType, row: &mut [f32]) -> Result<Vec<f32>> {
     }
 }
 
+/// `W x` the way ggml's CPU backend computes a matrix product whose weight type has no tiled
+/// (llamafile) kernel: `x` converted to the weight's activation type by ggml's own converter,
+/// then each output one call of ggml's own dot product on the stored row, so the result is
+/// bit for bit llama.cpp's. `w` holds rows of `x.len()` values of type `wty`, back to back.
+pub fn matvec_like_ggml(wty: GgmlType, w: &[u8], x: &[f32]) -> Result<Vec<f32>> {
+    let unsupported = || Error::UnsupportedType {
+        name: "matrix product".into(),
+        type_name: wty.name(),
+    };
+    let traits = wty.cpu_traits().ok_or_else(unsupported)?;
+    let vec_dot = traits.vec_dot.ok_or_else(unsupported)?;
+    let act = GgmlType(traits.vec_dot_type);
+    let n = x.len();
+    let (Some(row_bytes), Some(x_bytes)) = (wty.bytes_for(n as u64), act.bytes_for(n as u64))
+    else {
+        return Err(unsupported());
+    };
+    let row_bytes = row_bytes as usize;
+    if row_bytes == 0 || !w.len().is_multiple_of(row_bytes) {
+        return Err(Error::Invalid(format!(
+            "{} weight of {} bytes is not whole rows of {n} values",
+            wty.name(),
+            w.len()
+        )));
+    }
+    let converted: Vec<u8>;
+    let xq: *const std::ffi::c_void = match act == GgmlType::F32 {
+        true => x.as_ptr().cast(),
+        false => {
+            let from_float = act
+                .cpu_traits()
+                .and_then(|t| t.from_float)
+                .ok_or_else(unsupported)?;
+            let mut packed = vec![0u8; x_bytes as usize];
+            // SAFETY: `packed` holds exactly the bytes of n values of type `act`.
+            unsafe { from_float(x.as_ptr(), packed.as_mut_ptr().cast(), n as i64) };
+            converted = packed;
+            converted.as_ptr().cast()
+        }
+    };
+    Ok(w.chunks_exact(row_bytes)
+        .map(|row| {
+            let mut s = 0f32;
+            // SAFETY: `row` is one row of n values of `wty` and `xq` n values of its activation
+            // type (both checked above); ggml's dot writes one float to `s` (nrc = 1).
+            unsafe { vec_dot(n as i32, &mut s, 0, row.as_ptr().cast(), 0, xq, 0, 1) };
+            s
+        })
+        .collect())
+}
+
 /// The per-block minimum `m` of weights stored as Q4_1 or Q5_1 (blocks of 32 whose values are
 /// d·q + m), row-major (rows, blocks per row); None for other types.
 pub fn block_minimums(ty: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
