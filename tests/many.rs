@@ -4,6 +4,7 @@
 
 mod common;
 
+use backlens::edit::batch::JointOptions;
 use backlens::edit::minimal::ValueRule;
 use backlens::edit::{EditContext, EditRequest, EditSettings, Method};
 use backlens::eval::many::{self, ManyConfig};
@@ -113,6 +114,7 @@ fn eval_edits_scores_every_record_on_one_model() {
         ppl_tokens: 256,
         ff2_type: Ff2Type::F32,
         value: ValueRule::default(),
+        joint: JointOptions::default(),
     };
     let model: &Transformer = &l.model;
     let report = many::evaluate_many(
