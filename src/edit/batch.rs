@@ -253,6 +253,9 @@ pub fn solve_over_layers(
         .collect())
 }
 
+/// One f64 vector per request.
+type Rows = Vec<Vec<f64>>;
+
 /// FF2's input of layer `l` and the residual after block `last` at each prompt's key row
 /// (`prompts`: tokens and that row), in packed passes of 32 prompts.
 fn read_at_keys(
@@ -260,7 +263,7 @@ fn read_at_keys(
     prompts: &[(Vec<u32>, usize)],
     l: usize,
     last: usize,
-) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+) -> Result<(Rows, Rows)> {
     let (mut xs, mut hs) = (Vec::new(), Vec::new());
     for pack in prompts.chunks(32) {
         let segments: Vec<usize> = pack.iter().map(|(p, _)| p.len()).collect();
