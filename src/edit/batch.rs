@@ -178,15 +178,7 @@ pub fn solve_over_layers(
     n: usize,
 ) -> Result<Vec<EditOutcome>> {
     check_ridge(ridge)?;
-    let first = (layer + 1)
-        .checked_sub(n)
-        .filter(|_| n > 0)
-        .ok_or_else(|| {
-            Error::Invalid(format!(
-                "--spread {n} layers ending at layer {layer}: give 1 to {} layers",
-                layer + 1
-            ))
-        })?;
+    let first = spread_start(n, layer)?;
     if model.blocks[first..=layer]
         .iter()
         .any(|b| b.ffn_post_norm.is_some())
@@ -251,6 +243,17 @@ pub fn solve_over_layers(
             None => EditOutcome::skipped(req, k.target_id, k.top1),
         })
         .collect())
+}
+
+/// The first layer of a spread over `n` layers ending at `layer`; refused when n is 0 or the
+/// range would start below layer 0.
+pub fn spread_start(n: usize, layer: usize) -> Result<usize> {
+    (layer + 1).checked_sub(n).filter(|_| n > 0).ok_or_else(|| {
+        Error::Invalid(format!(
+            "--spread {n} layers ending at layer {layer}: give 1 to {} layers",
+            layer + 1
+        ))
+    })
 }
 
 /// One f64 vector per request.

@@ -147,7 +147,14 @@ pub fn evaluate_many(
             lr: config.lr,
         }
         .check(model.hp.n_layer)?;
+        if config.joint.layers != 1 && method != Method::Batch {
+            return Err(Error::Invalid(format!(
+                "--spread {} is for batch; {method} edits one layer",
+                config.joint.layers
+            )));
+        }
     }
+    batch::spread_start(config.joint.layers, config.layer)?;
     let file = GgufFile::open(gguf)?;
     let text = perplexity::text_tokens(&rt, GENERAL_TEXT, Some(config.ppl_tokens))?;
     progress("unedited model");
