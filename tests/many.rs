@@ -1,9 +1,10 @@
 //! Many edits in one model: `shift-protected` keeps earlier edits while later ones arrive,
 //! `eval --edits/--curve` scores every record on the one edited model, and the bad inputs of
-//! docs/errors.md rows 38–40 fail with one line, exit 2, nothing left behind.
+//! docs/errors.md rows 38–40 and 43–45 fail with one line, exit 2, nothing left behind.
 
 mod common;
 
+use backlens::edit::batch::JointOptions;
 use backlens::edit::minimal::ValueRule;
 use backlens::edit::{EditContext, EditRequest, EditSettings, Method};
 use backlens::eval::many::{self, ManyConfig};
@@ -113,6 +114,7 @@ fn eval_edits_scores_every_record_on_one_model() {
         ppl_tokens: 256,
         ff2_type: Ff2Type::F32,
         value: ValueRule::default(),
+        joint: JointOptions::default(),
     };
     let model: &Transformer = &l.model;
     let report = many::evaluate_many(
@@ -348,5 +350,61 @@ fn row43_a_negative_or_non_finite_margin_is_refused() {
             &format!("--margin must be a finite number ≥ 0, got {shown}"),
             &dir,
         );
+    }
+}
+
+// docs/errors.md row 44
+#[test]
+fn row44_a_negative_or_non_finite_ridge_is_refused() {
+    let fx = common::tiny(backlens::arch::Arch::Llama);
+    let dir = common::temp_dir("row44");
+    let reqs = serde_json::json!([record("Danielle Darrieux lives in", "Paris", "London")]);
+    let data = dir.join("one.json");
+    std::fs::write(&data, reqs.to_string()).unwrap();
+    let (m, d) = (fx.gguf.to_str().unwrap(), data.to_str().unwrap());
+    for (ridge, shown) in [("-1", "-1"), ("nan", "NaN")] {
+        let arg = format!("--ridge={ridge}");
+        expect_error(
+            &[
+                "eval", m, "--data", d, "--edits", "1", "--method", "batch", &arg,
+            ],
+            &format!("the ridge (--ridge) must be a finite number ≥ 0, got {shown}"),
+            &dir,
+        );
+    }
+}
+
+// docs/errors.md row 45
+#[test]
+fn row45_a_spread_past_the_first_layer_or_for_a_one_layer_method_is_refused() {
+    let fx = common::tiny(backlens::arch::Arch::Llama);
+    let dir = common::temp_dir("row45");
+    let reqs = serde_json::json!([record("Danielle Darrieux lives in", "Paris", "London")]);
+    let data = dir.join("one.json");
+    std::fs::write(&data, reqs.to_string()).unwrap();
+    let (m, d) = (fx.gguf.to_str().unwrap(), data.to_str().unwrap());
+    let eval = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["eval", m, "--data", d, "--edits", "1", "--layer", "1"];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--method", "batch", "--spread", "40"],
+            "--spread 40 layers ending at layer 1: give 1 to 2 layers",
+        ),
+        (
+            &["--method", "shift-protected", "--spread", "2"],
+            "--spread 2 is for batch; shift-protected edits one layer",
+        ),
+        (
+            &["--method", "batch", "--key", "subject", "--value", "fps"],
+            "FPS's value (--value fps) is keyed at the prompt's last token: use --key last",
+        ),
+    ];
+    for (extra, message) in cases {
+        let args = eval(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        expect_error(&args, message, &dir);
     }
 }

@@ -2,7 +2,8 @@
 
 use super::{open, print_json, require_gguf};
 use anyhow::{bail, Result};
-use backlens::edit::minimal::ValueRule;
+use backlens::edit::batch::JointOptions;
+use backlens::edit::minimal::{KeyAt, ValueRule};
 use backlens::edit::{EditSettings, Method};
 use backlens::eval::{self, EvalConfig, EvalReport, LayerChoice, LrChoice};
 use backlens::model::Transformer;
@@ -108,12 +109,33 @@ pub struct Args {
     /// Logits by which a minimal value makes the target lead every other token.
     #[arg(long, default_value_t = backlens::edit::minimal::DEFAULT_MARGIN)]
     margin: f64,
+    /// Ridge ρ of batch and shift-protected: the weight of the generic-text statistics against
+    /// the edit keys, relative to the keys' mean xᵀC⁻¹x.
+    #[arg(long, default_value_t = JointOptions::default().ridge)]
+    ridge: f64,
+    /// The token whose FF2 input is the key of batch and shift-protected: last (the prompt's
+    /// last token) or subject (the subject's last token; the records must name the subject).
+    #[arg(long, default_value_t = JointOptions::default().key)]
+    key: KeyAt,
+    /// Layers batch spreads each value over, ending at --layer (MEMIT's; 1: that layer alone).
+    #[arg(long, default_value_t = JointOptions::default().layers)]
+    spread: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
 }
 
 impl Args {
+    /// The ridge and key position of --ridge and --key.
+    fn joint(&self) -> Result<JointOptions> {
+        backlens::edit::batch::check_ridge(self.ridge)?;
+        Ok(JointOptions {
+            ridge: self.ridge,
+            key: self.key,
+            layers: self.spread,
+        })
+    }
+
     /// The value rule of --value and --margin.
     fn value_rule(&self) -> ValueRule {
         match self.value.as_str() {
@@ -243,6 +265,7 @@ pub fn run(args: Args) -> Result<()> {
     let ctx = backlens::edit::EditContext {
         stats: store.as_ref(),
         value: args.value_rule(),
+        joint: args.joint()?,
         ..backlens::edit::EditContext::default()
     };
     let base = EvalConfig {

@@ -68,6 +68,22 @@ impl Default for ValueRule {
     }
 }
 
+/// Which token of the edit prompt gives the key the value is written at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyAt {
+    /// The prompt's last token (FPS's key).
+    #[default]
+    Last,
+    /// The subject's last token (ROME's and MEMIT's; the request must name its subject).
+    Subject,
+}
+
+crate::named_enum!(KeyAt, "key position", [
+    Last => "last",
+    Subject => "subject",
+]);
+
 impl ValueRule {
     /// Refuses a margin that is negative or not finite.
     pub fn check(self) -> Result<()> {
@@ -90,15 +106,17 @@ pub struct Keyed {
     pub target_id: u32,
     /// The model's top-1 next token.
     pub top1: u32,
-    /// FF2's input at the last prompt token.
+    /// FF2's input at the key's token.
     pub x: Vec<f32>,
+    /// That token's position in the prompt.
+    pub row: usize,
     /// The value r = s·e; None when the target already is the top-1.
     pub value: Option<Vec<f64>>,
 }
 
-/// Keys and values of `requests` at `layer` on `model` (unchanged) under `rule`, with the
-/// statistics `stats` of that layer giving each key's whitened direction; the packs of
-/// [`PACK`] requests are searched on up to `threads` threads.
+/// Keys (at the token `key` picks) and values of `requests` at `layer` on `model` (unchanged)
+/// under `rule`, with the statistics `stats` of that layer giving each key's whitened
+/// direction; the packs of [`PACK`] requests are searched on up to `threads` threads.
 #[allow(clippy::too_many_arguments)]
 pub fn keyed(
     model: &Transformer,
@@ -107,17 +125,27 @@ pub fn keyed(
     layer: usize,
     lr: f64,
     rule: ValueRule,
+    key: KeyAt,
     stats: &KeyStats,
     threads: usize,
 ) -> Result<Vec<Keyed>> {
     rule.check()?;
+    if rule == ValueRule::Fps && key == KeyAt::Subject {
+        return Err(Error::Invalid(
+            "FPS's value (--value fps) is keyed at the prompt's last token: use --key last".into(),
+        ));
+    }
     over_packs(requests, threads, |pack| match rule {
         ValueRule::Fps => pack
             .iter()
             .map(|req| fps_keyed(model, tok, req, layer, lr))
             .collect(),
-        ValueRule::Minimal { margin } => search(model, tok, pack, layer, lr, margin, false, stats),
-        ValueRule::Steepest { margin } => search(model, tok, pack, layer, lr, margin, true, stats),
+        ValueRule::Minimal { margin } => {
+            search(model, tok, pack, layer, lr, margin, false, key, stats)
+        }
+        ValueRule::Steepest { margin } => {
+            search(model, tok, pack, layer, lr, margin, true, key, stats)
+        }
     })
 }
 
@@ -179,6 +207,7 @@ fn fps_keyed(
     lr: f64,
 ) -> Result<Keyed> {
     let key = super::shift::prompt_key(model, tok, req, layer)?;
+    let row = tok.encode_prompt(&req.prompt)?.len() - 1;
     let value = (key.top1 != key.target_id).then(|| {
         let e = embedding(model, key.target_id)?;
         let s = lr * key.x.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
@@ -188,6 +217,7 @@ fn fps_keyed(
         target_id: key.target_id,
         top1: key.top1,
         x: key.x,
+        row,
         value: value.transpose()?,
     })
 }
@@ -208,13 +238,14 @@ struct Trial {
     h: Tensor,
     /// FF2's output (tokens, n_embd), for a family that norms it before the residual sum.
     out: Tensor,
-    /// kᵀxₜ per token (tokens, 1), 1 at the last.
+    /// kᵀxₜ per token (tokens, 1), 1 at the key's token.
     weights: Tensor,
     /// The value's direction as a (1, n_embd) row of the model's dtype: e, or the unit gradient.
     e: Tensor,
     target_id: u32,
     top1: u32,
     x: Vec<f32>,
+    row: usize,
     /// Largest scale known below the margin, and f there.
     lo: (f64, f64),
     /// Smallest scale known at or above it, and f there.
@@ -222,7 +253,7 @@ struct Trial {
 }
 
 /// The minimal values of up to [`PACK`] requests, searched together (along the logit gradient
-/// when `steepest`).
+/// when `steepest`), each keyed at the token `key` picks.
 #[allow(clippy::too_many_arguments)]
 fn search(
     model: &Transformer,
@@ -232,6 +263,7 @@ fn search(
     lr: f64,
     margin: f64,
     steepest: bool,
+    key: KeyAt,
     stats: &KeyStats,
 ) -> Result<Vec<Keyed>> {
     let prompts = requests
@@ -250,9 +282,13 @@ fn search(
     for (req, &n) in requests.iter().zip(&segments) {
         let target_id = super::first_target_token(tok, req)?;
         let rows = &keys[at..at + n];
-        let last = rows.last().expect("a prompt has a token");
-        let z = stats.solve(last);
-        let xz = dot(last, &z);
+        let row = match key {
+            KeyAt::Last => n - 1,
+            KeyAt::Subject => subject_row(tok, req, n)?,
+        };
+        let x = &rows[row];
+        let z = stats.solve(x);
+        let xz = dot(x, &z);
         if !(xz.is_finite() && xz > 0.0) {
             return Err(Error::Numeric(format!(
                 "minimal value at layer {layer}: the key of {:?} has no weight under the statistics (xᵀC⁻¹x = {xz})",
@@ -260,7 +296,7 @@ fn search(
             )));
         }
         let w: Vec<f64> = rows.iter().map(|r| dot(r, &z) / xz).collect();
-        let x: Vec<f32> = last.iter().map(|&v| v as f32).collect();
+        let x: Vec<f32> = x.iter().map(|&v| v as f32).collect();
         let h = h_all.narrow(0, at, n)?;
         trials.push(Trial {
             weights: Tensor::from_vec(w, (n, 1), h.device())?.to_dtype(h.dtype())?,
@@ -275,6 +311,7 @@ fn search(
                 0.0,
             ),
             x,
+            row,
         });
         at += n;
     }
@@ -354,10 +391,23 @@ fn search(
                 target_id: t.target_id,
                 top1: t.top1,
                 x: t.x,
+                row: t.row,
                 value,
             })
         })
         .collect()
+}
+
+/// The row of the subject's last token in the `n` tokens of `req`'s prompt.
+fn subject_row(tok: &Tokenizer, req: &EditRequest, n: usize) -> Result<usize> {
+    let row = super::value::subject_last(tok, &req.prompt, super::value::subject_of(req)?)?;
+    match row < n {
+        true => Ok(row),
+        false => Err(Error::BadRequest(format!(
+            "the subject of {:?} ends past the prompt's {n} tokens",
+            req.prompt
+        ))),
+    }
 }
 
 /// Where the line through the bracket's ends meets the margin, kept inside the middle 80% of

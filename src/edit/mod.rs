@@ -195,6 +195,8 @@ pub struct EditContext<'a> {
     pub stats: Option<&'a whiten::StatsStore>,
     /// The value each key receives in [`Method::Batch`] and [`Method::ShiftProtected`].
     pub value: minimal::ValueRule,
+    /// Ridge and key position of [`Method::Batch`] and [`Method::ShiftProtected`].
+    pub joint: batch::JointOptions,
     /// Threads for [`Method::Batch`]'s value searches (None: one per core); the result does not
     /// depend on it.
     pub threads: Option<std::num::NonZeroUsize>,
@@ -202,14 +204,14 @@ pub struct EditContext<'a> {
 
 impl EditContext<'_> {
     /// The thread count: [`Self::threads`], or the machine's cores.
-    fn thread_count(&self) -> usize {
+    pub fn thread_count(&self) -> usize {
         self.threads
             .or_else(|| std::thread::available_parallelism().ok())
             .map_or(1, std::num::NonZeroUsize::get)
     }
 
     /// The key statistics store, which the settings' method needs.
-    fn store(&self, settings: &EditSettings) -> Result<&whiten::StatsStore> {
+    pub fn store(&self, settings: &EditSettings) -> Result<&whiten::StatsStore> {
         self.stats.ok_or_else(|| {
             crate::Error::Invalid(format!(
                 "{} needs key statistics (EditContext::stats)",
@@ -219,7 +221,7 @@ impl EditContext<'_> {
     }
 
     /// The key statistics at the settings' layer.
-    fn stats_at(&self, settings: &EditSettings) -> Result<std::sync::Arc<whiten::KeyStats>> {
+    pub fn stats_at(&self, settings: &EditSettings) -> Result<std::sync::Arc<whiten::KeyStats>> {
         self.store(settings)?.get(settings.layer)
     }
 
@@ -262,18 +264,16 @@ pub fn compute_with(
             whiten::compute(model, tok, req, settings.layer, settings.lr, &stats)
         }
         Method::Batch => {
-            let stats = ctx.stats_at(settings)?;
+            let store = ctx.store(settings)?;
             let reqs = std::slice::from_ref(req);
-            let ridge = batch::DEFAULT_RIDGE;
-            let (layer, lr) = (settings.layer, settings.lr);
+            let (layer, lr, joint) = (settings.layer, settings.lr, ctx.joint);
             let mut one =
-                batch::compute_all(model, tok, reqs, layer, lr, &stats, ridge, ctx.value, 1)?;
+                batch::compute_all(model, tok, reqs, layer, lr, store, joint, ctx.value, 1)?;
             Ok(one.remove(0))
         }
         Method::ShiftProtected => {
             let stats = ctx.stats_at(settings)?;
-            let ridge = batch::DEFAULT_RIDGE;
-            protected::Sequence::new(stats, settings.layer, settings.lr, ridge, ctx.value)?
+            protected::Sequence::new(stats, settings.layer, settings.lr, ctx.joint, ctx.value)?
                 .step(model, tok, req)
         }
         Method::Rome => {
@@ -357,7 +357,7 @@ pub fn apply_sequence_with(
     }
     if settings.method == Method::Batch {
         settings.check(model.hp.n_layer)?;
-        let stats = ctx.stats_at(settings)?;
+        let store = ctx.store(settings)?;
         let (layer, lr) = (settings.layer, settings.lr);
         let outcomes = batch::compute_all(
             model,
@@ -365,8 +365,8 @@ pub fn apply_sequence_with(
             requests,
             layer,
             lr,
-            &stats,
-            batch::DEFAULT_RIDGE,
+            store,
+            ctx.joint,
             ctx.value,
             ctx.thread_count(),
         )?;
@@ -381,11 +381,7 @@ pub fn apply_sequence_with(
             let stats = ctx.stats_at(settings)?;
             let (layer, lr) = (settings.layer, settings.lr);
             Some(protected::Sequence::new(
-                stats,
-                layer,
-                lr,
-                batch::DEFAULT_RIDGE,
-                ctx.value,
+                stats, layer, lr, ctx.joint, ctx.value,
             )?)
         }
         _ => None,

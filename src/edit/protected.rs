@@ -22,7 +22,8 @@
 //! change that flips the request on the model carrying the earlier edits ([`super::minimal`]),
 //! so that the new key receives exactly that change on top of what it already gets.
 
-use super::minimal::{self, ValueRule};
+use super::batch::JointOptions;
+use super::minimal::{self, KeyAt, ValueRule};
 use super::whiten::KeyStats;
 use super::{Delta, EditOutcome, EditRequest};
 use crate::arch::ff2_weight;
@@ -38,6 +39,7 @@ pub struct Sequence {
     layer: usize,
     lr: f64,
     ridge: f64,
+    key: KeyAt,
     rule: ValueRule,
     /// λ, fixed by the first edited key.
     lambda: Option<f64>,
@@ -51,15 +53,22 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    /// An empty sequence at `layer` with step `lr`, ridge ρ = `ridge` and values by `rule`.
+    /// An empty sequence at `layer` with step `lr`, the ridge ρ and key position of `options`
+    /// and values by `rule`.
     pub fn new(
         stats: Arc<KeyStats>,
         layer: usize,
         lr: f64,
-        ridge: f64,
+        options: JointOptions,
         rule: ValueRule,
     ) -> Result<Sequence> {
         rule.check()?;
+        let JointOptions { ridge, key, layers } = options;
+        if layers != 1 {
+            return Err(Error::Invalid(format!(
+                "shift-protected edits one layer; --spread {layers} is for batch"
+            )));
+        }
         if !(ridge.is_finite() && ridge > 0.0) {
             return Err(Error::Invalid(format!(
                 "the protection ridge must be > 0, got {ridge}"
@@ -70,6 +79,7 @@ impl Sequence {
             layer,
             lr,
             ridge,
+            key,
             rule,
             lambda: None,
             keys: Vec::new(),
@@ -95,8 +105,8 @@ impl Sequence {
             )));
         }
         let one = std::slice::from_ref(req);
-        let (layer, lr, rule) = (self.layer, self.lr, self.rule);
-        let key = minimal::keyed(model, tok, one, layer, lr, rule, &self.stats, 1)?.remove(0);
+        let (layer, lr, rule, at) = (self.layer, self.lr, self.rule, self.key);
+        let key = minimal::keyed(model, tok, one, layer, lr, rule, at, &self.stats, 1)?.remove(0);
         let Some(value) = key.value else {
             return Ok(EditOutcome::skipped(req, key.target_id, key.top1));
         };
@@ -192,7 +202,14 @@ mod tests {
         let embs: Vec<Vec<f32>> = (0..m)
             .map(|_| (0..n_out).map(|_| r() as f32).collect())
             .collect();
-        let mut seq = Sequence::new(stats.clone(), 0, lr, 1e-3, ValueRule::Fps).unwrap();
+        let mut seq = Sequence::new(
+            stats.clone(),
+            0,
+            lr,
+            JointOptions::default(),
+            ValueRule::Fps,
+        )
+        .unwrap();
         let mut sum = vec![0f64; n_out * n];
         for (x, e) in keys.iter().zip(&embs) {
             let r = e.iter().map(|&a| lr * dot(x, x) * a as f64).collect();

@@ -5,10 +5,13 @@
 //! and the n-gram entropy of greedy continuations of fixed prompts, against the unedited model.
 //!
 //! Sequential methods are computed once for the largest N (the first n outcomes of a sequence
-//! are the sequence of the first n records); `batch` is solved anew at each N.
+//! are the sequence of the first n records). `batch` reads every record's key and searches its
+//! value once, for the largest N, on the unedited model (each depends on its own record only),
+//! and only the joint solve is done anew at each N over the first N keys and values.
 
 use super::{encode, locality_top1, ngram_entropy, score, summarize, Encoded, Stat, Summary};
 use super::{load_adapter, FLUENCY_TOKENS};
+use crate::edit::batch::{self, JointOptions};
 use crate::edit::minimal::ValueRule;
 use crate::edit::{self, Delta, EditContext, EditOutcome, EditRequest, EditSettings, Method};
 use crate::model::Transformer;
@@ -46,6 +49,8 @@ pub struct ManyConfig {
     pub ff2_type: Ff2Type,
     /// The value `batch` and `shift-protected` write at each key (replaces the context's).
     pub value: ValueRule,
+    /// Their ridge and key position (replaces the context's).
+    pub joint: JointOptions,
 }
 
 /// The unedited model's general quality.
@@ -74,8 +79,9 @@ pub struct ManyPoint {
     pub perplexity_ratio: f64,
     /// Generation entropy on [`FLUENCY_PROMPTS`].
     pub fluency: Stat,
-    /// Seconds computing the edits (batch: this N's solve; sequential methods: the whole
-    /// sequence, reported at the largest N only).
+    /// Seconds computing the edits (batch: this N's joint solve, plus, at the largest N, the
+    /// keys and values of all records; sequential methods: the whole sequence, reported at the
+    /// largest N only).
     pub compute_seconds: Option<f64>,
     /// Seconds writing the adapter.
     pub write_seconds: f64,
@@ -126,6 +132,7 @@ pub fn evaluate_many(
     config.value.check()?;
     let ctx = &EditContext {
         value: config.value,
+        joint: config.joint,
         ..*ctx
     };
     let max = *config.sizes.last().expect("checked");
@@ -140,7 +147,14 @@ pub fn evaluate_many(
             lr: config.lr,
         }
         .check(model.hp.n_layer)?;
+        if config.joint.layers != 1 && method != Method::Batch {
+            return Err(Error::Invalid(format!(
+                "--spread {} is for batch; {method} edits one layer",
+                config.joint.layers
+            )));
+        }
     }
+    batch::spread_start(config.joint.layers, config.layer)?;
     let file = GgufFile::open(gguf)?;
     let text = perplexity::text_tokens(&rt, GENERAL_TEXT, Some(config.ppl_tokens))?;
     progress("unedited model");
@@ -163,25 +177,54 @@ pub fn evaluate_many(
             layer: config.layer,
             lr: config.lr,
         };
-        let sequence = match method {
-            Method::Batch => None,
+        let t = Instant::now();
+        let prepared = match method {
+            Method::Batch => {
+                progress(&format!("{method}: keys and values of {max} records"));
+                let stats = ctx.stats_at(&settings)?;
+                let (layer, lr) = (settings.layer, settings.lr);
+                let keyed = batch::keys_and_values(
+                    model,
+                    tok,
+                    records,
+                    layer,
+                    lr,
+                    &stats,
+                    config.joint.key,
+                    ctx.value,
+                    ctx.thread_count(),
+                )?;
+                Prepared::Keys(keyed, stats)
+            }
             _ => {
                 progress(&format!("{method}: {max} edits in sequence"));
-                let t = Instant::now();
                 let mut m = model.clone();
-                let outcomes = edit::apply_sequence_with(&mut m, tok, records, &settings, ctx)?;
-                Some((outcomes, t.elapsed().as_secs_f64()))
+                Prepared::Sequence(edit::apply_sequence_with(
+                    &mut m, tok, records, &settings, ctx,
+                )?)
             }
         };
+        let prepare_seconds = t.elapsed().as_secs_f64();
         for &n in &config.sizes {
-            let (outcomes, compute_seconds) = match &sequence {
-                Some((all, secs)) => (all[..n].to_vec(), (n == max).then_some(*secs)),
-                None => {
+            let at_max = (n == max).then_some(prepare_seconds);
+            let (outcomes, compute_seconds) = match &prepared {
+                Prepared::Sequence(all) => (all[..n].to_vec(), at_max),
+                Prepared::Keys(keyed, stats) => {
                     progress(&format!("{method}: {n} edits solved jointly"));
                     let t = Instant::now();
-                    let mut m = model.clone();
-                    let o = edit::apply_sequence_with(&mut m, tok, &records[..n], &settings, ctx)?;
-                    (o, Some(t.elapsed().as_secs_f64()))
+                    let (ridge, layer) = (config.joint.ridge, config.layer);
+                    let (reqs, keys) = (&records[..n], &keyed[..n]);
+                    let o = match config.joint.layers {
+                        1 => batch::solve(reqs, keys, stats, ridge, layer)?,
+                        spread => {
+                            let store = ctx.store(&settings)?;
+                            batch::solve_over_layers(
+                                model, tok, reqs, keys, store, ridge, layer, spread,
+                            )?
+                        }
+                    };
+                    let solve = t.elapsed().as_secs_f64();
+                    (o, Some(solve + at_max.unwrap_or(0.0)))
                 }
             };
             progress(&format!("{method}: scoring {n} records on one model"));
@@ -198,6 +241,16 @@ pub fn evaluate_many(
                 &text,
                 &baseline,
             )?;
+            let s = &point.summary;
+            progress(&format!(
+                "{method} N = {n}: ES {:.3} PS {:.3} NS {:.3} NS-top1 {:.3} perplexity ×{:.4} fluency {:.3}",
+                s.efficacy.mean,
+                s.paraphrase.mean,
+                s.neighborhood.mean,
+                s.neighborhood_top1.mean,
+                point.perplexity_ratio,
+                point.fluency.mean
+            ));
             points.push(ManyPoint {
                 method,
                 compute_seconds,
@@ -210,6 +263,16 @@ pub fn evaluate_many(
         baseline,
         points,
     })
+}
+
+/// What a method's points are cut from: a sequence's outcomes, or `batch`'s keys and values
+/// with the statistics of the edited layer.
+enum Prepared {
+    Sequence(Vec<EditOutcome>),
+    Keys(
+        Vec<edit::minimal::Keyed>,
+        std::sync::Arc<edit::whiten::KeyStats>,
+    ),
 }
 
 /// Encodes every record and checks that each of its prompts with its longest continuation fits

@@ -27,6 +27,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let value = args.value_rule();
     value.check()?;
+    let joint = args.joint()?;
     let all = eval::load_records(&args.data, args.offset, None)?;
     many::check_sizes(&sizes, all.len(), &args.data.display().to_string())?;
     if let Some(path) = &args.whiten.stats_data {
@@ -67,6 +68,7 @@ pub fn run(args: Args) -> Result<()> {
     let ctx = EditContext {
         stats: store.as_ref(),
         value,
+        joint,
         threads: args.threads,
     };
     let config = ManyConfig {
@@ -77,6 +79,7 @@ pub fn run(args: Args) -> Result<()> {
         ppl_tokens: args.ppl_tokens,
         ff2_type: args.ff2_type,
         value,
+        joint,
     };
     let t = std::time::Instant::now();
     let report = many::evaluate_many(
