@@ -117,6 +117,17 @@ pub struct Keyed {
 /// Keys (at the token `key` picks) and values of `requests` at `layer` on `model` (unchanged)
 /// under `rule`, with the statistics `stats` of that layer giving each key's whitened
 /// direction; the packs of [`PACK`] requests are searched on up to `threads` threads.
+/// Refuses a value rule that cannot be read at `key`: FPS's value is an embedding row keyed at
+/// the prompt's last token.
+pub fn check_key(rule: ValueRule, key: KeyAt) -> Result<()> {
+    match (rule, key) {
+        (ValueRule::Fps, KeyAt::Subject) => Err(Error::Invalid(
+            "FPS's value (--value fps) is keyed at the prompt's last token: use --key last".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn keyed(
     model: &Transformer,
@@ -130,11 +141,7 @@ pub fn keyed(
     threads: usize,
 ) -> Result<Vec<Keyed>> {
     rule.check()?;
-    if rule == ValueRule::Fps && key == KeyAt::Subject {
-        return Err(Error::Invalid(
-            "FPS's value (--value fps) is keyed at the prompt's last token: use --key last".into(),
-        ));
-    }
+    check_key(rule, key)?;
     over_packs(requests, threads, |pack| match rule {
         ValueRule::Fps => pack
             .iter()

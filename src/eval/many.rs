@@ -12,7 +12,7 @@
 use super::{encode, locality_top1, ngram_entropy, score, summarize, Encoded, Stat, Summary};
 use super::{load_adapter, FLUENCY_TOKENS};
 use crate::edit::batch::{self, JointOptions};
-use crate::edit::minimal::ValueRule;
+use crate::edit::minimal::{self, ValueRule};
 use crate::edit::{self, Delta, EditContext, EditOutcome, EditRequest, EditSettings, Method};
 use crate::model::Transformer;
 use crate::perplexity::{self, Perplexity, GENERAL_TEXT};
@@ -130,6 +130,7 @@ pub fn evaluate_many(
 ) -> Result<ManyReport> {
     check_sizes(&config.sizes, records.len(), "the records given")?;
     config.value.check()?;
+    minimal::check_key(config.value, config.joint.key)?;
     let ctx = &EditContext {
         value: config.value,
         joint: config.joint,
@@ -137,9 +138,6 @@ pub fn evaluate_many(
     };
     let max = *config.sizes.last().expect("checked");
     let records = &records[..max];
-    let mut rt = LlamaRuntime::load(gguf)?;
-    let encoded = encode_all(tok, records, rt.session()?.max_tokens())?;
-    edit::request::refuse_conflicts(records)?;
     for &method in &config.methods {
         EditSettings {
             method,
@@ -155,6 +153,9 @@ pub fn evaluate_many(
         }
     }
     batch::spread_start(config.joint.layers, config.layer)?;
+    let mut rt = LlamaRuntime::load(gguf)?;
+    let encoded = encode_all(tok, records, rt.session()?.max_tokens())?;
+    edit::request::refuse_conflicts(records)?;
     let file = GgufFile::open(gguf)?;
     let text = perplexity::text_tokens(&rt, GENERAL_TEXT, Some(config.ppl_tokens))?;
     progress("unedited model");
