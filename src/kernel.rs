@@ -27,8 +27,8 @@ pub fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Whether [`wide`] runs the AVX-512 copy on this CPU.
-fn has_avx512() -> bool {
+/// Whether [`wide`] runs the AVX-512 copy on this CPU (and `lens::dot16` its VNNI tile).
+pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")

@@ -5,6 +5,7 @@
 //! wrapping lanes then hold the true value). Also the exact f64 score [`exact`]; [`wide`]
 //! (plain code compiled for AVX-512) is [`crate::kernel`]'s.
 
+use crate::kernel;
 pub use crate::kernel::{threads, wide, Wide};
 use crate::{Error, Result};
 
@@ -107,18 +108,6 @@ impl Packed {
     }
 }
 
-/// Whether [`tile`] runs the VNNI kernel on this CPU.
-fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// The score the lens reports for unembedding row `e` and query `q`: f64 products (exact, as
 /// each is of two f32) summed in eight fixed lanes, the lanes added pairwise, rounded to f32.
 pub fn exact(e: &[f32], q: &[f32]) -> f32 {
@@ -168,7 +157,7 @@ pub fn tile(p: &Packed, b: usize, q: &[i16], out: &mut [[i32; TILE_ROWS]; TILE])
         )));
     }
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() {
+    if kernel::has_avx512() {
         // SAFETY: the features the kernel is compiled for were detected on this CPU, and the
         // lengths it indexes by were checked above.
         unsafe { vnni::tile(p.block(b), p.pairs, q, out) };
