@@ -9,6 +9,7 @@
 
 pub mod arch;
 pub mod audit;
+pub mod base_hash;
 pub mod cleanup;
 pub mod delta;
 pub mod edit;

@@ -602,10 +602,10 @@ fn run_with(
                 check_fits_session(tok, r)?;
             }
         }
-        // The base's hash (provenance of a GGUF output) reads the whole file: it runs on a
-        // thread of its own beside the load and the forward.
+        // The base's hash (provenance of a GGUF output) reads the whole file unless its cache
+        // entry holds it: it runs on a thread of its own beside the load and the forward.
         let hash = match source {
-            ModelSource::Gguf(g) => Some(s.spawn(|| g.sha256_hex())),
+            ModelSource::Gguf(g) => Some(s.spawn(|| crate::base_hash::base_sha256(g))),
             ModelSource::Hf(_) => None,
         };
         let outcomes = match loaded {

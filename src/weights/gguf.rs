@@ -591,6 +591,11 @@ impl GgufFile {
         &self.map[start..start + info.size as usize]
     }
 
+    /// The open file the map was made from (None for bytes held in memory).
+    pub fn opened_file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
     /// The open file and the byte range of `bytes` in it, when `bytes` is a slice of this
     /// file's map (None for bytes held in memory or taken from elsewhere).
     pub fn file_range(&self, bytes: &[u8]) -> Option<(&File, u64)> {
