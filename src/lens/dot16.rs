@@ -2,7 +2,8 @@
 //! `a·b` for [`GROUPS`]·[`GROUP`] packed rows and [`TILE`] queries at once. An AVX-512 VNNI
 //! kernel (`vpdpwssd`) is chosen at run time; a portable one returns the same integers. Every
 //! sum is exact when ‖a‖·‖b‖ < 2³¹ (each partial sum is bounded by Cauchy–Schwarz, and the
-//! wrapping lanes then hold the true value). Also the exact f64 score [`exact`]; [`wide`]
+//! wrapping lanes then hold the true value). Also the exact f64 score [`exact`] (of one row
+//! with several queries at once: [`exact_many`]), AVX-512 or portable, the same bits; [`wide`]
 //! (plain code compiled for AVX-512) is [`crate::kernel`]'s.
 
 use crate::kernel;
@@ -111,37 +112,49 @@ impl Packed {
 /// The score the lens reports for unembedding row `e` and query `q`: f64 products (exact, as
 /// each is of two f32) summed in eight fixed lanes, the lanes added pairwise, rounded to f32.
 pub fn exact(e: &[f32], q: &[f32]) -> f32 {
-    wide(Exact(e, q))
+    exact_many(e, [q])[0]
 }
 
-/// [`exact`]'s work.
-struct Exact<'a>(&'a [f32], &'a [f32]);
-
-impl Wide for Exact<'_> {
-    type Out = f32;
-    #[inline(always)]
-    fn run(self) -> f32 {
-        exact_lanes(self.0, self.1)
+/// [`exact`] of row `e` with each of `qs` (the row read once for all of them). The AVX-512
+/// kernel holds each lane's sum in one f64 register lane and adds each exact product with a
+/// fused multiply-add: one rounding per addition, as the portable sums.
+pub fn exact_many<const N: usize>(e: &[f32], qs: [&[f32]; N]) -> [f32; N] {
+    #[cfg(target_arch = "x86_64")]
+    if kernel::has_avx512() && qs.iter().all(|q| q.len() == e.len()) {
+        // SAFETY: AVX-512F was detected, and every query is as long as the row.
+        return unsafe { vnni::exact_many(e, qs) };
     }
+    qs.map(|q| exact_lanes(e, q))
 }
 
+/// The products of `e` and `q` past their last whole eight, summed in order.
 #[inline(always)]
-fn exact_lanes(e: &[f32], q: &[f32]) -> f32 {
-    let mut acc = [0f64; 8];
+fn tail(e: &[f32], q: &[f32]) -> f64 {
     let (ec, qc) = (e.chunks_exact(8), q.chunks_exact(8));
-    let tail: f64 = ec
-        .remainder()
+    ec.remainder()
         .iter()
         .zip(qc.remainder())
         .map(|(&a, &b)| a as f64 * b as f64)
-        .sum();
-    for (a, b) in ec.zip(qc) {
+        .sum()
+}
+
+/// The eight lane sums added pairwise, then the tail, rounded to f32.
+#[inline(always)]
+fn finish(acc: &[f64; 8], tail: f64) -> f32 {
+    let s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    (s + tail) as f32
+}
+
+/// The reference for the AVX-512 [`exact_many`]: lane t adds the products of elements t,
+/// t + 8, … in order.
+fn exact_lanes(e: &[f32], q: &[f32]) -> f32 {
+    let mut acc = [0f64; 8];
+    for (a, b) in e.chunks_exact(8).zip(q.chunks_exact(8)) {
         for t in 0..8 {
             acc[t] += a[t] as f64 * b[t] as f64;
         }
     }
-    let s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-    (s + tail) as f32
+    finish(&acc, tail(e, q))
 }
 
 /// The dots of [`TILE`] query rows `q` (each [`Packed::query_len`] long, zero padded) with
@@ -185,8 +198,37 @@ fn portable(block: &[i16], pairs: usize, q: &[i16], out: &mut [[i32; TILE_ROWS];
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{GROUP, GROUPS, TILE, TILE_ROWS};
+    use super::{finish, tail, GROUP, GROUPS, TILE, TILE_ROWS};
     use std::arch::x86_64::*;
+
+    /// [`super::exact_lanes`] for each of `qs`: eight elements of `e` widened to f64 once,
+    /// then one exact product per query added to its lanes (a fused multiply-add rounds once,
+    /// as the product of two f32 is exact in f64).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; every query must be as long as `e`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exact_many<const N: usize>(e: &[f32], qs: [&[f32]; N]) -> [f32; N] {
+        let full = e.len() / 8 * 8;
+        let mut acc = [_mm512_setzero_pd(); N];
+        let mut c = 0;
+        while c < full {
+            // SAFETY: c + 8 ≤ full ≤ the length of e and of every query.
+            let ev = _mm512_cvtps_pd(_mm256_loadu_ps(e.as_ptr().add(c)));
+            for (a, q) in acc.iter_mut().zip(&qs) {
+                let qv = _mm512_cvtps_pd(_mm256_loadu_ps(q.as_ptr().add(c)));
+                *a = _mm512_fmadd_pd(ev, qv, *a);
+            }
+            c += 8;
+        }
+        let mut out = [0f32; N];
+        for ((o, a), q) in out.iter_mut().zip(&acc).zip(&qs) {
+            let mut lanes = [0f64; 8];
+            _mm512_storeu_pd(lanes.as_mut_ptr(), *a);
+            *o = finish(&lanes, tail(e, q));
+        }
+        out
+    }
 
     /// [`super::portable`] with `vpdpwssd`: run p's two groups in two registers, each query's
     /// pair p broadcast, [`TILE`] × [`GROUPS`] accumulators.
@@ -222,6 +264,44 @@ mod vnni {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The detected exact score equals the portable lanes bit for bit, alone and four at a
+    /// time, with tails past whole eights, mixed magnitudes and cancelling sums.
+    #[test]
+    fn the_exact_scores_equal_the_portable_lanes() {
+        let mut state = 0x94d0_49bb_1331_11ebu64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let v = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            v * [1.0, 1e-7, 3e5][(state & 3) as usize % 3]
+        };
+        for len in [1, 7, 8, 37, 576] {
+            let e: Vec<f32> = (0..len).map(|_| next()).collect();
+            let mut qs: Vec<Vec<f32>> =
+                (0..4).map(|_| (0..len).map(|_| next()).collect()).collect();
+            qs[3] = e.iter().map(|&v| -v).collect();
+            let want: Vec<f32> = qs.iter().map(|q| exact_lanes(&e, q)).collect();
+            let four = exact_many(&e, [&qs[0][..], &qs[1], &qs[2], &qs[3]]);
+            let alone: Vec<f32> = qs.iter().map(|q| exact(&e, q)).collect();
+            assert_eq!(
+                four.map(f32::to_bits),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()[..]
+            );
+            assert_eq!(alone, want, "len {len}");
+            let true_dot: f64 = e
+                .iter()
+                .zip(&qs[0])
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+            assert!(
+                (want[0] as f64 - true_dot).abs() <= 1e-6 * true_dot.abs().max(1e-30),
+                "len {len}"
+            );
+            assert!(want[3] < 0.0, "len {len}");
+        }
+    }
 
     #[test]
     fn the_detected_kernel_equals_the_portable_one() {

@@ -5,7 +5,7 @@
 //! pre-screen"). The intervals are read while the integer tiles are hot: per query, running
 //! k-th thresholds drop most tokens at once and the asked ids' ranks are counted on the way.
 
-use super::dot16::{self, exact, Packed, Wide, TILE, TILE_ROWS};
+use super::dot16::{self, exact, exact_many, Packed, Wide, TILE, TILE_ROWS};
 use super::project::{pick_entries, pick_signs, Picked};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -340,17 +340,30 @@ fn rescore(u: &Unembedding, queries: &[f32], scans: &[Scan]) -> Vec<Vec<f32>> {
             .map(|c| {
                 scope.spawn(move || {
                     let range = c * per..((c + 1) * per).min(pairs.len());
-                    let first = starts.partition_point(|&s| s <= range.start) - 1;
-                    let mut j = first;
-                    range
-                        .map(|p| {
-                            while starts[j + 1] <= p {
-                                j += 1;
-                            }
+                    let mut j = starts.partition_point(|&s| s <= range.start) - 1;
+                    let mut scores = Vec::with_capacity(range.len());
+                    let mut p = range.start;
+                    while p < range.end {
+                        while starts[j + 1] <= p {
+                            j += 1;
+                        }
+                        // This token's pairs in the range, four queries per read of its row.
+                        let end = starts[j + 1].min(range.end);
+                        let query = |p: usize| {
                             let i = pairs[p].0 as usize;
-                            exact(u.row(j), &queries[i * u.d..(i + 1) * u.d])
-                        })
-                        .collect()
+                            &queries[i * u.d..(i + 1) * u.d]
+                        };
+                        while p + 4 <= end {
+                            let qs = [query(p), query(p + 1), query(p + 2), query(p + 3)];
+                            scores.extend(exact_many(u.row(j), qs));
+                            p += 4;
+                        }
+                        for p in p..end {
+                            scores.push(exact(u.row(j), query(p)));
+                        }
+                        p = end;
+                    }
+                    scores
                 })
             })
             .collect();
