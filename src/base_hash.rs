@@ -94,10 +94,11 @@ pub fn base_sha256(g: &GgufFile) -> String {
 /// The hex sha256 of `g`'s file and where it came from, with entries in `dir` (None: no cache;
 /// a GGUF held in memory is always hashed).
 pub fn base_sha256_in(g: &GgufFile, dir: Option<&Path>) -> (String, HashSource) {
-    let known = match (dir, g.opened_file().and_then(|f| f.metadata().ok())) {
-        (Some(d), Some(m)) => Some((entry_path(d, &Identity::of(&m)), Identity::of(&m))),
-        _ => None,
-    };
+    let identity = g
+        .opened_file()
+        .and_then(|f| f.metadata().ok())
+        .map(|m| Identity::of(&m));
+    let known = dir.zip(identity).map(|(d, id)| (entry_path(d, &id), id));
     if let Some((path, id)) = &known {
         if let Some(hex) = read_entry(path, id) {
             return (hex, HashSource::Cached);
